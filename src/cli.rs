@@ -1,0 +1,116 @@
+//! Command line: subcommands, flags and their `SIGNPOST_*` environment
+//! variables. Flags beat the environment, which beats the config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{duration, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "signpost",
+    version,
+    about = "Service discovery for AWS Auto Scaling groups"
+)]
+pub struct Cli {
+    /// Log filter, as in RUST_LOG (e.g. "info", "signpost=debug").
+    #[arg(long, env = "SIGNPOST_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watch tagged Auto Scaling groups, health-check their instances, serve the registry.
+    Controller(ControllerArgs),
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// TOML config file; every key has a default.
+    #[arg(long, env = "SIGNPOST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Parse and validate the config, print the effective config, exit.
+    #[arg(long)]
+    check_config: bool,
+    /// API listen address (config key `listen`).
+    #[arg(long, env = "SIGNPOST_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Full resync period, e.g. "30s" (config key `resync_interval`).
+    #[arg(long, env = "SIGNPOST_RESYNC_INTERVAL", value_parser = duration::parse)]
+    resync_interval: Option<Duration>,
+    /// Port for groups without a signpost:port tag (config key `default_port`).
+    #[arg(long, env = "SIGNPOST_DEFAULT_PORT")]
+    default_port: Option<u16>,
+    /// Health-check interval (config key `health.interval`).
+    #[arg(long, env = "SIGNPOST_HEALTH_INTERVAL", value_parser = duration::parse)]
+    health_interval: Option<Duration>,
+    /// Health-check timeout (config key `health.timeout`).
+    #[arg(long, env = "SIGNPOST_HEALTH_TIMEOUT", value_parser = duration::parse)]
+    health_timeout: Option<Duration>,
+    /// AWS region (config key `aws.region`; default: the AWS chain, AWS_REGION).
+    #[arg(long, env = "SIGNPOST_AWS_REGION")]
+    region: Option<String>,
+    /// AWS endpoint (config key `aws.endpoint_url`; default: the AWS chain, AWS_ENDPOINT_URL).
+    #[arg(long, env = "SIGNPOST_AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+}
+
+impl ControllerArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut c = Config::load(self.config.as_deref())?;
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.resync_interval {
+            c.resync_interval = v;
+        }
+        if let Some(v) = self.default_port {
+            c.default_port = Some(v);
+        }
+        if let Some(v) = self.health_interval {
+            c.health.interval = v;
+        }
+        if let Some(v) = self.health_timeout {
+            c.health.timeout = v;
+        }
+        if let Some(v) = &self.region {
+            c.aws.region = Some(v.clone());
+        }
+        if let Some(v) = &self.endpoint_url {
+            c.aws.endpoint_url = Some(v.clone());
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl Cli {
+    /// Parses the command line and runs the chosen subcommand.
+    pub fn parse_and_run() -> anyhow::Result<()> {
+        let cli = Cli::parse();
+        tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::try_new(&cli.log).context("bad --log filter")?)
+            .with_writer(std::io::stderr)
+            .init();
+        match cli.command {
+            Command::Controller(args) => {
+                let config = args.config()?;
+                if args.check_config {
+                    print!("{}", config.to_toml());
+                    return Ok(());
+                }
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(crate::controller::run(config))
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The AWS side: listing tagged Auto Scaling groups and their instances.
+//!
+//! One listing costs `ceil(groups / 100)` DescribeAutoScalingGroups calls and
+//! `ceil(instances / 100)` DescribeInstances calls: calls grow with N/100.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_autoscaling::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_autoscaling::types::Filter as AsgFilter;
+use aws_sdk_ec2::types::Filter as Ec2Filter;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::time::Instant;
+
+use crate::config::{AwsConfig, Config};
+use crate::model::{Ec2Instance, Fleet, InstanceId, ObservedGroup, ObservedInstance};
+use crate::tags;
+
+/// Ids per DescribeInstances call. The `instance-id` filter is used rather
+/// than `InstanceIds`, so that an id AWS no longer knows does not fail the
+/// whole batch.
+const INSTANCE_BATCH: usize = 100;
+
+#[derive(Debug, Error)]
+pub enum CloudError {
+    /// AWS asked us to slow down and the SDK's retries ran out.
+    #[error("{api} throttled after retries: {message}")]
+    Throttled { api: &'static str, message: String },
+    #[error("{api} failed: {message}")]
+    Api { api: &'static str, message: String },
+}
+
+impl CloudError {
+    fn from_sdk<E, R>(api: &'static str, err: aws_sdk_autoscaling::error::SdkError<E, R>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let message = DisplayErrorContext(&err).to_string();
+        match err.code() {
+            Some(code) if code.contains("Throttl") || code == "RequestLimitExceeded" => {
+                CloudError::Throttled { api, message }
+            }
+            _ => CloudError::Api { api, message },
+        }
+    }
+}
+
+/// AWS calls made by one listing, by API.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CallCount {
+    pub describe_auto_scaling_groups: u32,
+    pub describe_instances: u32,
+}
+
+impl CallCount {
+    pub fn total(&self) -> u32 {
+        self.describe_auto_scaling_groups + self.describe_instances
+    }
+}
+
+/// The Auto Scaling fleet as signpost sees it.
+pub trait AutoScaling: Send + Sync + 'static {
+    /// Lists every group tagged `signpost:service` with its instances. Either
+    /// the whole listing or an error: never a partial fleet.
+    fn describe_fleet(&self)
+        -> impl Future<Output = Result<(Fleet, CallCount), CloudError>> + Send;
+}
+
+/// The real thing, through the AWS SDK.
+pub struct AwsFleet {
+    autoscaling: aws_sdk_autoscaling::Client,
+    ec2: aws_sdk_ec2::Client,
+    default_port: Option<u16>,
+    budget: CallBudget,
+}
+
+impl AwsFleet {
+    /// Builds clients from the standard chain (env, profile, IRSA, IMDS),
+    /// with timeouts set: the SDK has no read timeout of its own.
+    pub async fn connect(config: &Config) -> AwsFleet {
+        let aws = &config.aws;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(aws.max_attempts))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(aws.attempt_timeout)
+                    .operation_timeout(aws.operation_timeout)
+                    .build(),
+            );
+        if let Some(region) = &aws.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &aws.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let shared = loader.load().await;
+        AwsFleet {
+            autoscaling: aws_sdk_autoscaling::Client::new(&shared),
+            ec2: aws_sdk_ec2::Client::new(&shared),
+            default_port: config.default_port,
+            budget: CallBudget::new(aws),
+        }
+    }
+
+    async fn list_groups(
+        &self,
+        calls: &mut CallCount,
+    ) -> Result<Vec<aws_sdk_autoscaling::types::AutoScalingGroup>, CloudError> {
+        let mut groups = Vec::new();
+        let mut next_token = None;
+        loop {
+            self.budget.acquire().await;
+            calls.describe_auto_scaling_groups += 1;
+            let page = self
+                .autoscaling
+                .describe_auto_scaling_groups()
+                .filters(
+                    AsgFilter::builder()
+                        .name("tag-key")
+                        .values(tags::SERVICE)
+                        .build(),
+                )
+                .max_records(100)
+                .set_next_token(next_token)
+                .send()
+                .await
+                .map_err(|e| CloudError::from_sdk("DescribeAutoScalingGroups", e))?;
+            groups.extend(page.auto_scaling_groups.unwrap_or_default());
+            next_token = page.next_token.filter(|t| !t.is_empty());
+            if next_token.is_none() {
+                return Ok(groups);
+            }
+        }
+    }
+
+    async fn describe_instances(
+        &self,
+        ids: &[String],
+        calls: &mut CallCount,
+    ) -> Result<Vec<(String, Ec2Instance)>, CloudError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(INSTANCE_BATCH) {
+            let mut next_token = None;
+            loop {
+                self.budget.acquire().await;
+                calls.describe_instances += 1;
+                let page = self
+                    .ec2
+                    .describe_instances()
+                    .filters(
+                        Ec2Filter::builder()
+                            .name("instance-id")
+                            .set_values(Some(batch.to_vec()))
+                            .build(),
+                    )
+                    .max_results(1000)
+                    .set_next_token(next_token)
+                    .send()
+                    .await
+                    .map_err(|e| CloudError::from_sdk("DescribeInstances", e))?;
+                for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                    let Some(id) = instance.instance_id() else {
+                        continue;
+                    };
+                    let state = instance
+                        .state()
+                        .and_then(|s| s.name())
+                        .map_or("unknown", |n| n.as_str())
+                        .to_owned();
+                    let private_ip = instance
+                        .private_ip_address()
+                        .and_then(|a| a.parse::<IpAddr>().ok());
+                    let launch_time = instance
+                        .launch_time()
+                        .and_then(|t| SystemTime::try_from(*t).ok());
+                    found.push((
+                        id.to_owned(),
+                        Ec2Instance {
+                            state,
+                            private_ip,
+                            launch_time,
+                        },
+                    ));
+                }
+                next_token = page.next_token.filter(|t| !t.is_empty());
+                if next_token.is_none() {
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+impl AutoScaling for AwsFleet {
+    async fn describe_fleet(&self) -> Result<(Fleet, CallCount), CloudError> {
+        let mut calls = CallCount::default();
+        let groups = self.list_groups(&mut calls).await?;
+        let ids: Vec<String> = groups
+            .iter()
+            .flat_map(|g| g.instances())
+            .filter_map(|i| i.instance_id().map(str::to_owned))
+            .collect();
+        let mut ec2: std::collections::HashMap<String, Ec2Instance> = self
+            .describe_instances(&ids, &mut calls)
+            .await?
+            .into_iter()
+            .collect();
+
+        let groups = groups
+            .into_iter()
+            .map(|g| {
+                let tag_pairs: Vec<(&str, &str)> = g
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?, t.value().unwrap_or_default())))
+                    .collect();
+                let (service, settings) =
+                    match tags::parse(tag_pairs.iter().copied(), self.default_port) {
+                        Ok((name, settings)) => (Some(name), Ok(settings)),
+                        Err(e) => (
+                            tags::service_name(tag_pairs.iter().copied()).and_then(Result::ok),
+                            Err(e.to_string()),
+                        ),
+                    };
+                let instances = g
+                    .instances()
+                    .iter()
+                    .filter_map(|i| {
+                        let id = i.instance_id()?;
+                        Some(ObservedInstance {
+                            id: InstanceId(id.to_owned()),
+                            lifecycle_state: i
+                                .lifecycle_state()
+                                .map_or("", |s| s.as_str())
+                                .to_owned(),
+                            zone: i.availability_zone().unwrap_or_default().to_owned(),
+                            ec2: ec2.remove(id),
+                        })
+                    })
+                    .collect();
+                ObservedGroup {
+                    name: g.auto_scaling_group_name().unwrap_or_default().to_owned(),
+                    service,
+                    settings,
+                    instances,
+                }
+            })
+            .collect();
+        Ok((Fleet { groups }, calls))
+    }
+}
+
+/// A budget of AWS calls per second with a burst of one second's worth
+/// (the generic cell rate algorithm): calls beyond it wait their turn rather
+/// than draw throttling errors that would slow every tool in the account.
+struct CallBudget {
+    interval: Duration,
+    burst: Duration,
+    /// The theoretical time of the next call; a std mutex, never held across
+    /// an await.
+    next: Mutex<Instant>,
+}
+
+impl CallBudget {
+    fn new(aws: &AwsConfig) -> CallBudget {
+        CallBudget {
+            interval: Duration::from_secs_f64(1.0 / aws.calls_per_second),
+            burst: Duration::from_secs(1),
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().expect("budget lock");
+            let now = Instant::now();
+            let earliest = now.checked_sub(self.burst).unwrap_or(now);
+            let slot = (*next).max(earliest);
+            *next = slot + self.interval;
+            slot.max(now)
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+/// An in-memory fleet for unit tests: answers what it was last given.
+#[derive(Default)]
+pub struct FakeAutoScaling {
+    pub answer: Mutex<Option<Result<Fleet, String>>>,
+}
+
+impl FakeAutoScaling {
+    pub fn set(&self, answer: Result<Fleet, String>) {
+        *self.answer.lock().unwrap() = Some(answer);
+    }
+}
+
+impl AutoScaling for FakeAutoScaling {
+    async fn describe_fleet(&self) -> Result<(Fleet, CallCount), CloudError> {
+        let answer = self.answer.lock().unwrap().clone();
+        match answer {
+            Some(Ok(fleet)) => Ok((fleet, CallCount::default())),
+            Some(Err(message)) => Err(CloudError::Api {
+                api: "Fake",
+                message,
+            }),
+            None => Err(CloudError::Api {
+                api: "Fake",
+                message: "no answer set".into(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_allows_a_burst_then_spaces_calls() {
+        let budget = CallBudget::new(&AwsConfig {
+            calls_per_second: 10.0,
+            ..AwsConfig::default()
+        });
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let start = Instant::now();
+        for _ in 0..10 {
+            budget.acquire().await;
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(100),
+            "a second's worth goes at once"
+        );
+        for _ in 0..10 {
+            budget.acquire().await;
+        }
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(900),
+            "then 10 per second: {elapsed:?}"
+        );
+    }
+}

@@ -1,0 +1,389 @@
+//! Typed, validated configuration. Sources, lowest to highest precedence:
+//! built-in defaults, the TOML file (`--config`), `SIGNPOST_*` environment
+//! variables, command-line flags. Every key has a default; an unknown or bad
+//! key is an error that names it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The controller's configuration.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP API.
+    pub listen: SocketAddr,
+    /// How often the whole fleet is listed again (the safety net behind events).
+    #[serde(with = "duration")]
+    pub resync_interval: Duration,
+    /// Port used for groups without a `signpost:port` tag. Unset: the tag is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_port: Option<u16>,
+    pub aws: AwsConfig,
+    pub health: HealthConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// Region; unset means the standard chain (`AWS_REGION`, profile, IMDS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Endpoint override; unset means the standard chain (`AWS_ENDPOINT_URL`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// Attempts per call, by the SDK's standard retry mode (jittered backoff).
+    pub max_attempts: u32,
+    /// Limit on one attempt of one call.
+    #[serde(with = "duration")]
+    pub attempt_timeout: Duration,
+    /// Limit on one call including its retries.
+    #[serde(with = "duration")]
+    pub operation_timeout: Duration,
+    /// Budget of AWS calls per second across the controller, so that a large
+    /// fleet does not use up the account's API rate shared with other tools.
+    pub calls_per_second: f64,
+}
+
+/// Health-check defaults, and per-service overrides under `[health.services.NAME]`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive passes that make an endpoint healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make an endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+    /// At most this many probes in flight at once.
+    pub max_concurrent_probes: usize,
+    pub services: BTreeMap<String, HealthOverride>,
+}
+
+/// The health-check settings in force for one service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthOverride {
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval: Option<Duration>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            resync_interval: Duration::from_secs(30),
+            default_port: None,
+            aws: AwsConfig::default(),
+            health: HealthConfig::default(),
+        }
+    }
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            region: None,
+            endpoint_url: None,
+            max_attempts: 3,
+            attempt_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(20),
+            calls_per_second: 20.0,
+        }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            max_concurrent_probes: 256,
+            services: BTreeMap::new(),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The settings in force for one service.
+    fn defaults(&self) -> HealthSettings {
+        HealthSettings {
+            interval: self.interval,
+            timeout: self.timeout,
+            healthy_threshold: self.healthy_threshold,
+            unhealthy_threshold: self.unhealthy_threshold,
+        }
+    }
+
+    pub fn for_service(&self, service: &str) -> HealthSettings {
+        let d = self.defaults();
+        match self.services.get(service) {
+            None => d,
+            Some(o) => HealthSettings {
+                interval: o.interval.unwrap_or(d.interval),
+                timeout: o.timeout.unwrap_or(d.timeout),
+                healthy_threshold: o.healthy_threshold.unwrap_or(d.healthy_threshold),
+                unhealthy_threshold: o.unhealthy_threshold.unwrap_or(d.unhealthy_threshold),
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; a missing `path` gives the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<inline>".into(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot. Call after all sources are applied.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.resync_interval < Duration::from_secs(1) {
+            return Err(invalid("resync_interval", "must be at least 1s"));
+        }
+        if self.default_port == Some(0) {
+            return Err(invalid("default_port", "must be 1-65535"));
+        }
+        let aws = &self.aws;
+        if aws.max_attempts == 0 {
+            return Err(invalid("aws.max_attempts", "must be at least 1"));
+        }
+        if aws.attempt_timeout.is_zero() || aws.operation_timeout < aws.attempt_timeout {
+            return Err(invalid(
+                "aws.operation_timeout",
+                "must be at least aws.attempt_timeout, which must be above 0",
+            ));
+        }
+        if !(aws.calls_per_second.is_finite() && aws.calls_per_second > 0.0) {
+            return Err(invalid("aws.calls_per_second", "must be a number above 0"));
+        }
+        if self.health.max_concurrent_probes == 0 {
+            return Err(invalid(
+                "health.max_concurrent_probes",
+                "must be at least 1",
+            ));
+        }
+        validate_health("health", &self.health.defaults())?;
+        for name in self.health.services.keys() {
+            let key = format!("health.services.{name}");
+            validate_health(&key, &self.health.for_service(name))?;
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serializes")
+    }
+}
+
+fn validate_health(prefix: &str, h: &HealthSettings) -> Result<(), ConfigError> {
+    if h.interval < Duration::from_millis(100) {
+        return Err(invalid(
+            format!("{prefix}.interval"),
+            "must be at least 100ms",
+        ));
+    }
+    if h.timeout.is_zero() || h.timeout > h.interval {
+        return Err(invalid(
+            format!("{prefix}.timeout"),
+            "must be above 0 and not longer than the interval",
+        ));
+    }
+    if h.healthy_threshold == 0 {
+        return Err(invalid(
+            format!("{prefix}.healthy_threshold"),
+            "must be at least 1",
+        ));
+    }
+    if h.unhealthy_threshold == 0 {
+        return Err(invalid(
+            format!("{prefix}.unhealthy_threshold"),
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
+/// Durations are written as humans do: "30s", "500ms", "2m".
+pub mod duration {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text.trim())
+            .map_err(|e| format!("{text:?} is not a duration like \"30s\" or \"500ms\" ({e})"))
+    }
+}
+
+mod opt_duration {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration::deserialize(d).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::from_toml(text).and_then(|c| c.validate().map(|_| c)) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c, Config::default());
+        c.validate().unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7070");
+        assert_eq!(c.resync_interval, Duration::from_secs(30));
+        assert_eq!(c.health.healthy_threshold, 2);
+    }
+
+    #[test]
+    fn full_file_is_read() {
+        let c = Config::from_toml(
+            r#"
+            listen = "0.0.0.0:8080"
+            resync_interval = "10s"
+            default_port = 80
+            [aws]
+            region = "eu-west-1"
+            calls_per_second = 5.5
+            [health]
+            interval = "1s"
+            timeout = "500ms"
+            [health.services.users]
+            unhealthy_threshold = 5
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.default_port, Some(80));
+        assert_eq!(c.aws.region.as_deref(), Some("eu-west-1"));
+        let users = c.health.for_service("users");
+        assert_eq!(
+            (users.interval, users.unhealthy_threshold),
+            (Duration::from_secs(1), 5)
+        );
+        assert_eq!(c.health.for_service("other").unhealthy_threshold, 3);
+    }
+
+    #[test]
+    fn printed_config_reads_back_the_same() {
+        let mut c = Config::default();
+        c.health.services.insert(
+            "users".into(),
+            HealthOverride {
+                timeout: Some(Duration::from_millis(300)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("resync = \"5s\"").contains("unknown field `resync`"));
+        assert!(err("resync_interval = \"soon\"").contains("\"soon\" is not a duration"));
+        assert!(err("resync_interval = \"10ms\"").contains("config key resync_interval"));
+        assert!(err("listen = \"nowhere\"").contains("listen"));
+        assert!(err("default_port = 70000").contains("default_port"));
+        assert!(err("[aws]\nmax_attempts = 0").contains("aws.max_attempts"));
+        assert!(err("[health]\ntimeout = \"10s\"").contains("health.timeout"));
+        assert!(err("[health.services.users]\nhealthy_threshold = 0")
+            .contains("health.services.users.healthy_threshold"));
+    }
+}

@@ -1,0 +1,226 @@
+//! Plain data shared by every module: what the fleet looks like, what the
+//! registry holds. No I/O here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Serialize, Serializer};
+
+/// An EC2 instance id (`i-0123...`). A newtype so that ids, group names and
+/// service names cannot be swapped by accident.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct InstanceId(pub String);
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for InstanceId {
+    fn from(s: &str) -> Self {
+        InstanceId(s.to_owned())
+    }
+}
+
+/// The registry revision: bumped by one for every change a reader can see.
+pub type Revision = u64;
+
+/// How an endpoint is health-checked, from the `signpost:health` tag.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum HealthCheck {
+    /// HTTP GET of this path; 2xx and 3xx pass.
+    Http { path: String },
+    /// A TCP connect that succeeds passes.
+    Tcp,
+}
+
+impl fmt::Display for HealthCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HealthCheck::Http { path } => write!(f, "http:{path}"),
+            HealthCheck::Tcp => f.write_str("tcp"),
+        }
+    }
+}
+
+impl Serialize for HealthCheck {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What a group's tags say about the service it runs. Groups of one service
+/// must agree on all of it (see `reconcile`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceSettings {
+    /// Path prefix routers send to this service.
+    pub route: String,
+    pub port: u16,
+    pub health: HealthCheck,
+}
+
+/// One Auto Scaling group as listed, with its tags already interpreted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedGroup {
+    pub name: String,
+    /// The service named by `signpost:service`, when that tag is usable.
+    pub service: Option<String>,
+    /// The group's settings, or why its tags cannot be used.
+    pub settings: Result<ServiceSettings, String>,
+    pub instances: Vec<ObservedInstance>,
+}
+
+/// One instance of a group: the group's view (lifecycle state) joined with
+/// EC2's (state, address).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedInstance {
+    pub id: InstanceId,
+    /// Auto Scaling lifecycle state: `InService`, `Pending:Wait`, `Terminating`, ...
+    pub lifecycle_state: String,
+    pub zone: String,
+    /// EC2's view; `None` when DescribeInstances did not return the instance
+    /// (eventual consistency): we then neither add nor remove it.
+    pub ec2: Option<Ec2Instance>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ec2Instance {
+    /// `pending`, `running`, `stopping`, ...
+    pub state: String,
+    pub private_ip: Option<IpAddr>,
+    pub launch_time: Option<SystemTime>,
+}
+
+impl ObservedInstance {
+    /// Only an instance that Auto Scaling has put in service and EC2 runs may
+    /// take traffic.
+    pub fn is_candidate(&self) -> bool {
+        self.lifecycle_state == "InService"
+            && self
+                .ec2
+                .as_ref()
+                .is_some_and(|e| e.state == "running" && e.private_ip.is_some())
+    }
+
+    /// True when we know the instance is going away or is not serving. An
+    /// instance EC2 did not describe is not known to be leaving.
+    pub fn is_leaving(&self) -> bool {
+        self.lifecycle_state != "InService"
+            || self.ec2.as_ref().is_some_and(|e| e.state != "running")
+    }
+}
+
+/// A complete listing of every group that carries the `signpost:service`
+/// tag. Only a listing that succeeded in full is ever built: a failed page
+/// means no `Fleet` value at all.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fleet {
+    pub groups: Vec<ObservedGroup>,
+}
+
+/// An endpoint's state in the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointState {
+    /// Registered, not yet passed its health check: never routed to.
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+impl EndpointState {
+    pub fn is_routable(self) -> bool {
+        self == EndpointState::Healthy
+    }
+}
+
+/// One instance serving one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub instance_id: InstanceId,
+    pub address: IpAddr,
+    pub port: u16,
+    pub zone: String,
+    pub group: String,
+    pub state: EndpointState,
+    /// When the endpoint entered `state`.
+    #[serde(serialize_with = "rfc3339")]
+    pub since: SystemTime,
+}
+
+/// A service in the registry: settings agreed by its groups and its endpoints.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Service {
+    pub name: String,
+    #[serde(flatten)]
+    pub settings: ServiceSettings,
+    pub groups: BTreeSet<String>,
+    pub endpoints: BTreeMap<InstanceId, Endpoint>,
+}
+
+/// Why a group is not being used as its tags ask.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GroupProblem {
+    pub group: String,
+    /// The service the group names, when it names one.
+    pub service: Option<String>,
+    pub reason: String,
+}
+
+/// An immutable view of the registry, shared by `Arc` with every reader.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub revision: Revision,
+    /// `Arc` per service so that a change to one service copies only it.
+    pub services: BTreeMap<String, Arc<Service>>,
+    /// Misconfigured groups, by group name.
+    pub problems: BTreeMap<String, GroupProblem>,
+}
+
+impl Snapshot {
+    pub fn endpoint(&self, service: &str, instance: &InstanceId) -> Option<&Endpoint> {
+        self.services.get(service)?.endpoints.get(instance)
+    }
+}
+
+pub fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// One change to the registry: the language `reconcile::plan` speaks and the
+/// registry applies. Health results are changes too, so that the registry
+/// stays the only writer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// Create a service, or update its settings and groups.
+    PutService {
+        name: String,
+        settings: ServiceSettings,
+        groups: BTreeSet<String>,
+    },
+    /// Drop a service that no group names any more and has no endpoints.
+    RemoveService { name: String },
+    /// Register an instance. It starts `Starting`, whatever `endpoint.state` says.
+    AddEndpoint { service: String, endpoint: Endpoint },
+    RemoveEndpoint {
+        service: String,
+        instance: InstanceId,
+        reason: &'static str,
+    },
+    /// A health verdict. Applied only while the endpoint still has `address`,
+    /// so a late probe result cannot mark a re-registered endpoint.
+    SetState {
+        service: String,
+        instance: InstanceId,
+        address: IpAddr,
+        port: u16,
+        state: EndpointState,
+    },
+    /// The full set of misconfigured groups.
+    SetProblems(BTreeMap<String, GroupProblem>),
+}
