@@ -98,6 +98,7 @@ impl Cli {
         tracing_subscriber::fmt()
             .with_env_filter(EnvFilter::try_new(&cli.log).context("bad --log filter")?)
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
         match cli.command {
             Command::Controller(args) => {

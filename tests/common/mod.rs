@@ -1,0 +1,487 @@
+//! Test harness: a real AWS emulator (moto), real HTTP backends at the
+//! instances' own 127.42.x.y addresses, and the real `signpost` binary.
+//!
+//! Every test gets its own emulator and its own subnet (127.42.N.0/24), so
+//! tests run in parallel without sharing addresses.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_autoscaling::types::Tag;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Polls `cond` every 50 ms until it returns `Some`, or panics with `what`
+/// after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The moto_server executable: `SIGNPOST_MOTO_SERVER`, or the harness's
+/// pinned install (`localstack/emulator.sh bin` installs it once).
+fn moto_server() -> PathBuf {
+    if let Ok(path) = std::env::var("SIGNPOST_MOTO_SERVER") {
+        return path.into();
+    }
+    let out = std::process::Command::new("bash")
+        .arg(repo().join("localstack/emulator.sh"))
+        .arg("bin")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run localstack/emulator.sh bin");
+    assert!(out.status.success(), "localstack/emulator.sh bin failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A moto_server of the test's own, on a free loopback port.
+pub struct Emulator {
+    pub port: u16,
+    child: Child,
+}
+
+impl Emulator {
+    pub async fn start() -> Emulator {
+        let port = free_port();
+        let child = Command::new(moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start moto_server");
+        let emulator = Emulator { port, child };
+        let url = format!("{}/moto-api/", emulator.endpoint());
+        wait_for(
+            "the emulator to answer",
+            Duration::from_secs(30),
+            || async { http_get(&url).await.ok().map(|_| ()) },
+        )
+        .await;
+        emulator
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes the emulator (SIGSTOP): calls hang, as with a stalled AWS
+    /// endpoint, and its state is kept for `resume`.
+    pub fn pause(&self) {
+        signal(&self.child, "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(&self.child, "-CONT");
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
+
+/// AWS clients on the emulator, with a VPC and a subnet of the test's own.
+pub struct Cloud {
+    pub ec2: aws_sdk_ec2::Client,
+    pub autoscaling: aws_sdk_autoscaling::Client,
+    pub subnet: String,
+}
+
+impl Cloud {
+    pub async fn new(emulator: &Emulator) -> Cloud {
+        let creds = aws_sdk_ec2::config::Credentials::new("test", "test", None, None, "test");
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(emulator.endpoint())
+            .credentials_provider(creds)
+            .load()
+            .await;
+        let ec2 = aws_sdk_ec2::Client::new(&shared);
+        let autoscaling = aws_sdk_autoscaling::Client::new(&shared);
+        // Each test's instances get addresses of their own: 127.42.N.4, ...
+        let n = NEXT_SUBNET.fetch_add(1, Ordering::SeqCst);
+        let vpc = ec2
+            .create_vpc()
+            .cidr_block("127.42.0.0/16")
+            .send()
+            .await
+            .unwrap()
+            .vpc
+            .unwrap()
+            .vpc_id
+            .unwrap();
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(vpc)
+            .cidr_block(format!("127.42.{n}.0/24"))
+            .availability_zone("us-east-1a")
+            .send()
+            .await
+            .unwrap()
+            .subnet
+            .unwrap()
+            .subnet_id
+            .unwrap();
+        ec2.create_launch_template()
+            .launch_template_name("signpost-test")
+            .launch_template_data(
+                aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                    .image_id("ami-12c6146b")
+                    .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        Cloud {
+            ec2,
+            autoscaling,
+            subnet,
+        }
+    }
+
+    /// Creates a group with these tags and desired capacity.
+    pub async fn create_group(&self, name: &str, tags: &[(&str, &str)], desired: i32) {
+        let tags = tags.iter().map(|(k, v)| {
+            Tag::builder()
+                .key(*k)
+                .value(*v)
+                .resource_id(name)
+                .resource_type("auto-scaling-group")
+                .propagate_at_launch(false)
+                .build()
+        });
+        self.autoscaling
+            .create_auto_scaling_group()
+            .auto_scaling_group_name(name)
+            .launch_template(
+                aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                    .launch_template_name("signpost-test")
+                    .build(),
+            )
+            .min_size(0)
+            .max_size(50)
+            .desired_capacity(desired)
+            .vpc_zone_identifier(&self.subnet)
+            .set_tags(Some(tags.collect()))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    pub async fn set_desired(&self, name: &str, desired: i32) {
+        self.autoscaling
+            .set_desired_capacity()
+            .auto_scaling_group_name(name)
+            .desired_capacity(desired)
+            .honor_cooldown(false)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// The group's instances (id, private IP), sorted by id.
+    pub async fn instances(&self, group: &str) -> Vec<(String, IpAddr)> {
+        let groups = self
+            .autoscaling
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .unwrap();
+        let ids: Vec<String> = groups.auto_scaling_groups()[0]
+            .instances()
+            .iter()
+            .map(|i| i.instance_id().unwrap().to_owned())
+            .collect();
+        if ids.is_empty() {
+            return vec![];
+        }
+        let described = self
+            .ec2
+            .describe_instances()
+            .set_instance_ids(Some(ids))
+            .send()
+            .await
+            .unwrap();
+        let mut out: Vec<(String, IpAddr)> = described
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| {
+                (
+                    i.instance_id().unwrap().to_owned(),
+                    i.private_ip_address().unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// One real HTTP server per instance, at the instance's address: the
+/// application the instance would run. `/health` answers 200; any other
+/// path answers `instance=<id>` and counts the request.
+pub struct Backends {
+    port: u16,
+    running: HashMap<IpAddr, (String, JoinHandle<()>)>,
+    hits: HashMap<IpAddr, Arc<AtomicUsize>>,
+}
+
+impl Backends {
+    pub fn new(port: u16) -> Backends {
+        Backends {
+            port,
+            running: HashMap::new(),
+            hits: HashMap::new(),
+        }
+    }
+
+    /// Starts a server for each instance not yet served, and stops the
+    /// servers of instances no longer listed.
+    pub async fn follow(&mut self, instances: &[(String, IpAddr)]) {
+        let keep: Vec<IpAddr> = instances.iter().map(|(_, ip)| *ip).collect();
+        let gone: Vec<IpAddr> = self
+            .running
+            .keys()
+            .filter(|ip| !keep.contains(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            self.stop(ip);
+        }
+        for (id, ip) in instances {
+            if !self.running.contains_key(ip) {
+                self.start(id, *ip).await;
+            }
+        }
+    }
+
+    pub async fn start(&mut self, id: &str, ip: IpAddr) {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, self.port))
+            .await
+            .unwrap_or_else(|e| panic!("bind backend {ip}:{}: {e}", self.port));
+        let hits = self.hits.entry(ip).or_default().clone();
+        let id_owned = id.to_owned();
+        // Connections live in a JoinSet owned by the accept task, so that
+        // stopping the backend closes kept-alive connections too, as a
+        // process that dies would.
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let hits = hits.clone();
+                let id = id_owned.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let body = if req.uri().path() == "/health" {
+                            "ok\n".to_owned()
+                        } else {
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            format!("instance={id}\n")
+                        };
+                        async move { Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(body)))) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        self.running.insert(ip, (id.to_owned(), task));
+    }
+
+    /// Stops answering at `ip`: the listener closes, connections are refused.
+    pub fn stop(&mut self, ip: IpAddr) {
+        if let Some((_, task)) = self.running.remove(&ip) {
+            task.abort();
+        }
+    }
+
+    pub fn hits(&self, ip: IpAddr) -> usize {
+        self.hits.get(&ip).map_or(0, |h| h.load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for (_, (_, task)) in self.running.drain() {
+            task.abort();
+        }
+    }
+}
+
+/// The `signpost controller` binary, run as a user would, against the emulator.
+pub struct Controller {
+    pub port: u16,
+    child: Child,
+}
+
+impl Controller {
+    /// Starts the controller with short test periods and `extra` TOML lines.
+    pub async fn start(emulator: &Emulator, extra: &str) -> Controller {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("signpost-test-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("controller.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nresync_interval = \"1s\"\n{extra}\n\
+                 [aws]\nmax_attempts = 1\nattempt_timeout = \"1s\"\noperation_timeout = \"1s\"\n\
+                 [health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_signpost"))
+            .args(["controller", "--config"])
+            .arg(&config)
+            .env("AWS_ENDPOINT_URL", emulator.endpoint())
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env(
+                "SIGNPOST_LOG",
+                std::env::var("SIGNPOST_LOG").unwrap_or("warn".into()),
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start signpost controller");
+        let controller = Controller { port, child };
+        let url = controller.url("/healthz");
+        wait_for(
+            "the controller to listen",
+            Duration::from_secs(10),
+            || async { http_get(&url).await.ok().map(|_| ()) },
+        )
+        .await;
+        controller
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = http_get(&self.url(path)).await.expect("controller answers");
+        (
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Instance ids of the service's endpoints in `state`, sorted.
+    pub async fn endpoints(&self, service: &str, state: &str) -> Vec<String> {
+        let (_, body) = self.get(&format!("/v1/services/{service}")).await;
+        let mut ids: Vec<String> = body["endpoints"]
+            .as_array()
+            .map(|eps| {
+                eps.iter()
+                    .filter(|e| e["state"] == state)
+                    .map(|e| e["instance_id"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Waits until the service's endpoints in `state` are exactly `ids`.
+    pub async fn wait_endpoints(&self, service: &str, state: &str, ids: &[String]) {
+        let what = format!("{service} endpoints in state {state} to be {ids:?}");
+        wait_for(&what, Duration::from_secs(20), || async {
+            (self.endpoints(service, state).await == ids).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_for("/readyz to answer 200", Duration::from_secs(20), || async {
+            (self.get("/readyz").await.0 == 200).then_some(())
+        })
+        .await;
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        signal(&self.child, "-TERM");
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("controller exits within 10s of SIGTERM")
+            .unwrap()
+    }
+}
+
+pub fn ids(instances: &[(String, IpAddr)]) -> Vec<String> {
+    instances.iter().map(|(id, _)| id.clone()).collect()
+}
+
+/// A plain HTTP GET: status and body.
+pub async fn http_get(url: &str) -> Result<(u16, Bytes), String> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let request = tokio::time::timeout(Duration::from_secs(5), client.get(url.parse().unwrap()));
+    let response = request
+        .await
+        .map_err(|_| "timeout".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body))
+}
