@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The signpost demo, start to finish on one machine:
+#   emulator up → a tagged group of 3 with real backends at the instances'
+#   addresses → controller → scale out to 5 → scale in to 2,
+# printing the registry as it changes. Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    bash localstack/emulator.sh stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+say "building signpost"
+cargo build --quiet --bin signpost
+SIGNPOST="$ROOT/target/debug/signpost"
+
+say "starting the AWS emulator (moto)"
+bash localstack/emulator.sh stop >/dev/null 2>&1 || true
+eval "$(bash localstack/emulator.sh start)"
+echo "AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL"
+PY="$(bash localstack/emulator.sh python)"
+
+say "creating Auto Scaling group 'users' (tag signpost:service=users, port 8080), desired 3"
+bash localstack/emulator.sh seed --group users:users:8080:3 --untagged batch:1 >/dev/null
+bash localstack/emulator.sh backends --all-tagged &
+PIDS+=($!)
+
+API_PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+API="http://127.0.0.1:$API_PORT"
+say "starting the controller on $API (resync 2s, health every 1s)"
+SIGNPOST_LOG="${SIGNPOST_LOG:-info}" "$SIGNPOST" controller --listen "127.0.0.1:$API_PORT" \
+    --resync-interval 2s --health-interval 1s --health-timeout 500ms &
+PIDS+=($!)
+
+# Prints the users service as a table whenever the wanted number of healthy
+# endpoints is reached (deadline 60 s).
+show_until_healthy() {
+    "$PY" - "$API" "$1" <<'EOF'
+import json, sys, time, urllib.request
+api, want = sys.argv[1], int(sys.argv[2])
+deadline, last = time.time() + 60, None
+while time.time() < deadline:
+    try:
+        svc = json.load(urllib.request.urlopen(f"{api}/v1/services/users", timeout=2))
+    except Exception:
+        time.sleep(0.3); continue
+    rows = [(e["instance_id"], f'{e["address"]}:{e["port"]}', e["state"]) for e in svc["endpoints"]]
+    if rows != last:
+        print(f'  revision {svc["revision"]}: {svc["healthy"]} healthy of {len(rows)}')
+        for r in rows: print("    %-22s %-20s %s" % r)
+        last = rows
+    if svc["healthy"] == want and len(rows) == want:
+        sys.exit(0)
+    time.sleep(0.3)
+sys.exit(f"demo: the registry did not reach {want} healthy endpoints within 60 s")
+EOF
+}
+
+say "registry: waiting for 3 healthy endpoints"
+show_until_healthy 3
+
+say "scale OUT: users desired 3 → 5"
+bash localstack/emulator.sh seed --scale users:5 >/dev/null
+show_until_healthy 5
+
+say "scale IN: users desired 5 → 2"
+bash localstack/emulator.sh seed --scale users:2 >/dev/null
+show_until_healthy 2
+
+say "readiness"
+"$PY" -c "import json,sys,urllib.request; print(json.dumps(json.load(urllib.request.urlopen(sys.argv[1])), indent=2))" "$API/readyz"
+say "demo done: the registry followed the group out and in"

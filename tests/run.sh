@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test signpost has: Rust unit tests, the integration tests against
+# the AWS emulator (moto, installed once into a cached virtualenv by
+# localstack/emulator.sh), and the deployment tests (chart, IAM) when present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Install the pinned emulator once, up front, rather than from inside a test.
+SIGNPOST_MOTO_SERVER="$(bash localstack/emulator.sh bin)"
+export SIGNPOST_MOTO_SERVER
+
+cargo test --locked --all-targets
+
+if [[ -x tests/deploy/run.sh ]]; then
+    tests/deploy/run.sh
+fi
