@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 SIGNPOST_MOTO_SERVER="$(bash localstack/emulator.sh bin)"
 export SIGNPOST_MOTO_SERVER
 
-cargo test --locked --all-targets
+cargo test --locked
 
 if [[ -x tests/deploy/run.sh ]]; then
     tests/deploy/run.sh

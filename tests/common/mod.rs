@@ -135,7 +135,18 @@ pub struct Cloud {
 }
 
 impl Cloud {
+    /// A subnet of the test's own: its instances get 127.42.N.4, ...
     pub async fn new(emulator: &Emulator) -> Cloud {
+        let n = NEXT_SUBNET.fetch_add(1, Ordering::SeqCst);
+        Cloud::with_subnet(emulator, &format!("127.42.{n}.0/24")).await
+    }
+
+    /// A /20 for fleets of more than 250 instances (benchmarks).
+    pub async fn new_wide(emulator: &Emulator) -> Cloud {
+        Cloud::with_subnet(emulator, "127.42.16.0/20").await
+    }
+
+    async fn with_subnet(emulator: &Emulator, cidr: &str) -> Cloud {
         let creds = aws_sdk_ec2::config::Credentials::new("test", "test", None, None, "test");
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new("us-east-1"))
@@ -145,8 +156,6 @@ impl Cloud {
             .await;
         let ec2 = aws_sdk_ec2::Client::new(&shared);
         let autoscaling = aws_sdk_autoscaling::Client::new(&shared);
-        // Each test's instances get addresses of their own: 127.42.N.4, ...
-        let n = NEXT_SUBNET.fetch_add(1, Ordering::SeqCst);
         let vpc = ec2
             .create_vpc()
             .cidr_block("127.42.0.0/16")
@@ -160,7 +169,7 @@ impl Cloud {
         let subnet = ec2
             .create_subnet()
             .vpc_id(vpc)
-            .cidr_block(format!("127.42.{n}.0/24"))
+            .cidr_block(cidr)
             .availability_zone("us-east-1a")
             .send()
             .await
@@ -369,8 +378,13 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Starts the controller with short test periods and `extra` TOML lines.
+    /// Starts the controller with short test periods and `extra` top-level
+    /// TOML lines.
     pub async fn start(emulator: &Emulator, extra: &str) -> Controller {
+        Controller::start_with_health(emulator, extra, "200ms", "150ms").await
+    }
+
+    pub async fn start_with_health(emulator: &Emulator, extra: &str, interval: &str, timeout: &str) -> Controller {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("signpost-test-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -380,7 +394,7 @@ impl Controller {
             format!(
                 "listen = \"127.0.0.1:{port}\"\nresync_interval = \"1s\"\n{extra}\n\
                  [aws]\nmax_attempts = 1\nattempt_timeout = \"1s\"\noperation_timeout = \"1s\"\n\
-                 [health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n"
+                 [health]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n"
             ),
         )
         .unwrap();
@@ -407,6 +421,10 @@ impl Controller {
         )
         .await;
         controller
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -108,6 +108,18 @@ class Moto:
 
         wait_for("moto_server to answer", up, timeout=30)
 
+    def make_admin(self):
+        """With INITIAL_NO_AUTH_ACTION_COUNT=3: spends the three unchecked
+        calls on an admin user (Allow */*) and returns its key; every later
+        call is checked."""
+        iam = self.client("iam")
+        iam.create_user(UserName="admin")
+        iam.put_user_policy(UserName="admin", PolicyName="admin", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="admin")["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
     def client(self, service, key_id="test", secret="test"):
         import boto3
         from botocore.config import Config

@@ -35,13 +35,7 @@ class World:
 
     def __init__(self, moto_bin, tmp):
         self.moto = Moto(moto_bin, tmp / "moto.log", env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
-        iam = self.moto.client("iam")
-        iam.create_user(UserName="admin")
-        iam.put_user_policy(UserName="admin", PolicyName="admin", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17",
-             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-        key = iam.create_access_key(UserName="admin")["AccessKey"]
-        self.admin = (key["AccessKeyId"], key["SecretAccessKey"])
+        self.admin = self.moto.make_admin()
         self.users = 0
 
         ec2, asg = self.client("ec2"), self.client("autoscaling")

@@ -1,0 +1,164 @@
+"""helm/signpost rendered, linted and checked offline: Helm's own library
+(helm-python-sdk) renders and lints it and applies values.schema.json;
+kubernetes-validate checks every manifest against the newest Kubernetes
+schema it ships, strictly (unknown fields fail); the ConfigMap's TOML goes
+through `signpost controller --check-config`."""
+import subprocess
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import CHART
+
+KUBE_VERSION = kubernetes_validate.latest_version()
+
+FULL = {
+    "image": {"repository": "registry.example.com/signpost", "tag": "1.2.3", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "fullnameOverride": "sp",
+    "serviceAccount": {"create": True, "name": "signpost-controller",
+                       "roleArn": "arn:aws:iam::111122223333:role/signpost-controller",
+                       "annotations": {"example.com/owner": "platform"}},
+    "controller": {
+        "replicas": 1, "logLevel": "signpost=debug,info",
+        "config": {
+            "resync_interval": "15s", "default_port": 8080,
+            "aws": {"region": "eu-west-1", "endpoint_url": "https://vpce.example.com",
+                    "max_attempts": 5, "attempt_timeout": "2s", "operation_timeout": "10s",
+                    "calls_per_second": 7.5},
+            "health": {"interval": "2s", "timeout": "500ms", "healthy_threshold": 3,
+                       "unhealthy_threshold": 2, "max_concurrent_probes": 64,
+                       "services": {"users": {"interval": "1s", "unhealthy_threshold": 5},
+                                    "billing-api": {"timeout": "1s"}}},
+        },
+        "env": [{"name": "TZ", "value": "UTC"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "podAnnotations": {"a": "b"}, "podLabels": {"team": "platform"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}]}]}}},
+        "priorityClassName": "system-cluster-critical",
+    },
+    "service": {"type": "ClusterIP", "port": 7171},
+    "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+    "serviceMonitor": {"enabled": True, "path": "/metrics", "interval": "15s",
+                       "scrapeTimeout": "5s", "labels": {"release": "prometheus"}},
+    "router": {"enabled": True, "replicas": 3, "port": 8081, "adminPort": 9091,
+               "logLevel": "info", "service": {"type": "LoadBalancer", "port": 80,
+                                               "annotations": {"x": "y"}},
+               "podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"}},
+}
+
+
+def render(values):
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values)
+        files = chart.render(values, name="signpost", namespace="signpost")
+    docs = []
+    for name, text in sorted(files.items()):
+        if name.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_chart_lints_clean():
+    for values in ({}, FULL):
+        result = helm.lint(str(CHART), values=values, strict=True, kube_version=KUBE_VERSION)
+        assert not result["errors"], result
+        # severity 1 is INFO ("icon is recommended"); WARNING and ERROR are 2 and up.
+        assert all(m["severity"] <= 1 for m in result["messages"]), result
+
+
+@pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "full"])
+def test_every_manifest_is_valid_kubernetes(values):
+    docs = render(values)
+    kinds = sorted(d["kind"] for d in docs)
+    if values:
+        assert kinds == ["ConfigMap", "Deployment", "Deployment", "PodDisruptionBudget",
+                         "PodDisruptionBudget", "Service", "Service", "ServiceAccount",
+                         "ServiceMonitor"], kinds
+    else:
+        assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service",
+                         "ServiceAccount"], kinds
+    for doc in docs:
+        if doc["kind"] == "ServiceMonitor":  # a CRD: no schema ships for it
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert doc["spec"]["endpoints"][0]["path"] == "/metrics"
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_controller_pod_is_locked_down_and_probed():
+    (deploy,) = [d for d in by_kind(render({}), "Deployment")]
+    spec = deploy["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+
+
+def test_irsa_role_annotation_and_router_wiring():
+    docs = render(FULL)
+    (sa,) = by_kind(docs, "ServiceAccount")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == \
+        FULL["serviceAccount"]["roleArn"]
+    router = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "sp-router")
+    args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["router", "--controller"] and args[2] == "http://sp:7171"
+    assert {"--listen", "--admin-listen", "--cache", "--id"} <= set(args)
+    controller = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "sp")
+    assert controller["spec"]["template"]["spec"]["serviceAccountName"] == "signpost-controller"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"controller": {"replicas": 2}}, "replicas"),
+    ({"controller": {"config": {"resync_interval": "soon"}}}, "resync_interval"),
+    ({"controller": {"config": {"health": {"healthy_threshold": 0}}}}, "healthy_threshold"),
+    ({"controller": {"config": {"default_port": 70000}}}, "default_port"),
+    ({"controller": {"config": {"aws": {"regoin": "eu-west-1"}}}}, "regoin"),
+    ({"serviceAccount": {"roleArn": "signpost-role"}}, "roleArn"),
+    ({"service": {"port": "http"}}, "port"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+], ids=["two-replicas", "bad-duration", "zero-threshold", "bad-port", "typo-key",
+        "bad-role-arn", "port-not-int", "bad-pull-policy"])
+def test_bad_values_are_rejected_by_the_schema(values, message):
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError) as e:
+            chart.validate_schema(values)
+        with pytest.raises(helm.HelmError):
+            chart.render(values, name="signpost", namespace="signpost")
+    assert message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "full"])
+def test_configmap_toml_is_accepted_by_the_controller(values, signpost_bin, tmp_path):
+    (cm,) = by_kind(render(values), "ConfigMap")
+    path = tmp_path / "controller.toml"
+    path.write_text(cm["data"]["controller.toml"])
+    out = subprocess.run([str(signpost_bin), "controller", "--config", str(path), "--check-config"],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr + path.read_text()
+    effective = out.stdout
+    port = values.get("service", {}).get("port", 7070)
+    assert f'listen = "0.0.0.0:{port}"' in effective, effective
+    if values:
+        assert 'region = "eu-west-1"' in effective and "calls_per_second = 7.5" in effective
+        assert "default_port = 8080" in effective
+        assert '[health.services.users]' in effective and '[health.services.billing-api]' in effective, effective
