@@ -3,7 +3,8 @@
 # its own virtualenv (see README.md here for why moto and not LocalStack).
 #
 #   emulator.sh install            create/refresh the venv (idempotent, fast when done)
-#   emulator.sh bin                print the venv's moto_server path (installs if needed)
+#   emulator.sh bin                print the emulator executable: moto_server with lifecycle
+#                                  hooks (moto_server_hooks here; installs moto if needed)
 #   emulator.sh python             print the venv's python path (installs if needed)
 #   emulator.sh start [--port N]   start moto in the background, print `export ...` lines
 #   emulator.sh endpoint           print the running emulator's URL
@@ -23,6 +24,8 @@ VENV="$CACHE/moto-venv"
 STATE_DIR="${SIGNPOST_STATE:-$CACHE/state}"
 REQS="$HERE/requirements.txt"
 PY="$VENV/bin/python"
+# moto_server plus lifecycle hooks (lifecycle_hooks.py); same arguments as moto_server.
+SERVER="$HERE/moto_server_hooks"
 
 log() { echo "emulator: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -66,10 +69,11 @@ except urllib.error.HTTPError:
 EOF
 }
 
-# Is the recorded pid still our moto_server (and not a reused pid)?
+# Is the recorded pid still our emulator (and not a reused pid)? Its command
+# line is the venv's python running moto_with_hooks.py.
 our_pid() {
     local pid
-    pid="$(cat "$STATE_DIR/pid" 2>/dev/null)" && grep -qs moto_server "/proc/$pid/cmdline" && echo "$pid"
+    pid="$(cat "$STATE_DIR/pid" 2>/dev/null)" && grep -qs -e moto_with_hooks -e moto_server "/proc/$pid/cmdline" && echo "$pid"
 }
 
 # Prints the endpoint if our recorded moto is alive and answering, else fails.
@@ -106,7 +110,7 @@ start() {
     mkdir -p "$STATE_DIR"
     # setsid + all fds redirected: the server outlives this script and does not
     # hold the stdout of `eval "$(emulator.sh start)"` open.
-    setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" </dev/null >"$STATE_DIR/moto.log" 2>&1 &
+    setsid "$SERVER" -H 127.0.0.1 -p "$port" </dev/null >"$STATE_DIR/moto.log" 2>&1 &
     local pid=$!
     echo "$pid" >"$STATE_DIR/pid"
     echo "$ep" >"$STATE_DIR/endpoint"
@@ -154,7 +158,7 @@ run_py() {
 cmd="${1:-}"; shift || true
 case "$cmd" in
     install)  install ;;
-    bin)      install; echo "$VENV/bin/moto_server" ;;
+    bin)      install; echo "$SERVER" ;;
     python)   install; echo "$PY" ;;
     start)    start "$@" ;;
     endpoint) running_endpoint || die "not running" ;;

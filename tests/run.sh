@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test signpost has: Rust unit tests, the integration tests against
 # the AWS emulator (moto, installed once into a cached virtualenv by
-# localstack/emulator.sh), and the deployment tests (chart, IAM) when present.
+# localstack/emulator.sh), the emulator's own tests, and the deployment tests
+# (chart, IAM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ export SIGNPOST_MOTO_SERVER
 
 cargo test --locked
 
-if [[ -x tests/deploy/run.sh ]]; then
-    tests/deploy/run.sh
-fi
+# The emulator's lifecycle-hook extension, tested on its own.
+localstack/tests/run.sh
+
+tests/deploy/run.sh
