@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::events::EventCounts;
 use crate::model::{Endpoint, GroupProblem, Revision, Service, ServiceSettings, Snapshot};
 use crate::reconcile::SyncStatus;
 
@@ -20,6 +21,7 @@ pub struct ApiState {
     pub registry: watch::Receiver<Arc<Snapshot>>,
     pub sync: watch::Receiver<SyncStatus>,
     pub resync_interval: Duration,
+    pub events: Arc<EventCounts>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -115,6 +117,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         "reason": verdict.err(),
         "revision": revision,
         "sync": sync,
+        "events": &*state.events,
     });
     (status, Json(body)).into_response()
 }

@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime};
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
-use aws_sdk_autoscaling::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_autoscaling::config::http::HttpResponse;
+use aws_sdk_autoscaling::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_autoscaling::types::Filter as AsgFilter;
 use aws_sdk_ec2::types::Filter as Ec2Filter;
 use serde::Serialize;
@@ -37,18 +38,68 @@ pub enum CloudError {
 }
 
 impl CloudError {
-    fn from_sdk<E, R>(api: &'static str, err: aws_sdk_autoscaling::error::SdkError<E, R>) -> Self
+    fn from_sdk<E>(api: &'static str, err: SdkError<E, HttpResponse>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
     {
-        let message = DisplayErrorContext(&err).to_string();
-        match err.code() {
+        let (code, message) = match &err {
+            SdkError::ServiceError(_) => match (err.code(), err.message()) {
+                (Some(code), message) => (
+                    Some(code.to_owned()),
+                    message.unwrap_or_default().to_owned(),
+                ),
+                // An error body the SDK could not parse (some emulators answer
+                // every service in EC2's XML): read Code and Message ourselves
+                // rather than dumping the raw response into logs and /readyz.
+                (None, _) => {
+                    let raw = err.raw_response();
+                    let body = raw
+                        .and_then(|r| r.body().bytes())
+                        .map(String::from_utf8_lossy)
+                        .unwrap_or_default();
+                    let status = raw.map_or(0, |r| r.status().as_u16());
+                    match (xml_field(&body, "Code"), xml_field(&body, "Message")) {
+                        (Some(code), message) => (
+                            Some(code.to_owned()),
+                            message.unwrap_or_default().to_owned(),
+                        ),
+                        (None, _) => (None, format!("HTTP {status}: {}", excerpt(&body))),
+                    }
+                }
+            },
+            SdkError::TimeoutError(_) => (
+                None,
+                "timed out (see aws.attempt_timeout and aws.operation_timeout)".to_owned(),
+            ),
+            _ => (None, DisplayErrorContext(&err).to_string()),
+        };
+        match code {
             Some(code) if code.contains("Throttl") || code == "RequestLimitExceeded" => {
-                CloudError::Throttled { api, message }
+                CloudError::Throttled {
+                    api,
+                    message: format!("{code}: {message}"),
+                }
             }
-            _ => CloudError::Api { api, message },
+            Some(code) => CloudError::Api {
+                api,
+                message: format!("{code}: {message}"),
+            },
+            None => CloudError::Api { api, message },
         }
+    }
+}
+
+fn xml_field<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+    let start = body.find(&format!("<{name}>"))? + name.len() + 2;
+    let len = body[start..].find(&format!("</{name}>"))?;
+    Some(body[start..start + len].trim())
+}
+
+fn excerpt(body: &str) -> String {
+    let flat = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}...", &flat[..cut]),
+        None => flat,
     }
 }
 
@@ -73,6 +124,27 @@ pub trait AutoScaling: Send + Sync + 'static {
         -> impl Future<Output = Result<(Fleet, CallCount), CloudError>> + Send;
 }
 
+/// The SDK configuration from the standard chain (env, profile, IRSA, IMDS),
+/// with timeouts set: the SDK has no read timeout of its own.
+pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::standard().with_max_attempts(aws.max_attempts))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .operation_attempt_timeout(aws.attempt_timeout)
+                .operation_timeout(aws.operation_timeout)
+                .build(),
+        );
+    if let Some(region) = &aws.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(url) = &aws.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
+
 /// The real thing, through the AWS SDK.
 pub struct AwsFleet {
     autoscaling: aws_sdk_autoscaling::Client,
@@ -82,31 +154,12 @@ pub struct AwsFleet {
 }
 
 impl AwsFleet {
-    /// Builds clients from the standard chain (env, profile, IRSA, IMDS),
-    /// with timeouts set: the SDK has no read timeout of its own.
-    pub async fn connect(config: &Config) -> AwsFleet {
-        let aws = &config.aws;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(aws.max_attempts))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(aws.attempt_timeout)
-                    .operation_timeout(aws.operation_timeout)
-                    .build(),
-            );
-        if let Some(region) = &aws.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(url) = &aws.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let shared = loader.load().await;
+    pub fn new(shared: &aws_config::SdkConfig, config: &Config) -> AwsFleet {
         AwsFleet {
-            autoscaling: aws_sdk_autoscaling::Client::new(&shared),
-            ec2: aws_sdk_ec2::Client::new(&shared),
+            autoscaling: aws_sdk_autoscaling::Client::new(shared),
+            ec2: aws_sdk_ec2::Client::new(shared),
             default_port: config.default_port,
-            budget: CallBudget::new(aws),
+            budget: CallBudget::new(&config.aws),
         }
     }
 
@@ -324,6 +377,17 @@ impl AutoScaling for FakeAutoScaling {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unparsed_error_bodies_are_read_for_code_and_message() {
+        let body = "<Response><Errors><Error><Code>AccessDenied</Code>\n<Message>User: x is not authorized to perform: autoscaling:DescribeAutoScalingGroups</Message></Error></Errors></Response>";
+        assert_eq!(xml_field(body, "Code"), Some("AccessDenied"));
+        assert!(xml_field(body, "Message")
+            .unwrap()
+            .ends_with("autoscaling:DescribeAutoScalingGroups"));
+        assert_eq!(xml_field("<html>oops</html>", "Code"), None);
+        assert_eq!(excerpt(&"a ".repeat(400)).len(), 303);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn budget_allows_a_burst_then_spaces_calls() {

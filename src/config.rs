@@ -46,6 +46,28 @@ pub struct Config {
     pub default_port: Option<u16>,
     pub aws: AwsConfig,
     pub health: HealthConfig,
+    pub events: EventsConfig,
+}
+
+/// The SQS queue that EventBridge rules and lifecycle hooks feed.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Unset: no events, resync alone (still correct, slower to react).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_url: Option<String>,
+    /// How long one ReceiveMessage long-polls (SQS allows up to 20s).
+    #[serde(with = "duration")]
+    pub wait_time: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            queue_url: None,
+            wait_time: Duration::from_secs(20),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -125,6 +147,7 @@ impl Default for Config {
             default_port: None,
             aws: AwsConfig::default(),
             health: HealthConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -227,6 +250,20 @@ impl Config {
         }
         if !(aws.calls_per_second.is_finite() && aws.calls_per_second > 0.0) {
             return Err(invalid("aws.calls_per_second", "must be a number above 0"));
+        }
+        if self.events.wait_time > Duration::from_secs(20)
+            || self.events.wait_time.subsec_nanos() != 0
+        {
+            return Err(invalid(
+                "events.wait_time",
+                "must be whole seconds from 0s to 20s (the SQS limit)",
+            ));
+        }
+        if self.events.queue_url.as_deref() == Some("") {
+            return Err(invalid(
+                "events.queue_url",
+                "is empty; leave it out to disable events",
+            ));
         }
         if self.health.max_concurrent_probes == 0 {
             return Err(invalid(
@@ -382,6 +419,7 @@ mod tests {
         assert!(err("listen = \"nowhere\"").contains("listen"));
         assert!(err("default_port = 70000").contains("default_port"));
         assert!(err("[aws]\nmax_attempts = 0").contains("aws.max_attempts"));
+        assert!(err("[events]\nwait_time = \"30s\"").contains("events.wait_time"));
         assert!(err("[health]\ntimeout = \"10s\"").contains("health.timeout"));
         assert!(err("[health.services.users]\nhealthy_threshold = 0")
             .contains("health.services.users.healthy_threshold"));

@@ -8,7 +8,9 @@
 //!                                                 ▼
 //!                health:: probes ──verdicts──► registry:: services → endpoints, revision
 //!                                                 ▼ watch (immutable snapshots)
-//!                                    api:: /v1/services, /readyz
+//!                 api:: /v1/services, /readyz     push:: hub ──NDJSON stream──► router::
+//!                                                      ▲                          │
+//!                                                      └──── acks (revision) ─────┘
 //! ```
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -18,8 +20,17 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod controller;
+pub mod events;
 pub mod health;
 pub mod model;
+pub mod push;
 pub mod reconcile;
 pub mod registry;
+pub mod router;
 pub mod tags;
+
+/// Resolves once `stop` says true (or its sender is gone). A function rather
+/// than `wait_for` inline, so that no watch guard is held across an await.
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -17,8 +17,8 @@ use tracing::{info, warn};
 
 use crate::cloud::{AutoScaling, CallCount};
 use crate::model::{
-    rfc3339, Change, Endpoint, EndpointState, Fleet, GroupProblem, ObservedGroup, ServiceSettings,
-    Snapshot,
+    rfc3339, Change, Endpoint, EndpointState, Fleet, GroupProblem, InstanceId, ObservedGroup,
+    ServiceSettings, Snapshot,
 };
 use crate::registry::Registry;
 
@@ -48,11 +48,17 @@ pub fn plan(fleet: &Fleet, current: &Snapshot) -> Vec<Change> {
             (Some(service), Ok(settings)) => {
                 usable.entry(service).or_default().push((group, settings))
             }
-            (service, Err(reason)) => {
+            (service, settings) => {
+                let reason = settings
+                    .as_ref()
+                    .err()
+                    .map_or("no service name", |r| r.as_str());
                 frozen.insert(&group.name);
-                problems.insert(group.name.clone(), problem(group, service, reason.clone()));
+                problems.insert(
+                    group.name.clone(),
+                    problem(group, service, reason.to_owned()),
+                );
             }
-            (None, Ok(_)) => unreachable!("settings are only parsed for a named service"),
         }
     }
 
@@ -85,7 +91,7 @@ pub fn plan(fleet: &Fleet, current: &Snapshot) -> Vec<Change> {
     let groups: HashMap<&str, &ObservedGroup> =
         fleet.groups.iter().map(|g| (g.name.as_str(), g)).collect();
     let mut changes = Vec::new();
-    let mut removed: BTreeSet<(&str, &crate::model::InstanceId)> = BTreeSet::new();
+    let mut removed: BTreeSet<(&str, &InstanceId)> = BTreeSet::new();
 
     for (service, svc) in &current.services {
         for (id, endpoint) in &svc.endpoints {
@@ -346,7 +352,7 @@ impl<C: AutoScaling> Reconciler<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Ec2Instance, HealthCheck, InstanceId, ObservedInstance};
+    use crate::model::{Ec2Instance, HealthCheck, ObservedInstance};
 
     fn settings(port: u16) -> ServiceSettings {
         ServiceSettings {
@@ -601,6 +607,51 @@ mod tests {
         let snap = r.snapshot();
         let e = snap.endpoint("users", &"i-1".into()).unwrap();
         assert_eq!((e.port, e.state), (81, EndpointState::Starting));
+    }
+
+    #[tokio::test]
+    async fn a_failed_listing_changes_nothing_and_is_reported() {
+        let cloud = crate::cloud::FakeAutoScaling::default();
+        cloud.set(Ok(Fleet {
+            groups: vec![group(
+                "g",
+                "users",
+                80,
+                vec![running("i-1", 1), running("i-2", 2)],
+            )],
+        }));
+        let (status, status_rx) = watch::channel(SyncStatus::default());
+        let reconciler = Reconciler {
+            cloud,
+            registry: Arc::new(Registry::new()),
+            status,
+            resync_interval: Duration::from_secs(30),
+            trigger: Arc::new(Notify::new()),
+        };
+        reconciler.sync_once().await.unwrap();
+        let before = reconciler.registry.snapshot();
+        assert_eq!(before.services["users"].endpoints.len(), 2);
+
+        reconciler
+            .cloud
+            .set(Err("DescribeInstances: Throttling: Rate exceeded".into()));
+        assert!(reconciler.sync_once().await.is_err());
+        assert_eq!(
+            reconciler.registry.snapshot(),
+            before,
+            "nothing removed, no new revision"
+        );
+        let s = status_rx.borrow().clone();
+        assert!(s.last_error.unwrap().contains("Rate exceeded"));
+        assert!(s.failing_since.is_some() && s.last_success.is_some());
+
+        reconciler.cloud.set(Ok(Fleet::default()));
+        reconciler.sync_once().await.unwrap();
+        assert!(
+            reconciler.registry.snapshot().services.is_empty(),
+            "a complete empty listing does remove"
+        );
+        assert!(status_rx.borrow().failing_since.is_none());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,6 +131,7 @@ static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
 pub struct Cloud {
     pub ec2: aws_sdk_ec2::Client,
     pub autoscaling: aws_sdk_autoscaling::Client,
+    pub sqs: aws_sdk_sqs::Client,
     pub subnet: String,
 }
 
@@ -156,6 +157,7 @@ impl Cloud {
             .await;
         let ec2 = aws_sdk_ec2::Client::new(&shared);
         let autoscaling = aws_sdk_autoscaling::Client::new(&shared);
+        let sqs = aws_sdk_sqs::Client::new(&shared);
         let vpc = ec2
             .create_vpc()
             .cidr_block("127.42.0.0/16")
@@ -192,6 +194,7 @@ impl Cloud {
         Cloud {
             ec2,
             autoscaling,
+            sqs,
             subnet,
         }
     }
@@ -283,6 +286,9 @@ pub struct Backends {
     port: u16,
     running: HashMap<IpAddr, (String, JoinHandle<()>)>,
     hits: HashMap<IpAddr, Arc<AtomicUsize>>,
+    /// Per address: `/health` answers 503 while set (the application runs,
+    /// its health check fails).
+    failing_health: HashMap<IpAddr, Arc<AtomicBool>>,
 }
 
 impl Backends {
@@ -291,6 +297,7 @@ impl Backends {
             port,
             running: HashMap::new(),
             hits: HashMap::new(),
+            failing_health: HashMap::new(),
         }
     }
 
@@ -319,6 +326,7 @@ impl Backends {
             .await
             .unwrap_or_else(|e| panic!("bind backend {ip}:{}: {e}", self.port));
         let hits = self.hits.entry(ip).or_default().clone();
+        let failing_health = self.failing_health.entry(ip).or_default().clone();
         let id_owned = id.to_owned();
         // Connections live in a JoinSet owned by the accept task, so that
         // stopping the backend closes kept-alive connections too, as a
@@ -330,16 +338,23 @@ impl Backends {
                     return;
                 };
                 let hits = hits.clone();
+                let failing_health = failing_health.clone();
                 let id = id_owned.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let mut status = hyper::StatusCode::OK;
                         let body = if req.uri().path() == "/health" {
+                            if failing_health.load(Ordering::SeqCst) {
+                                status = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                            }
                             "ok\n".to_owned()
                         } else {
                             hits.fetch_add(1, Ordering::SeqCst);
                             format!("instance={id}\n")
                         };
-                        async move { Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(body)))) }
+                        let mut response = Response::new(Full::new(Bytes::from(body)));
+                        *response.status_mut() = status;
+                        async move { Ok::<_, hyper::Error>(response) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -356,6 +371,14 @@ impl Backends {
         if let Some((_, task)) = self.running.remove(&ip) {
             task.abort();
         }
+    }
+
+    /// Makes `/health` at `ip` fail (503) or pass; works before `start` too.
+    pub fn set_health(&mut self, ip: IpAddr, passing: bool) {
+        self.failing_health
+            .entry(ip)
+            .or_default()
+            .store(!passing, Ordering::SeqCst);
     }
 
     pub fn hits(&self, ip: IpAddr) -> usize {
@@ -384,16 +407,27 @@ impl Controller {
         Controller::start_with_health(emulator, extra, "200ms", "150ms").await
     }
 
-    pub async fn start_with_health(emulator: &Emulator, extra: &str, interval: &str, timeout: &str) -> Controller {
+    pub async fn start_with_health(
+        emulator: &Emulator,
+        extra: &str,
+        interval: &str,
+        timeout: &str,
+    ) -> Controller {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("signpost-test-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("controller.toml");
+        // Tests resync every second unless they say otherwise.
+        let resync = if extra.contains("resync_interval") {
+            ""
+        } else {
+            "resync_interval = \"1s\"\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nresync_interval = \"1s\"\n{extra}\n\
-                 [aws]\nmax_attempts = 1\nattempt_timeout = \"1s\"\noperation_timeout = \"1s\"\n\
+                "listen = \"127.0.0.1:{port}\"\n{resync}{extra}\n\
+                 [aws]\nmax_attempts = 1\nattempt_timeout = \"2s\"\noperation_timeout = \"2s\"\n\
                  [health]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n"
             ),
         )
@@ -478,6 +512,113 @@ impl Controller {
             .await
             .expect("controller exits within 10s of SIGTERM")
             .unwrap()
+    }
+}
+
+impl Controller {
+    /// SIGKILL: the controller vanishes without a goodbye, as on a crash.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// The `signpost router` binary, proxying on a free port, its log in a file.
+pub struct Router {
+    pub id: String,
+    pub port: u16,
+    pub admin_port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Router {
+    /// Starts a router subscribed to `controller` (a base URL), with its
+    /// cache at `cache` and `extra` flags; waits until its admin port answers.
+    pub async fn start(
+        controller: &str,
+        id: &str,
+        cache: &std::path::Path,
+        extra: &[&str],
+    ) -> Router {
+        let port = free_port();
+        let admin_port = free_port();
+        let log = std::env::temp_dir().join(format!("signpost-router-{id}-{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_signpost"))
+            .arg("router")
+            .args(["--controller", controller, "--id", id])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .arg("--cache")
+            .arg(cache)
+            .args(extra)
+            .env(
+                "SIGNPOST_LOG",
+                std::env::var("SIGNPOST_LOG").unwrap_or("info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start signpost router");
+        let router = Router {
+            id: id.to_owned(),
+            port,
+            admin_port,
+            log,
+            child,
+        };
+        let url = format!("http://127.0.0.1:{admin_port}/healthz");
+        wait_for("the router to listen", Duration::from_secs(10), || async {
+            http_get(&url).await.ok().map(|_| ())
+        })
+        .await;
+        router
+    }
+
+    /// A request through the proxy: status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let (status, body) = http_get(&format!("http://127.0.0.1:{}{path}", self.port))
+            .await
+            .expect("router answers");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub async fn admin(&self, path: &str) -> (u16, serde_json::Value) {
+        let url = format!("http://127.0.0.1:{}{path}", self.admin_port);
+        let (status, body) = http_get(&url).await.expect("router admin answers");
+        (
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Waits until `/readyz` answers 200; returns its body.
+    pub async fn wait_ready(&self) -> serde_json::Value {
+        wait_for(
+            "the router to be ready",
+            Duration::from_secs(20),
+            || async {
+                let (status, body) = self.admin("/readyz").await;
+                (status == 200).then_some(body)
+            },
+        )
+        .await
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        signal(&self.child, "-TERM");
+        tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("router exits within 15s of SIGTERM")
+            .unwrap()
+    }
+
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
     }
 }
 

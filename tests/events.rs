@@ -1,0 +1,128 @@
+//! Events from SQS make the controller reconcile at once, long before the
+//! next resync; malformed messages are counted and deleted, never fatal.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ids, wait_for, Backends, Cloud, Controller, Emulator};
+
+const PORT: u16 = 18280;
+
+async fn queue(cloud: &Cloud) -> String {
+    cloud
+        .sqs
+        .create_queue()
+        .queue_name("signpost-events")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap()
+}
+
+async fn send(cloud: &Cloud, queue: &str, body: &str) {
+    cloud
+        .sqs
+        .send_message()
+        .queue_url(queue)
+        .message_body(body)
+        .send()
+        .await
+        .unwrap();
+}
+
+async fn queued(cloud: &Cloud, queue: &str) -> usize {
+    let attrs = cloud
+        .sqs
+        .get_queue_attributes()
+        .queue_url(queue)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+        .send()
+        .await
+        .unwrap();
+    let attrs = attrs.attributes().unwrap();
+    let get = |name| {
+        attrs
+            .get(&aws_sdk_sqs::types::QueueAttributeName::from(name))
+            .map_or(0, |v| v.parse::<usize>().unwrap())
+    };
+    get("ApproximateNumberOfMessages") + get("ApproximateNumberOfMessagesNotVisible")
+}
+
+fn launched(group: &str) -> String {
+    serde_json::json!({
+        "version": "0", "id": "e-1", "source": "aws.autoscaling",
+        "detail-type": "EC2 Instance Launch Successful", "account": "123456789012",
+        "time": "2026-11-25T10:00:00Z", "region": "us-east-1",
+        "detail": { "AutoScalingGroupName": group, "EC2InstanceId": "i-any", "StatusCode": "InProgress" }
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_trigger_a_reconcile_long_before_the_resync() {
+    let emulator = Emulator::start().await;
+    let cloud = Cloud::new(&emulator).await;
+    let queue = queue(&cloud).await;
+    let mut backends = Backends::new(PORT);
+    let tags = [("signpost:service", "users"), ("signpost:port", "18280")];
+    cloud.create_group("users-a", &tags, 1).await;
+    backends.follow(&cloud.instances("users-a").await).await;
+
+    // A resync period far longer than the test: only events can explain a
+    // change within it.
+    let extra = format!(
+        "resync_interval = \"300s\"\n[events]\nqueue_url = \"{queue}\"\nwait_time = \"1s\""
+    );
+    let controller = Controller::start(&emulator, &extra).await;
+    let one = cloud.instances("users-a").await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&one))
+        .await;
+
+    // The first message of a new hook is a test notification: recognised,
+    // handled, nothing else happens.
+    send(
+        &cloud,
+        &queue,
+        r#"{"Event":"autoscaling:TEST_NOTIFICATION","AutoScalingGroupName":"users-a"}"#,
+    )
+    .await;
+    // Garbage is counted and deleted, and does not stop what follows.
+    send(&cloud, &queue, "this is not an event").await;
+
+    cloud.set_desired("users-a", 3).await;
+    let three = cloud.instances("users-a").await;
+    backends.follow(&three).await;
+    send(&cloud, &queue, &launched("users-a")).await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&three))
+        .await;
+
+    // Duplicated and stale events are harmless: the truth is the listing.
+    cloud.set_desired("users-a", 1).await;
+    let left = cloud.instances("users-a").await;
+    for _ in 0..3 {
+        send(&cloud, &queue, &launched("users-a")).await;
+    }
+    controller
+        .wait_endpoints("users", "healthy", &ids(&left))
+        .await;
+
+    let counts = wait_for(
+        "every message handled or counted",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = controller.get("/readyz").await;
+            let events = body["events"].clone();
+            (events["handled"] == 5 && events["malformed"] == 1).then_some(events)
+        },
+    )
+    .await;
+    assert_eq!(counts["receive_errors"], 0);
+    wait_for("the queue to be empty", Duration::from_secs(10), || async {
+        (queued(&cloud, &queue).await == 0).then_some(())
+    })
+    .await;
+}
