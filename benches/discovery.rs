@@ -58,10 +58,15 @@ async fn resync(n: i32) {
         last = sync.0;
         durations.push(sync.1["last_duration_ms"].as_u64().unwrap());
         let c = &sync.1["last_calls"];
-        calls = c["describe_auto_scaling_groups"].as_u64().unwrap() + c["describe_instances"].as_u64().unwrap();
+        calls = c["describe_auto_scaling_groups"].as_u64().unwrap()
+            + c["describe_instances"].as_u64().unwrap();
     }
     durations.sort();
-    println!("| {n} | {} ms | {} ms | {calls} |", durations[durations.len() / 2], durations[durations.len() - 1]);
+    println!(
+        "| {n} | {} ms | {} ms | {calls} |",
+        durations[durations.len() / 2],
+        durations[durations.len() - 1]
+    );
 }
 
 /// Groups of at most 100 instances (as fleets are usually split), all in the
@@ -74,7 +79,11 @@ async fn create_fleet(cloud: &Cloud, n: i32) -> Vec<(String, std::net::IpAddr)> 
         let size = left.min(100);
         let name = format!("svc-{g}");
         cloud
-            .create_group(&name, &[("signpost:service", "bench"), ("signpost:port", "19080")], size)
+            .create_group(
+                &name,
+                &[("signpost:service", "bench"), ("signpost:port", "19080")],
+                size,
+            )
             .await;
         all.extend(cloud.instances(&name).await);
         left -= size;
@@ -90,10 +99,14 @@ async fn probe_cpu(n: i32) {
     let mut backends = Backends::new(PORT);
     backends.follow(&instances).await;
     let controller = Controller::start_with_health(&emulator, "", "1s", "500ms").await;
-    wait_for("all endpoints healthy", Duration::from_secs(120), || async {
-        let (_, body) = controller.get("/v1/services/bench").await;
-        (body["healthy"] == n).then_some(())
-    })
+    wait_for(
+        "all endpoints healthy",
+        Duration::from_secs(120),
+        || async {
+            let (_, body) = controller.get("/v1/services/bench").await;
+            (body["healthy"] == n).then_some(())
+        },
+    )
     .await;
     let pid = controller.pid();
     let window = Duration::from_secs(20);

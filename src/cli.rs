@@ -29,6 +29,60 @@ pub struct Cli {
 enum Command {
     /// Watch tagged Auto Scaling groups, health-check their instances, serve the registry.
     Controller(ControllerArgs),
+    /// Route HTTP requests by path prefix to the controller's healthy endpoints.
+    Router(RouterArgs),
+}
+
+#[derive(Args)]
+struct RouterArgs {
+    /// The controller's API base URL.
+    #[arg(long, env = "SIGNPOST_ROUTER_CONTROLLER", default_value = "http://127.0.0.1:7070", value_parser = controller_url)]
+    controller: String,
+    /// Proxy listen address.
+    #[arg(long, env = "SIGNPOST_ROUTER_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Admin listen address (/healthz, /readyz), apart from the proxy port.
+    #[arg(
+        long,
+        env = "SIGNPOST_ROUTER_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    admin_listen: SocketAddr,
+    /// File holding the last applied snapshot; read at start when the controller is unreachable.
+    #[arg(long, env = "SIGNPOST_ROUTER_CACHE")]
+    cache: Option<PathBuf>,
+    /// Stable router id (letters, digits, '.', '_', '-'), e.g. the host name.
+    #[arg(long, env = "SIGNPOST_ROUTER_ID", value_parser = router_id)]
+    id: String,
+    /// Load balancing: p2c (power of two choices on in-flight requests) or round-robin.
+    #[arg(long, env = "SIGNPOST_ROUTER_BALANCE", default_value = "p2c")]
+    balance: crate::router::balance::Balance,
+    /// Limit on connecting to an endpoint.
+    #[arg(long, env = "SIGNPOST_ROUTER_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration::parse)]
+    connect_timeout: Duration,
+    /// Limit on an endpoint's response headers arriving (body streaming is not limited).
+    #[arg(long, env = "SIGNPOST_ROUTER_RESPONSE_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
+    response_timeout: Duration,
+}
+
+fn controller_url(s: &str) -> Result<String, String> {
+    let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(format!("{s:?}: expected http://HOST:PORT"));
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+fn router_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?}: 1 to 253 letters, digits, '.', '_' or '-'"))
+    }
 }
 
 #[derive(Args)]
@@ -112,6 +166,19 @@ impl Cli {
                     .build()?
                     .block_on(crate::controller::run(config))
             }
+            Command::Router(args) => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::router::run(crate::router::Config {
+                    controller: args.controller,
+                    listen: args.listen,
+                    admin_listen: args.admin_listen,
+                    cache: args.cache,
+                    id: args.id,
+                    balance: args.balance,
+                    connect_timeout: args.connect_timeout,
+                    response_timeout: args.response_timeout,
+                })),
         }
     }
 }

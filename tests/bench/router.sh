@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Proxy and propagation benchmarks for `signpost router`.
+#
+#   tests/bench/router.sh            # everything, about 3 minutes after the build
+#
+# Proxy: wrk on loopback against (a) one backend directly, (b) nginx with an
+# upstream block and keep-alive to the backends, (c) signpost router, with 2
+# and 4 backends. The backends are one nginx process answering a static
+# "ok" on ports 19001..19004 (cheap, so they are not the bottleneck). The
+# router gets its routes from a tiny static push source (the wire protocol's
+# snapshot line, held open), so the proxy path is measured alone.
+#
+# Propagation: `cargo bench --bench propagation` (see tests/bench/propagation.rs).
+#
+# Env: DURATION (default 10s), THREADS (2), CONNECTIONS (64).
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+DURATION=${DURATION:-10s}
+THREADS=${THREADS:-2}
+CONNECTIONS=${CONNECTIONS:-64}
+CORES=$(nproc)
+
+need() { command -v "$1" >/dev/null || { echo "missing $1: apt-get install -y $2" >&2; exit 1; }; }
+if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+  fi
+fi
+need wrk wrk
+need nginx nginx-light
+need python3 python3
+
+# The bench profile (release settings) so that this build is shared with
+# `cargo bench` below instead of compiling everything twice.
+cargo build --profile bench --bin signpost >&2
+SIGNPOST=${CARGO_TARGET_DIR:-target}/release/signpost
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_http() {
+  for _ in $(seq 100); do
+    if python3 - "$1" <<'PY' 2>/dev/null; then return 0; fi
+import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=1)
+PY
+    sleep 0.1
+  done
+  echo "nothing answers at $1" >&2; exit 1
+}
+
+nginx_run() { # name config
+  mkdir -p "$WORK/$1"
+  printf '%s\n' "$2" > "$WORK/$1/nginx.conf"
+  nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" -e "$WORK/$1/error.log" \
+    -g "daemon off; pid $WORK/$1/nginx.pid; error_log $WORK/$1/error.log warn;" &
+  PIDS+=($!)
+}
+
+# Backends: one nginx worker per core would steal from the proxies; one is plenty.
+BACKEND_PORTS=(19001 19002 19003 19004)
+servers=""
+for p in "${BACKEND_PORTS[@]}"; do
+  servers+="server { listen 127.0.0.1:$p; keepalive_requests 1000000; location / { return 200 \"ok\\n\"; } }"
+done
+nginx_run backends "worker_processes 1; events { worker_connections 4096; }
+http { access_log off; $servers }"
+for p in "${BACKEND_PORTS[@]}"; do wait_http "http://127.0.0.1:$p/"; done
+
+# A static push source: one snapshot line, the stream held open, acks taken.
+push_source() { # port backends
+  python3 - "$1" "$2" <<'PY' &
+import json, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, n = int(sys.argv[1]), int(sys.argv[2])
+snapshot = {"type": "snapshot", "protocol": 1, "revision": 1, "services": [{
+    "name": "app", "route": "/", "endpoints": [
+        {"instance": f"i-{i}", "address": "127.0.0.1", "port": 19001 + i,
+         "zone": "a", "state": "healthy"} for i in range(n)]}]}
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write((json.dumps(snapshot) + "\n").encode()); self.wfile.flush()
+        threading.Event().wait()
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+PY
+  PIDS+=($!)
+}
+
+# wrk → "requests/s p50 p99"
+measure() {
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "$1" >/dev/null # warm pools
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$1" | awk '
+    /Requests\/sec:/ { rps = $2 }
+    /^ +50%/ { p50 = $2 }
+    /^ +99%/ { p99 = $2 }
+    /Non-2xx/ { bad = $NF }
+    END { if (bad) { print "non-2xx responses: " bad > "/dev/stderr"; exit 1 }; printf "%s %s %s\n", rps, p50, p99 }'
+}
+
+ROWS=()
+row() { read -r rps p50 p99 <<<"$(measure "$3")"; ROWS+=("| $1 | $2 | $rps | $p50 | $p99 |"); echo "done: $1 $2 backends" >&2; }
+
+for n in 2 4; do
+  ups=""
+  for p in "${BACKEND_PORTS[@]:0:$n}"; do ups+="server 127.0.0.1:$p; "; done
+  nginx_port=$(free_port)
+  nginx_run "proxy$n" "worker_processes $CORES; events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream app { $ups keepalive 64; }
+  server { listen 127.0.0.1:$nginx_port;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } } }"
+  NGINX_PID=${PIDS[-1]}
+  wait_http "http://127.0.0.1:$nginx_port/"
+
+  push_port=$(free_port); push_source "$push_port" "$n"; PUSH_PID=${PIDS[-1]}
+  wait_http "http://127.0.0.1:$push_port/" 2>/dev/null || true
+  router_port=$(free_port); admin_port=$(free_port)
+  SIGNPOST_LOG=warn "$SIGNPOST" router --id bench --controller "http://127.0.0.1:$push_port" \
+    --listen "127.0.0.1:$router_port" --admin-listen "127.0.0.1:$admin_port" --cache "$WORK/cache$n.json" &
+  PIDS+=($!); ROUTER_PID=${PIDS[-1]}
+  wait_http "http://127.0.0.1:$admin_port/readyz"
+
+  row direct "$n" "http://127.0.0.1:19001/"
+  row nginx "$n" "http://127.0.0.1:$nginx_port/"
+  row "signpost router" "$n" "http://127.0.0.1:$router_port/"
+  kill "$NGINX_PID" "$ROUTER_PID" "$PUSH_PID"
+done
+
+echo
+echo "Proxy: wrk -t$THREADS -c$CONNECTIONS -d$DURATION on loopback, $CORES cores (wrk, proxy and backends share them)"
+echo
+echo "| target | backends | requests/s | p50 | p99 |"
+echo "| --- | ---: | ---: | ---: | ---: |"
+printf '%s\n' "${ROWS[@]}"
+echo
+echo "Propagation: registry change → every subscribed router acked"
+echo
+cargo bench --bench propagation 2>/dev/null
