@@ -32,6 +32,8 @@ FULL = {
                        "unhealthy_threshold": 2, "max_concurrent_probes": 64,
                        "services": {"users": {"interval": "1s", "unhealthy_threshold": 5},
                                     "billing-api": {"timeout": "1s"}}},
+            "events": {"queue_url": "https://sqs.eu-west-1.amazonaws.com/111122223333/signpost-events",
+                       "wait_time": "10s"},
         },
         "env": [{"name": "TZ", "value": "UTC"}],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
