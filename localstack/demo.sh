@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The signpost demo, start to finish on one machine:
 #   emulator up → a tagged group of 3 with real backends at the instances'
-#   addresses → controller → scale out to 5 → scale in to 2,
-# printing the registry as it changes. Ctrl-C stops everything.
+#   addresses → controller → router → scale out to 5 → scale in to 2,
+# printing the registry as it changes and how requests through the router
+# spread over the instances. Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -38,6 +39,44 @@ SIGNPOST_LOG="${SIGNPOST_LOG:-info}" "$SIGNPOST" controller --listen "127.0.0.1:
     --resync-interval 2s --health-interval 1s --health-timeout 500ms &
 PIDS+=($!)
 
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PROXY_PORT="$(free_port)"; ADMIN_PORT="$(free_port)"
+say "starting a router: proxy on 127.0.0.1:$PROXY_PORT, pushed to by the controller"
+SIGNPOST_LOG="${SIGNPOST_LOG:-info}" "$SIGNPOST" router --id demo-router --controller "$API" \
+    --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" &
+PIDS+=($!)
+
+# Sends 100 requests for /users/... through the router once it has acked the
+# registry's current revision, and counts which instance answered each.
+traffic() {
+    "$PY" - "$API" "http://127.0.0.1:$PROXY_PORT" <<'PY'
+import collections, json, sys, time, urllib.request
+api, proxy = sys.argv[1], sys.argv[2]
+deadline = time.time() + 30
+while time.time() < deadline:
+    try:
+        routers = json.load(urllib.request.urlopen(f"{api}/v1/routers", timeout=2))
+        if any(r["connected"] and r["acked_revision"] == routers["revision"] for r in routers["routers"]):
+            break
+    except Exception:
+        pass
+    time.sleep(0.1)
+else:
+    sys.exit("demo: the router did not ack the current revision within 30 s")
+print(f'  router acked revision {routers["revision"]}; 100 requests to {proxy}/users/hello:')
+counts, failed = collections.Counter(), 0
+for n in range(100):
+    try:
+        body = urllib.request.urlopen(f"{proxy}/users/hello", timeout=5).read().decode()
+        counts[body.split()[1]] += 1
+    except Exception:
+        failed += 1
+for ip, n in sorted(counts.items()):
+    print(f"    {ip:<22} {n:>3} {'#' * (n // 2)}")
+print(f"    failed: {failed}")
+PY
+}
+
 # Prints the users service as a table whenever the wanted number of healthy
 # endpoints is reached (deadline 60 s).
 show_until_healthy() {
@@ -64,15 +103,20 @@ EOF
 
 say "registry: waiting for 3 healthy endpoints"
 show_until_healthy 3
+traffic
 
 say "scale OUT: users desired 3 → 5"
 bash localstack/emulator.sh seed --scale users:5 >/dev/null
 show_until_healthy 5
+traffic
 
 say "scale IN: users desired 5 → 2"
 bash localstack/emulator.sh seed --scale users:2 >/dev/null
 show_until_healthy 2
+traffic
 
 say "readiness"
 "$PY" -c "import json,sys,urllib.request; print(json.dumps(json.load(urllib.request.urlopen(sys.argv[1])), indent=2))" "$API/readyz"
-say "demo done: the registry followed the group out and in"
+say "the router, as the controller sees it"
+"$PY" -c "import json,sys,urllib.request; print(json.dumps(json.load(urllib.request.urlopen(sys.argv[1])), indent=2))" "$API/v1/routers"
+say "demo done: the registry and the router followed the group out and in"
