@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ids, wait_for, Backends, Cloud, Controller, Emulator};
+use common::{ids, wait_for, Backends, Cloud, Controller, Emulator, Scene};
 
 const PORT: u16 = 18080;
 
@@ -15,17 +15,13 @@ fn users_tags() -> Vec<(&'static str, &'static str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_out_and_in_follow_the_group() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let mut backends = Backends::new(PORT);
-    cloud.create_group("users-a", &users_tags(), 3).await;
-    let three = cloud.instances("users-a").await;
-    backends.follow(&three).await;
-
-    let controller = Controller::start(&emulator, "").await;
-    controller
-        .wait_endpoints("users", "healthy", &ids(&three))
-        .await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        mut backends,
+        controller,
+        instances: _,
+    } = Scene::start(PORT, "users-a", &users_tags(), 3, "").await;
     controller.wait_ready().await;
 
     cloud.set_desired("users-a", 6).await;
@@ -69,16 +65,13 @@ async fn scale_out_and_in_follow_the_group() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_stops_answering_turns_unhealthy_and_back() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let mut backends = Backends::new(PORT);
-    cloud.create_group("users-a", &users_tags(), 2).await;
-    let instances = cloud.instances("users-a").await;
-    backends.follow(&instances).await;
-    let controller = Controller::start(&emulator, "").await;
-    controller
-        .wait_endpoints("users", "healthy", &ids(&instances))
-        .await;
+    let Scene {
+        emulator: _emulator,
+        cloud: _,
+        mut backends,
+        controller,
+        instances,
+    } = Scene::start(PORT, "users-a", &users_tags(), 2, "").await;
 
     let (victim_id, victim_ip) = instances[0].clone();
     backends.stop(victim_ip);
@@ -200,16 +193,13 @@ async fn cloud_all(cloud: &Cloud, groups: &[&str]) -> Vec<(String, std::net::IpA
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aws_outage_keeps_the_registry_and_fails_readiness_until_it_ends() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let mut backends = Backends::new(PORT);
-    cloud.create_group("users-a", &users_tags(), 3).await;
-    let instances = cloud.instances("users-a").await;
-    backends.follow(&instances).await;
-    let controller = Controller::start(&emulator, "").await;
-    controller
-        .wait_endpoints("users", "healthy", &ids(&instances))
-        .await;
+    let Scene {
+        emulator,
+        cloud: _,
+        backends: _backends,
+        controller,
+        instances,
+    } = Scene::start(PORT, "users-a", &users_tags(), 3, "").await;
     controller.wait_ready().await;
     let (_, before) = controller.get("/v1/services/users").await;
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{ids, wait_for, Backends, Cloud, Controller, Emulator, Router};
+use common::{ids, wait_for, Backends, Cloud, Controller, Emulator, Router, Scene};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -142,18 +142,13 @@ async fn routes_by_longest_prefix_and_spreads_over_every_healthy_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_out_gets_traffic_only_once_healthy_and_scale_in_none_after_the_ack() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let mut backends = Backends::new(PORT);
-    cloud
-        .create_group("users", &tags("users", "/users"), 2)
-        .await;
-    let two = cloud.instances("users").await;
-    backends.follow(&two).await;
-    let controller = Controller::start(&emulator, "").await;
-    controller
-        .wait_endpoints("users", "healthy", &ids(&two))
-        .await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        mut backends,
+        controller,
+        instances: two,
+    } = Scene::start(PORT, "users", &tags("users", "/users"), 2, "").await;
     let router = Router::start(&controller.url(""), "r1", &cache_file("scale"), &[]).await;
     wait_in_sync(&controller, &router).await;
 
@@ -222,18 +217,13 @@ async fn scale_out_gets_traffic_only_once_healthy_and_scale_in_none_after_the_ac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhealthy_endpoints_get_no_traffic_and_none_healthy_is_503() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let mut backends = Backends::new(PORT);
-    cloud
-        .create_group("users", &tags("users", "/users"), 2)
-        .await;
-    let two = cloud.instances("users").await;
-    backends.follow(&two).await;
-    let controller = Controller::start(&emulator, "").await;
-    controller
-        .wait_endpoints("users", "healthy", &ids(&two))
-        .await;
+    let Scene {
+        emulator: _emulator,
+        cloud: _,
+        mut backends,
+        controller,
+        instances: two,
+    } = Scene::start(PORT, "users", &tags("users", "/users"), 2, "").await;
     let router = Router::start(&controller.url(""), "r1", &cache_file("unhealthy"), &[]).await;
 
     // The application still answers; only its health check fails.
@@ -257,24 +247,22 @@ async fn unhealthy_endpoints_get_no_traffic_and_none_healthy_is_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_is_retried_elsewhere_and_repeated_failures_eject() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let mut backends = Backends::new(PORT);
-    cloud
-        .create_group("users", &tags("users", "/users"), 2)
-        .await;
-    let two = cloud.instances("users").await;
-    backends.follow(&two).await;
     // Probe once, then not for an hour: the registry keeps calling a dead
     // backend healthy, so only the router's own failures can steer around it.
-    let controller = Controller::start(
-        &emulator,
+    let Scene {
+        emulator: _emulator,
+        cloud: _,
+        mut backends,
+        controller,
+        instances: two,
+    } = Scene::start(
+        PORT,
+        "users",
+        &tags("users", "/users"),
+        2,
         "[health.services.users]\ninterval = \"1h\"\nhealthy_threshold = 1\n",
     )
     .await;
-    controller
-        .wait_endpoints("users", "healthy", &ids(&two))
-        .await;
     let router = Router::start(&controller.url(""), "r1", &cache_file("eject"), &[]).await;
     wait_in_sync(&controller, &router).await;
 
@@ -387,18 +375,13 @@ async fn two_routers_both_ack_each_revision() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routers_keep_routing_without_the_controller_and_restart_from_the_cache() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let mut backends = Backends::new(PORT);
-    cloud
-        .create_group("users", &tags("users", "/users"), 2)
-        .await;
-    let two = cloud.instances("users").await;
-    backends.follow(&two).await;
-    let controller = Controller::start(&emulator, "").await;
-    controller
-        .wait_endpoints("users", "healthy", &ids(&two))
-        .await;
+    let Scene {
+        emulator: _emulator,
+        cloud: _,
+        backends: _backends,
+        controller,
+        instances: two,
+    } = Scene::start(PORT, "users", &tags("users", "/users"), 2, "").await;
     let cache = cache_file("outage");
     let controller_url = controller.url("");
     let router = Router::start(&controller_url, "r1", &cache, &[]).await;

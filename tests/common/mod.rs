@@ -622,6 +622,50 @@ impl Router {
     }
 }
 
+/// How most tests begin: an emulator, one tagged group whose instances each
+/// run their backend, and a controller that sees them all healthy.
+pub struct Scene {
+    pub emulator: Emulator,
+    pub cloud: Cloud,
+    pub backends: Backends,
+    pub controller: Controller,
+    /// The group's instances at the start, sorted by id.
+    pub instances: Vec<(String, IpAddr)>,
+}
+
+impl Scene {
+    /// `controller_toml` is passed to `Controller::start`.
+    pub async fn start(
+        port: u16,
+        group: &str,
+        tags: &[(&str, &str)],
+        desired: i32,
+        controller_toml: &str,
+    ) -> Scene {
+        let emulator = Emulator::start().await;
+        let cloud = Cloud::new(&emulator).await;
+        let mut backends = Backends::new(port);
+        cloud.create_group(group, tags, desired).await;
+        let instances = cloud.instances(group).await;
+        backends.follow(&instances).await;
+        let controller = Controller::start(&emulator, controller_toml).await;
+        let (_, service) = tags
+            .iter()
+            .find(|(k, _)| *k == "signpost:service")
+            .expect("a signpost:service tag");
+        controller
+            .wait_endpoints(service, "healthy", &ids(&instances))
+            .await;
+        Scene {
+            emulator,
+            cloud,
+            backends,
+            controller,
+            instances,
+        }
+    }
+}
+
 pub fn ids(instances: &[(String, IpAddr)]) -> Vec<String> {
     instances.iter().map(|(id, _)| id.clone()).collect()
 }
