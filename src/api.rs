@@ -13,7 +13,10 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::events::EventCounts;
-use crate::model::{Endpoint, GroupProblem, Revision, Service, ServiceSettings, Snapshot};
+use crate::model::{
+    Endpoint, EndpointState, GroupProblem, Revision, Service, ServiceSettings, Snapshot,
+};
+use crate::push::hub::Hub;
 use crate::reconcile::SyncStatus;
 
 #[derive(Clone)]
@@ -22,6 +25,7 @@ pub struct ApiState {
     pub sync: watch::Receiver<SyncStatus>,
     pub resync_interval: Duration,
     pub events: Arc<EventCounts>,
+    pub routers: Arc<Hub>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -30,6 +34,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/services/{name}", get(get_service))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -120,4 +125,176 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         "events": &*state.events,
     });
     (status, Json(body)).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format, version 0.0.4. Written by hand:
+/// a few dozen lines do not justify a metrics crate.
+async fn metrics(State(state): State<ApiState>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let snapshot = state.registry.borrow().clone();
+    let sync = state.sync.borrow().clone();
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let one = |v: f64| vec![(String::new(), v)];
+
+    family(
+        "signpost_registry_revision",
+        "gauge",
+        "Current registry revision.",
+        &one(snapshot.revision as f64),
+    );
+    let mut endpoints = Vec::new();
+    for service in snapshot.services.values() {
+        for (state, name) in [
+            (EndpointState::Starting, "starting"),
+            (EndpointState::Healthy, "healthy"),
+            (EndpointState::Unhealthy, "unhealthy"),
+        ] {
+            let n = service
+                .endpoints
+                .values()
+                .filter(|e| e.state == state)
+                .count();
+            endpoints.push((
+                format!("{{service=\"{}\",state=\"{name}\"}}", service.name),
+                n as f64,
+            ));
+        }
+    }
+    family(
+        "signpost_endpoints",
+        "gauge",
+        "Endpoints by service and state.",
+        &endpoints,
+    );
+    family(
+        "signpost_misconfigured_groups",
+        "gauge",
+        "Groups whose tags cannot be used.",
+        &one(snapshot.problems.len() as f64),
+    );
+
+    let ready = sync
+        .readiness(SystemTime::now(), state.resync_interval)
+        .is_ok();
+    family(
+        "signpost_ready",
+        "gauge",
+        "1 while /readyz answers 200.",
+        &one(ready as u8 as f64),
+    );
+    let last_success = sync
+        .last_success
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    family(
+        "signpost_sync_last_success_timestamp_seconds",
+        "gauge",
+        "When the last complete listing was applied.",
+        &one(last_success),
+    );
+    family(
+        "signpost_sync_last_duration_seconds",
+        "gauge",
+        "Wall time of the last complete listing.",
+        &one(sync.last_duration_ms.unwrap_or(0) as f64 / 1000.0),
+    );
+    family(
+        "signpost_syncs_total",
+        "counter",
+        "Complete listings applied.",
+        &one(sync.syncs_total as f64),
+    );
+    let calls = sync.calls_total;
+    family(
+        "signpost_aws_calls_total",
+        "counter",
+        "AWS calls made by complete listings, by API.",
+        &[
+            (
+                "{api=\"DescribeAutoScalingGroups\"}".into(),
+                calls.describe_auto_scaling_groups as f64,
+            ),
+            (
+                "{api=\"DescribeInstances\"}".into(),
+                calls.describe_instances as f64,
+            ),
+        ],
+    );
+    let failures: Vec<(String, f64)> = sync
+        .failures_total
+        .iter()
+        .map(|(label, n)| {
+            let (api, kind) = label.split_once('/').unwrap_or((label, "error"));
+            (format!("{{api=\"{api}\",kind=\"{kind}\"}}"), *n as f64)
+        })
+        .collect();
+    family(
+        "signpost_sync_failures_total",
+        "counter",
+        "Listings that failed, by the API that failed and how.",
+        &failures,
+    );
+
+    let events = &state.events;
+    family(
+        "signpost_events_total",
+        "counter",
+        "SQS event messages by outcome.",
+        &[
+            (
+                "{result=\"handled\"}".into(),
+                events.handled.load(Relaxed) as f64,
+            ),
+            (
+                "{result=\"malformed\"}".into(),
+                events.malformed.load(Relaxed) as f64,
+            ),
+            (
+                "{result=\"receive_error\"}".into(),
+                events.receive_errors.load(Relaxed) as f64,
+            ),
+        ],
+    );
+
+    let routers = state.routers.routers();
+    let connected: Vec<_> = routers.iter().filter(|r| r.connected).collect();
+    family(
+        "signpost_routers_connected",
+        "gauge",
+        "Routers subscribed now.",
+        &one(connected.len() as f64),
+    );
+    let lag: Vec<(String, f64)> = connected
+        .iter()
+        .map(|r| {
+            let acked = r.acked_revision.unwrap_or(0);
+            (
+                format!("{{router=\"{}\"}}", r.id),
+                snapshot.revision.saturating_sub(acked) as f64,
+            )
+        })
+        .collect();
+    family(
+        "signpost_router_lag_revisions",
+        "gauge",
+        "Registry revision minus the router's acked revision.",
+        &lag,
+    );
+
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }

@@ -103,6 +103,16 @@ fn excerpt(body: &str) -> String {
     }
 }
 
+impl CloudError {
+    /// `api/kind`, a stable label for metrics.
+    pub fn label(&self) -> String {
+        match self {
+            CloudError::Throttled { api, .. } => format!("{api}/throttled"),
+            CloudError::Api { api, .. } => format!("{api}/error"),
+        }
+    }
+}
+
 /// AWS calls made by one listing, by API.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CallCount {

@@ -63,6 +63,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sync: status_rx,
         resync_interval: config.resync_interval,
         events: event_counts,
+        routers: hub.clone(),
     })
     .merge(hub.routes());
     let stop_tx = Arc::new(stop_tx);

@@ -227,6 +227,11 @@ pub struct SyncStatus {
     pub last_calls: Option<CallCount>,
     pub groups: usize,
     pub instances: usize,
+    /// Since start: AWS calls made by complete listings, listings that
+    /// failed, and failures by API and kind (for metrics).
+    pub calls_total: CallCount,
+    pub syncs_total: u64,
+    pub failures_total: BTreeMap<String, u64>,
 }
 
 fn opt_rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -253,9 +258,9 @@ impl SyncStatus {
         let age = now.duration_since(last).unwrap_or_default();
         if age > resync * 3 {
             return Err(format!(
-                "last complete sync was {}s ago (limit {}s){}",
-                age.as_secs(),
-                (resync * 3).as_secs(),
+                "last complete sync was {:.1}s ago (limit {}){}",
+                age.as_secs_f64(),
+                humantime::format_duration(resync * 3),
                 failing()
             ));
         }
@@ -320,6 +325,9 @@ impl<C: AutoScaling> Reconciler<C> {
                     s.last_error = None;
                     s.last_duration_ms = Some(elapsed.as_millis() as u64);
                     s.last_calls = Some(calls);
+                    s.calls_total.describe_auto_scaling_groups += calls.describe_auto_scaling_groups;
+                    s.calls_total.describe_instances += calls.describe_instances;
+                    s.syncs_total += 1;
                     s.groups = fleet.groups.len();
                     s.instances = instances;
                 });
@@ -334,7 +342,9 @@ impl<C: AutoScaling> Reconciler<C> {
             }
             Err(error) => {
                 let message = error.to_string();
+                let label = error.label();
                 self.status.send_modify(|s| {
+                    *s.failures_total.entry(label).or_default() += 1;
                     let since = *s.failing_since.get_or_insert_with(SystemTime::now);
                     warn!(
                         error = %message,
@@ -670,7 +680,7 @@ mod tests {
         s.last_success = Some(now - Duration::from_secs(100));
         let err = s.readiness(now, resync).unwrap_err();
         assert!(
-            err.contains("100s ago") && err.contains("connection refused"),
+            err.contains("100.0s ago (limit 1m 30s)") && err.contains("connection refused"),
             "{err}"
         );
     }

@@ -61,6 +61,12 @@ async fn scale_out_and_in_follow_the_group() {
     assert_eq!(endpoint["port"], PORT);
     assert_eq!(endpoint["zone"], "us-east-1a");
     assert_eq!(endpoint["group"], "users-a");
+
+    let healthy = r#"signpost_endpoints{service="users",state="healthy"}"#;
+    assert_eq!(controller.metric(healthy).await, Some(2.0));
+    assert_eq!(controller.metric("signpost_ready").await, Some(1.0));
+    let calls = r#"signpost_aws_calls_total{api="DescribeInstances"}"#;
+    assert!(controller.metric(calls).await.unwrap() >= 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,20 +211,24 @@ async fn an_aws_outage_keeps_the_registry_and_fails_readiness_until_it_ends() {
 
     emulator.pause();
     let reason = wait_for("/readyz to fail", Duration::from_secs(20), || async {
+        // Readiness fails once the last sync is too old; the reason names
+        // the failing call once its first attempt has timed out.
         let (status, body) = controller.get("/readyz").await;
-        (status == 503).then(|| body["reason"].as_str().unwrap_or_default().to_owned())
+        let reason = body["reason"].as_str().unwrap_or_default().to_owned();
+        (status == 503 && reason.contains("DescribeAutoScalingGroups")).then_some(reason)
     })
     .await;
-    assert!(
-        reason.contains("last complete sync was") && reason.contains("DescribeAutoScalingGroups"),
-        "{reason}"
-    );
+    assert!(reason.contains("last complete sync was"), "{reason}");
     let (_, during) = controller.get("/v1/services/users").await;
     assert_eq!(
         during["endpoints"], before["endpoints"],
         "nothing removed or changed during the outage"
     );
     assert_eq!(during["revision"], before["revision"]);
+
+    assert_eq!(controller.metric("signpost_ready").await, Some(0.0));
+    let failures = r#"signpost_sync_failures_total{api="DescribeAutoScalingGroups",kind="error"}"#;
+    assert!(controller.metric(failures).await.unwrap() >= 1.0);
 
     emulator.resume();
     controller.wait_ready().await;

@@ -121,6 +121,10 @@ async fn events_trigger_a_reconcile_long_before_the_resync() {
     )
     .await;
     assert_eq!(counts["receive_errors"], 0);
+    let malformed = controller
+        .metric(r#"signpost_events_total{result="malformed"}"#)
+        .await;
+    assert_eq!(malformed, Some(1.0));
     wait_for("the queue to be empty", Duration::from_secs(10), || async {
         (queued(&cloud, &queue).await == 0).then_some(())
     })

@@ -473,6 +473,17 @@ impl Controller {
         )
     }
 
+    /// The value of one Prometheus sample from `/metrics`, e.g.
+    /// `signpost_events_total{result="handled"}`.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, body) = http_get(&self.url("/metrics"))
+            .await
+            .expect("controller answers");
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// Instance ids of the service's endpoints in `state`, sorted.
     pub async fn endpoints(&self, service: &str, state: &str) -> Vec<String> {
         let (_, body) = self.get(&format!("/v1/services/{service}")).await;
