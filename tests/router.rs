@@ -296,14 +296,13 @@ async fn a_refused_connection_is_retried_elsewhere_and_repeated_failures_eject()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_routers_both_ack_each_revision() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let mut backends = Backends::new(PORT);
-    cloud
-        .create_group("users", &tags("users", "/users"), 1)
-        .await;
-    backends.follow(&cloud.instances("users").await).await;
-    let controller = Controller::start(&emulator, "").await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        mut backends,
+        controller,
+        ..
+    } = Scene::start(PORT, "users", &tags("users", "/users"), 1, "").await;
     let r1 = Router::start(&controller.url(""), "r1", &cache_file("two-1"), &[]).await;
     let r2 = Router::start(
         &controller.url(""),
