@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::events::EventCounts;
+use crate::lifecycle::LifecycleLog;
 use crate::model::{
     Endpoint, EndpointState, GroupProblem, Revision, Service, ServiceSettings, Snapshot,
 };
@@ -26,6 +27,7 @@ pub struct ApiState {
     pub resync_interval: Duration,
     pub events: Arc<EventCounts>,
     pub routers: Arc<Hub>,
+    pub lifecycle: Arc<LifecycleLog>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -35,6 +37,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/lifecycle", get(lifecycle_actions))
         .with_state(state)
 }
 
@@ -156,6 +159,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             (EndpointState::Starting, "starting"),
             (EndpointState::Healthy, "healthy"),
             (EndpointState::Unhealthy, "unhealthy"),
+            (EndpointState::Draining, "draining"),
         ] {
             let n = service
                 .endpoints
@@ -226,6 +230,10 @@ async fn metrics(State(state): State<ApiState>) -> Response {
                 "{api=\"DescribeInstances\"}".into(),
                 calls.describe_instances as f64,
             ),
+            (
+                "{api=\"DescribeLifecycleHooks\"}".into(),
+                calls.describe_lifecycle_hooks as f64,
+            ),
         ],
     );
     let failures: Vec<(String, f64)> = sync
@@ -289,6 +297,53 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         &lag,
     );
 
+    let lifecycle = state.lifecycle.metrics();
+    let results: Vec<(String, f64)> = lifecycle
+        .results
+        .iter()
+        .map(|((transition, result), n)| {
+            (
+                format!("{{transition=\"{transition}\",result=\"{result}\"}}"),
+                *n as f64,
+            )
+        })
+        .collect();
+    family(
+        "signpost_lifecycle_actions_total",
+        "counter",
+        "Lifecycle actions ended, by transition and result (continue, abandon, not_waiting: already complete, error: CompleteLifecycleAction failed).",
+        &results,
+    );
+    let timeouts: Vec<(String, f64)> = lifecycle
+        .timeouts
+        .iter()
+        .map(|(stage, n)| (format!("{{stage=\"{stage}\"}}"), *n as f64))
+        .collect();
+    family(
+        "signpost_lifecycle_timeouts_total",
+        "counter",
+        "Lifecycle waits decided by a timeout: launch (not healthy), acks (a router did not ack), drain.",
+        &timeouts,
+    );
+    family(
+        "signpost_lifecycle_heartbeats_total",
+        "counter",
+        "RecordLifecycleActionHeartbeat calls, by result.",
+        &[
+            (
+                "{result=\"ok\"}".into(),
+                (lifecycle.heartbeats - lifecycle.heartbeat_errors) as f64,
+            ),
+            (
+                "{result=\"error\"}".into(),
+                lifecycle.heartbeat_errors as f64,
+            ),
+        ],
+    );
+    for (name, help, histogram) in &lifecycle.histograms {
+        histogram.render(&mut out, name, help);
+    }
+
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -297,4 +352,10 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         out,
     )
         .into_response()
+}
+
+/// `GET /v1/lifecycle`: hook actions under way and the last completed ones.
+async fn lifecycle_actions(State(state): State<ApiState>) -> Response {
+    let (active, recent) = state.lifecycle.actions();
+    Json(json!({ "active": active, "recent": recent })).into_response()
 }

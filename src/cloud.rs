@@ -20,7 +20,10 @@ use thiserror::Error;
 use tokio::time::Instant;
 
 use crate::config::{AwsConfig, Config};
-use crate::model::{Ec2Instance, Fleet, InstanceId, ObservedGroup, ObservedInstance};
+use crate::model::{
+    Ec2Instance, Fleet, InstanceId, LifecycleAction, LifecycleHook, ObservedGroup,
+    ObservedInstance, Transition,
+};
 use crate::tags;
 
 /// Ids per DescribeInstances call. The `instance-id` filter is used rather
@@ -118,20 +121,73 @@ impl CloudError {
 pub struct CallCount {
     pub describe_auto_scaling_groups: u32,
     pub describe_instances: u32,
+    /// Only for groups with an instance waiting on a hook.
+    pub describe_lifecycle_hooks: u32,
 }
 
 impl CallCount {
     pub fn total(&self) -> u32 {
-        self.describe_auto_scaling_groups + self.describe_instances
+        self.describe_auto_scaling_groups + self.describe_instances + self.describe_lifecycle_hooks
     }
 }
 
-/// The Auto Scaling fleet as signpost sees it.
+/// How a lifecycle action ends (CompleteLifecycleAction's `LifecycleActionResult`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookResult {
+    /// The instance goes on: into service, or on to termination.
+    Continue,
+    /// On launch, the instance is terminated (and replaced); on terminate,
+    /// the same as `Continue`.
+    Abandon,
+}
+
+impl HookResult {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            HookResult::Continue => "CONTINUE",
+            HookResult::Abandon => "ABANDON",
+        }
+    }
+}
+
+/// What AWS made of a completion or heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionCall {
+    Done,
+    /// AWS knows no such waiting action: it was completed already (by us
+    /// before a restart, by someone else, or by its timeout). Not an error:
+    /// completing twice must be harmless.
+    NotWaiting,
+}
+
+/// The Auto Scaling fleet as signpost sees it, and the lifecycle actions it
+/// may complete.
 pub trait AutoScaling: Send + Sync + 'static {
     /// Lists every group tagged `signpost:service` with its instances. Either
     /// the whole listing or an error: never a partial fleet.
     fn describe_fleet(&self)
         -> impl Future<Output = Result<(Fleet, CallCount), CloudError>> + Send;
+
+    /// CompleteLifecycleAction by instance id.
+    fn complete_action(
+        &self,
+        action: &LifecycleAction,
+        result: HookResult,
+    ) -> impl Future<Output = Result<ActionCall, CloudError>> + Send;
+
+    /// RecordLifecycleActionHeartbeat by instance id: restarts the hook's
+    /// heartbeat timeout.
+    fn heartbeat(
+        &self,
+        action: &LifecycleAction,
+    ) -> impl Future<Output = Result<ActionCall, CloudError>> + Send;
+}
+
+/// AWS's answer to a completion or heartbeat for an action it no longer
+/// holds: a ValidationError "No active Lifecycle Action found with ...".
+fn not_waiting(err: &CloudError) -> bool {
+    matches!(err, CloudError::Api { message, .. } if message.contains("No active Lifecycle Action"))
 }
 
 /// The SDK configuration from the standard chain (env, profile, IRSA, IMDS),
@@ -263,7 +319,88 @@ impl AwsFleet {
     }
 }
 
+impl AwsFleet {
+    async fn lifecycle_hooks(
+        &self,
+        group: &str,
+        calls: &mut CallCount,
+    ) -> Result<Vec<LifecycleHook>, CloudError> {
+        self.budget.acquire().await;
+        calls.describe_lifecycle_hooks += 1;
+        let answer = self
+            .autoscaling
+            .describe_lifecycle_hooks()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .map_err(|e| CloudError::from_sdk("DescribeLifecycleHooks", e))?;
+        Ok(answer
+            .lifecycle_hooks()
+            .iter()
+            .filter_map(|h| {
+                Some(LifecycleHook {
+                    name: h.lifecycle_hook_name()?.to_owned(),
+                    transition: Transition::from_aws(h.lifecycle_transition()?)?,
+                    heartbeat_timeout: Duration::from_secs(
+                        h.heartbeat_timeout().unwrap_or(3600).max(1) as u64,
+                    ),
+                })
+            })
+            .collect())
+    }
+
+    fn action_call<T, E>(
+        &self,
+        api: &'static str,
+        action: &LifecycleAction,
+        sent: Result<T, SdkError<E, HttpResponse>>,
+    ) -> Result<ActionCall, CloudError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        match sent.map_err(|e| CloudError::from_sdk(api, e)) {
+            Ok(_) => Ok(ActionCall::Done),
+            Err(e) if not_waiting(&e) => {
+                tracing::debug!(group = %action.group, instance = %action.instance, hook = %action.hook, error = %e, "no such waiting action; taken as done");
+                Ok(ActionCall::NotWaiting)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 impl AutoScaling for AwsFleet {
+    async fn complete_action(
+        &self,
+        action: &LifecycleAction,
+        result: HookResult,
+    ) -> Result<ActionCall, CloudError> {
+        self.budget.acquire().await;
+        let sent = self
+            .autoscaling
+            .complete_lifecycle_action()
+            .auto_scaling_group_name(&action.group)
+            .lifecycle_hook_name(&action.hook)
+            .instance_id(&action.instance.0)
+            .lifecycle_action_result(result.as_aws())
+            .send()
+            .await;
+        self.action_call("CompleteLifecycleAction", action, sent)
+    }
+
+    async fn heartbeat(&self, action: &LifecycleAction) -> Result<ActionCall, CloudError> {
+        self.budget.acquire().await;
+        let sent = self
+            .autoscaling
+            .record_lifecycle_action_heartbeat()
+            .auto_scaling_group_name(&action.group)
+            .lifecycle_hook_name(&action.hook)
+            .instance_id(&action.instance.0)
+            .send()
+            .await;
+        self.action_call("RecordLifecycleActionHeartbeat", action, sent)
+    }
+
     async fn describe_fleet(&self) -> Result<(Fleet, CallCount), CloudError> {
         let mut calls = CallCount::default();
         let groups = self.list_groups(&mut calls).await?;
@@ -277,6 +414,22 @@ impl AutoScaling for AwsFleet {
             .await?
             .into_iter()
             .collect();
+
+        // Hooks only matter while an instance waits on one, so only those
+        // groups cost a DescribeLifecycleHooks call.
+        let mut hooks = std::collections::HashMap::new();
+        for g in &groups {
+            let waiting = g.instances().iter().any(|i| {
+                i.lifecycle_state()
+                    .is_some_and(|s| s.as_str().ends_with(":Wait"))
+            });
+            if let (true, Some(name)) = (waiting, g.auto_scaling_group_name()) {
+                hooks.insert(
+                    name.to_owned(),
+                    self.lifecycle_hooks(name, &mut calls).await?,
+                );
+            }
+        }
 
         let groups = groups
             .into_iter()
@@ -310,8 +463,10 @@ impl AutoScaling for AwsFleet {
                         })
                     })
                     .collect();
+                let name = g.auto_scaling_group_name().unwrap_or_default().to_owned();
                 ObservedGroup {
-                    name: g.auto_scaling_group_name().unwrap_or_default().to_owned(),
+                    hooks: hooks.remove(&name).unwrap_or_default(),
+                    name,
                     service,
                     settings,
                     instances,
@@ -355,19 +510,54 @@ impl CallBudget {
     }
 }
 
-/// An in-memory fleet for unit tests: answers what it was last given.
+/// An in-memory fleet for unit tests: answers what it was last given, and
+/// records the lifecycle calls made to it.
 #[derive(Default)]
 pub struct FakeAutoScaling {
     pub answer: Mutex<Option<Result<Fleet, String>>>,
+    /// Every completion, in order.
+    pub completed: Mutex<Vec<(LifecycleAction, HookResult)>>,
+    /// Every heartbeat, in order.
+    pub heartbeats: Mutex<Vec<LifecycleAction>>,
+    /// Set: lifecycle calls fail with this message.
+    pub action_error: Mutex<Option<String>>,
 }
 
 impl FakeAutoScaling {
     pub fn set(&self, answer: Result<Fleet, String>) {
         *self.answer.lock().unwrap() = Some(answer);
     }
+
+    fn action_answer(&self, api: &'static str) -> Result<ActionCall, CloudError> {
+        match self.action_error.lock().unwrap().clone() {
+            Some(message) => Err(CloudError::Api { api, message }),
+            None => Ok(ActionCall::Done),
+        }
+    }
 }
 
 impl AutoScaling for FakeAutoScaling {
+    async fn complete_action(
+        &self,
+        action: &LifecycleAction,
+        result: HookResult,
+    ) -> Result<ActionCall, CloudError> {
+        let answer = self.action_answer("CompleteLifecycleAction");
+        if answer.is_ok() {
+            let mut completed = self.completed.lock().unwrap();
+            completed.push((action.clone(), result));
+        }
+        answer
+    }
+
+    async fn heartbeat(&self, action: &LifecycleAction) -> Result<ActionCall, CloudError> {
+        let answer = self.action_answer("RecordLifecycleActionHeartbeat");
+        if answer.is_ok() {
+            self.heartbeats.lock().unwrap().push(action.clone());
+        }
+        answer
+    }
+
     async fn describe_fleet(&self) -> Result<(Fleet, CallCount), CloudError> {
         let answer = self.answer.lock().unwrap().clone();
         match answer {

@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::cloud::HookResult;
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -47,6 +49,41 @@ pub struct Config {
     pub aws: AwsConfig,
     pub health: HealthConfig,
     pub events: EventsConfig,
+    pub lifecycle: LifecycleConfig,
+}
+
+/// Lifecycle hooks that signpost completes (see `lifecycle`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// Hooks whose name starts with this are signpost's to complete; a
+    /// group's other hooks belong to other tools and are left alone.
+    pub hook_prefix: String,
+    /// How long a launching instance may take to pass its health check.
+    #[serde(with = "duration")]
+    pub launch_timeout: Duration,
+    /// The result when it does not: `abandon` (the group terminates and
+    /// replaces it) or `continue`.
+    pub launch_timeout_result: HookResult,
+    /// Longest wait for routers to let go of a terminating instance.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+    /// After a start, how long completions wait for the routers of the
+    /// previous controller to reconnect (their reconnect back-off is at most 5s).
+    #[serde(with = "duration")]
+    pub router_grace: Duration,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            hook_prefix: "signpost".into(),
+            launch_timeout: Duration::from_secs(300),
+            launch_timeout_result: HookResult::Abandon,
+            drain_timeout: Duration::from_secs(30),
+            router_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The SQS queue that EventBridge rules and lifecycle hooks feed.
@@ -148,6 +185,7 @@ impl Default for Config {
             aws: AwsConfig::default(),
             health: HealthConfig::default(),
             events: EventsConfig::default(),
+            lifecycle: LifecycleConfig::default(),
         }
     }
 }
@@ -180,7 +218,7 @@ impl Default for HealthConfig {
 
 impl HealthConfig {
     /// The settings in force for one service.
-    fn defaults(&self) -> HealthSettings {
+    pub fn defaults(&self) -> HealthSettings {
         HealthSettings {
             interval: self.interval,
             timeout: self.timeout,
@@ -264,6 +302,15 @@ impl Config {
                 "events.queue_url",
                 "is empty; leave it out to disable events",
             ));
+        }
+        if self.lifecycle.hook_prefix.is_empty() {
+            return Err(invalid(
+                "lifecycle.hook_prefix",
+                "is empty, which would complete every hook of a group, other tools' too",
+            ));
+        }
+        if self.lifecycle.launch_timeout < Duration::from_secs(1) {
+            return Err(invalid("lifecycle.launch_timeout", "must be at least 1s"));
         }
         if self.health.max_concurrent_probes == 0 {
             return Err(invalid(

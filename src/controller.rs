@@ -16,8 +16,9 @@ use crate::cloud::{self, AwsFleet};
 use crate::config::Config;
 use crate::events::{EventCounts, EventQueue};
 use crate::health::{HealthScheduler, NetProbe};
+use crate::lifecycle::{Lifecycle, LifecycleLog};
 use crate::push::hub::{Hub, PING_INTERVAL};
-use crate::reconcile::{Reconciler, SyncStatus};
+use crate::reconcile::{self, Reconciler, SyncStatus};
 use crate::registry::Registry;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -31,11 +32,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let aws = cloud::sdk_config(&config.aws).await;
+    let cloud = Arc::new(AwsFleet::new(&aws, &config));
     let trigger = Arc::new(Notify::new());
+    let (fleet_tx, fleet_rx) = watch::channel(Arc::default());
     let reconciler = Reconciler {
-        cloud: AwsFleet::new(&aws, &config),
+        cloud: cloud.clone(),
         registry: registry.clone(),
         status: status_tx,
+        fleet: fleet_tx,
         resync_interval: config.resync_interval,
         trigger: trigger.clone(),
     };
@@ -55,15 +59,45 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(queue.run(trigger, stop_rx.clone())));
     }
 
-    // The hub is where a later stage (lifecycle hooks) waits for every
-    // router to ack a revision (`Hub::wait_acked`).
-    let hub = Hub::new(registry.subscribe(), PING_INTERVAL, stop_rx.clone());
+    // Routers are served once the registry has warmed up: first listing
+    // applied, first health verdicts in. Long enough for a healthy endpoint
+    // to pass its checks.
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let checks = config.health.defaults();
+    let warm_limit = checks.interval * checks.healthy_threshold + checks.timeout;
+    tasks.push(tokio::spawn({
+        let warmed = reconcile::warmed_up(status_rx.clone(), registry.subscribe(), warm_limit);
+        async move {
+            warmed.await;
+            info!("registry warmed up; serving routers");
+            let _ = ready_tx.send(true);
+        }
+    }));
+    let hub = Hub::new(
+        registry.subscribe(),
+        PING_INTERVAL,
+        stop_rx.clone(),
+        ready_rx,
+    );
+
+    let lifecycle_log = Arc::new(LifecycleLog::default());
+    let lifecycle = Lifecycle {
+        cloud,
+        registry: registry.clone(),
+        hub: hub.clone(),
+        config: config.lifecycle.clone(),
+        log: lifecycle_log.clone(),
+        grace_until: tokio::time::Instant::now() + config.lifecycle.router_grace,
+    };
+    tasks.push(tokio::spawn(lifecycle.run(fleet_rx, stop_rx.clone())));
+
     let app = api::router(ApiState {
         registry: registry.subscribe(),
         sync: status_rx,
         resync_interval: config.resync_interval,
         events: event_counts,
         routers: hub.clone(),
+        lifecycle: lifecycle_log,
     })
     .merge(hub.routes());
     let stop_tx = Arc::new(stop_tx);

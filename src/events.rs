@@ -19,6 +19,8 @@ use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::model::Transition;
+
 /// What one message asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -51,12 +53,6 @@ impl Event {
             Event::InstanceState { .. } => None,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transition {
-    Launching,
-    Terminating,
 }
 
 /// Why a message could not be understood. Variant names double as metric labels.
@@ -140,11 +136,8 @@ fn lifecycle_action(v: &Value) -> Result<Event, EventError> {
     let Fields {
         lifecycle_transition,
     } = Fields::deserialize(v).map_err(|_| EventError::MissingField("LifecycleTransition"))?;
-    let transition = match lifecycle_transition {
-        "autoscaling:EC2_INSTANCE_LAUNCHING" => Transition::Launching,
-        "autoscaling:EC2_INSTANCE_TERMINATING" => Transition::Terminating,
-        other => return Err(EventError::UnknownTransition(other.to_owned())),
-    };
+    let transition = Transition::from_aws(lifecycle_transition)
+        .ok_or_else(|| EventError::UnknownTransition(lifecycle_transition.to_owned()))?;
     Ok(Event::LifecycleAction {
         group: str_field(v, "AutoScalingGroupName")?.to_owned(),
         instance: str_field(v, "EC2InstanceId")?.to_owned(),

@@ -232,7 +232,13 @@ impl<P: Probe> HealthScheduler<P> {
         let mut seen = std::collections::HashSet::new();
         for (name, service) in &snapshot.services {
             let settings = self.config.for_service(name);
-            for (id, endpoint) in &service.endpoints {
+            // A draining endpoint is out of routing for good: its verdicts
+            // would change nothing, so it is not probed.
+            let checked = service
+                .endpoints
+                .iter()
+                .filter(|(_, e)| e.state != EndpointState::Draining);
+            for (id, endpoint) in checked {
                 let key = (name.clone(), id.clone());
                 let target = Target {
                     address: endpoint.address,

@@ -11,6 +11,7 @@
 //!                 api:: /v1/services, /readyz     push:: hub ──NDJSON stream──► router::
 //!                                                      ▲                          │
 //!                                                      └──── acks (revision) ─────┘
+//!  lifecycle:: completes launch/terminate hooks once routers have acked (and drained)
 //! ```
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -22,6 +23,8 @@ pub mod config;
 pub mod controller;
 pub mod events;
 pub mod health;
+pub mod lifecycle;
+pub mod metrics;
 pub mod model;
 pub mod push;
 pub mod reconcile;

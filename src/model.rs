@@ -73,6 +73,55 @@ pub struct ObservedGroup {
     /// The group's settings, or why its tags cannot be used.
     pub settings: Result<ServiceSettings, String>,
     pub instances: Vec<ObservedInstance>,
+    /// The group's lifecycle hooks. Listed only for a group with an instance
+    /// waiting on one (`Pending:Wait`, `Terminating:Wait`); empty otherwise.
+    pub hooks: Vec<LifecycleHook>,
+}
+
+/// Which change of an instance a lifecycle hook holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transition {
+    /// `autoscaling:EC2_INSTANCE_LAUNCHING`: the instance waits in `Pending:Wait`.
+    Launching,
+    /// `autoscaling:EC2_INSTANCE_TERMINATING`: it waits in `Terminating:Wait`.
+    Terminating,
+}
+
+impl Transition {
+    pub fn from_aws(name: &str) -> Option<Transition> {
+        match name {
+            "autoscaling:EC2_INSTANCE_LAUNCHING" => Some(Transition::Launching),
+            "autoscaling:EC2_INSTANCE_TERMINATING" => Some(Transition::Terminating),
+            _ => None,
+        }
+    }
+
+    /// A short name for logs and metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Transition::Launching => "launch",
+            Transition::Terminating => "terminate",
+        }
+    }
+}
+
+/// One instance waiting on one hook: what CompleteLifecycleAction names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LifecycleAction {
+    pub group: String,
+    pub hook: String,
+    pub instance: InstanceId,
+    pub transition: Transition,
+}
+
+/// One lifecycle hook of a group (DescribeLifecycleHooks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LifecycleHook {
+    pub name: String,
+    pub transition: Transition,
+    /// How long the action waits without a heartbeat before AWS applies the
+    /// hook's default result.
+    pub heartbeat_timeout: std::time::Duration,
 }
 
 /// One instance of a group: the group's view (lifecycle state) joined with
@@ -96,22 +145,43 @@ pub struct Ec2Instance {
     pub launch_time: Option<SystemTime>,
 }
 
+/// Lifecycle states in which an instance may take traffic once healthy.
+/// `Pending:Wait` is among them: a launch hook holds the instance there
+/// precisely so that it can be checked and pushed to routers before the
+/// group counts it in service.
+const SERVING: [&str; 3] = ["InService", "Pending:Wait", "Pending:Proceed"];
+
 impl ObservedInstance {
-    /// Only an instance that Auto Scaling has put in service and EC2 runs may
-    /// take traffic.
+    /// Only an instance that Auto Scaling has launched (or holds in a launch
+    /// hook) and EC2 runs may be registered.
     pub fn is_candidate(&self) -> bool {
-        self.lifecycle_state == "InService"
+        SERVING.contains(&self.lifecycle_state.as_str())
             && self
                 .ec2
                 .as_ref()
                 .is_some_and(|e| e.state == "running" && e.private_ip.is_some())
     }
 
-    /// True when we know the instance is going away or is not serving. An
-    /// instance EC2 did not describe is not known to be leaving.
+    /// A terminate hook holds the instance: it still runs and serves the
+    /// requests it has, but must get no new ones.
+    pub fn is_draining(&self) -> bool {
+        self.lifecycle_state == "Terminating:Wait"
+    }
+
+    /// True when we know the instance is going away (past any hook) or is not
+    /// serving. An instance EC2 did not describe is not known to be leaving.
     pub fn is_leaving(&self) -> bool {
-        self.lifecycle_state != "InService"
+        !(SERVING.contains(&self.lifecycle_state.as_str()) || self.is_draining())
             || self.ec2.as_ref().is_some_and(|e| e.state != "running")
+    }
+
+    /// The hook transition the instance is waiting on, if any.
+    pub fn waiting_on(&self) -> Option<Transition> {
+        match self.lifecycle_state.as_str() {
+            "Pending:Wait" => Some(Transition::Launching),
+            "Terminating:Wait" => Some(Transition::Terminating),
+            _ => None,
+        }
     }
 }
 
@@ -131,6 +201,9 @@ pub enum EndpointState {
     Starting,
     Healthy,
     Unhealthy,
+    /// Its instance is terminating (held by a terminate hook): out of
+    /// routing, kept until every router has let go of it. Only removal ends it.
+    Draining,
 }
 
 impl EndpointState {

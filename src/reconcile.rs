@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::cloud::{AutoScaling, CallCount};
 use crate::model::{
     rfc3339, Change, Endpoint, EndpointState, Fleet, GroupProblem, InstanceId, ObservedGroup,
-    ServiceSettings, Snapshot,
+    ObservedInstance, ServiceSettings, Snapshot,
 };
 use crate::registry::Registry;
 
@@ -26,14 +26,17 @@ use crate::registry::Registry;
 ///
 /// Rules, in the order they matter:
 /// - an endpoint whose group is gone, whose instance left the group, or whose
-///   instance is known to be leaving (not `InService`, or EC2 not `running`)
-///   is removed;
+///   instance is known to be leaving (past launch or terminate hooks, or EC2
+///   not `running`) is removed;
+/// - an endpoint whose instance a terminate hook holds (`Terminating:Wait`)
+///   goes `draining`: out of routing but kept, so that `lifecycle` can wait
+///   for routers to let go of it before the instance may terminate;
 /// - a group whose tags cannot be used, and every group of a service whose
 ///   groups disagree on route, port or health, is reported and frozen: its
 ///   endpoints stay as they are (but for departures) and nothing is added,
 ///   because guessing would route traffic to the wrong place;
-/// - every other candidate instance (`InService` and `running`, with an
-///   address) is registered, starting not ready.
+/// - every other candidate instance (`InService`, or held by a launch hook,
+///   and `running` with an address) is registered, starting not ready.
 pub fn plan(fleet: &Fleet, current: &Snapshot) -> Vec<Change> {
     let mut problems = BTreeMap::new();
     let mut frozen: BTreeSet<&str> = BTreeSet::new();
@@ -95,19 +98,23 @@ pub fn plan(fleet: &Fleet, current: &Snapshot) -> Vec<Change> {
 
     for (service, svc) in &current.services {
         for (id, endpoint) in &svc.endpoints {
-            let reason = removal_reason(
-                service,
-                endpoint,
-                groups.get(endpoint.group.as_str()).copied(),
-                &frozen,
-                &agreed,
-            );
+            let reason = removal_reason(service, endpoint, &groups, &frozen, &agreed);
             if let Some(reason) = reason {
                 removed.insert((service, id));
                 changes.push(Change::RemoveEndpoint {
                     service: service.clone(),
                     instance: id.clone(),
                     reason,
+                });
+            } else if endpoint.state != EndpointState::Draining
+                && observed(&groups, endpoint).is_some_and(|i| i.is_draining())
+            {
+                changes.push(Change::SetState {
+                    service: service.clone(),
+                    instance: id.clone(),
+                    address: endpoint.address,
+                    port: endpoint.port,
+                    state: EndpointState::Draining,
                 });
             }
         }
@@ -178,25 +185,33 @@ fn problem(group: &ObservedGroup, service: &Option<String>, reason: String) -> G
     }
 }
 
-fn removal_reason(
-    service: &str,
+/// The fleet's view of an endpoint's instance, in the endpoint's group.
+fn observed<'a>(
+    groups: &HashMap<&str, &'a ObservedGroup>,
     endpoint: &Endpoint,
-    group: Option<&ObservedGroup>,
-    frozen: &BTreeSet<&str>,
-    agreed: &BTreeMap<&str, (&ServiceSettings, Vec<&ObservedGroup>)>,
-) -> Option<&'static str> {
-    let Some(group) = group else {
-        return Some("group deleted or no longer tagged");
-    };
-    let Some(instance) = group
+) -> Option<&'a ObservedInstance> {
+    groups
+        .get(endpoint.group.as_str())?
         .instances
         .iter()
         .find(|i| i.id == endpoint.instance_id)
-    else {
+}
+
+fn removal_reason(
+    service: &str,
+    endpoint: &Endpoint,
+    groups: &HashMap<&str, &ObservedGroup>,
+    frozen: &BTreeSet<&str>,
+    agreed: &BTreeMap<&str, (&ServiceSettings, Vec<&ObservedGroup>)>,
+) -> Option<&'static str> {
+    let Some(group) = groups.get(endpoint.group.as_str()) else {
+        return Some("group deleted or no longer tagged");
+    };
+    let Some(instance) = observed(groups, endpoint) else {
         return Some("instance left the group");
     };
     if instance.is_leaving() {
-        return Some("instance is not InService and running");
+        return Some("instance is leaving (lifecycle past its hooks, or EC2 not running)");
     }
     if frozen.contains(group.name.as_str()) {
         return None;
@@ -268,13 +283,37 @@ impl SyncStatus {
     }
 }
 
+/// Resolves once the registry is worth routing on after a start: a complete
+/// listing has been applied and no endpoint is still `starting` (each has
+/// its first verdict), or `limit` after that listing, so that one instance
+/// that never answers cannot hold every router for ever. Resolves never if
+/// the sync status sender is gone first.
+pub async fn warmed_up(
+    mut status: watch::Receiver<SyncStatus>,
+    mut registry: watch::Receiver<Arc<Snapshot>>,
+    limit: Duration,
+) {
+    if status.wait_for(|s| s.last_success.is_some()).await.is_err() {
+        return std::future::pending().await;
+    }
+    let settled = registry.wait_for(|snap| {
+        snap.services
+            .values()
+            .flat_map(|s| s.endpoints.values())
+            .all(|e| e.state != EndpointState::Starting)
+    });
+    let _ = tokio::time::timeout(limit, settled).await;
+}
+
 /// The reconcile loop: list, plan, apply, then wait for the next resync or an
 /// early trigger. After a failure it retries sooner, with jittered
 /// exponential backoff capped at the resync interval.
 pub struct Reconciler<C> {
-    pub cloud: C,
+    pub cloud: Arc<C>,
     pub registry: Arc<Registry>,
     pub status: watch::Sender<SyncStatus>,
+    /// Every complete listing, once applied (for `lifecycle`).
+    pub fleet: watch::Sender<Arc<Fleet>>,
     pub resync_interval: Duration,
     /// Asks for a reconcile now (events, tests). Extra wake-ups are harmless.
     pub trigger: Arc<Notify>,
@@ -316,6 +355,8 @@ impl<C: AutoScaling> Reconciler<C> {
                 }
                 let elapsed = started.elapsed();
                 let instances = fleet.groups.iter().map(|g| g.instances.len()).sum();
+                let groups = fleet.groups.len();
+                self.fleet.send_replace(Arc::new(fleet));
                 self.status.send_modify(|s| {
                     if let Some(since) = s.failing_since {
                         info!(failed_since = %humantime::format_rfc3339_seconds(since), "listing recovered");
@@ -327,17 +368,12 @@ impl<C: AutoScaling> Reconciler<C> {
                     s.last_calls = Some(calls);
                     s.calls_total.describe_auto_scaling_groups += calls.describe_auto_scaling_groups;
                     s.calls_total.describe_instances += calls.describe_instances;
+                    s.calls_total.describe_lifecycle_hooks += calls.describe_lifecycle_hooks;
                     s.syncs_total += 1;
-                    s.groups = fleet.groups.len();
+                    s.groups = groups;
                     s.instances = instances;
                 });
-                tracing::debug!(
-                    groups = fleet.groups.len(),
-                    instances,
-                    ?elapsed,
-                    ?calls,
-                    "resync complete"
-                );
+                tracing::debug!(groups, instances, ?elapsed, ?calls, "resync complete");
                 Ok(())
             }
             Err(error) => {
@@ -402,6 +438,7 @@ mod tests {
             service: Some(service.into()),
             settings: Ok(settings(port)),
             instances,
+            hooks: vec![],
         }
     }
 
@@ -485,10 +522,48 @@ mod tests {
             )],
         };
         converge(&fleet, &r);
-        fleet.groups[0].instances[0].lifecycle_state = "Terminating:Wait".into();
+        fleet.groups[0].instances[0].lifecycle_state = "Terminating:Proceed".into();
         fleet.groups[0].instances[1].ec2.as_mut().unwrap().state = "stopped".into();
         converge(&fleet, &r);
         assert_eq!(ids(&r, "users"), ["i-3"]);
+    }
+
+    #[test]
+    fn hooks_hold_launching_instances_in_and_terminating_ones_draining() {
+        let r = Registry::new();
+        let mut fleet = Fleet {
+            groups: vec![group(
+                "g",
+                "users",
+                80,
+                vec![
+                    running("i-1", 1),
+                    instance("i-2", 2, "Pending:Wait", "running"),
+                    instance("i-3", 3, "Terminating:Wait", "running"),
+                ],
+            )],
+        };
+        converge(&fleet, &r);
+        assert_eq!(
+            ids(&r, "users"),
+            ["i-1", "i-2"],
+            "a launch hook's instance is checked and pushed before it is InService; a terminating one is never added"
+        );
+
+        fleet.groups[0].instances[0].lifecycle_state = "Terminating:Wait".into();
+        converge(&fleet, &r);
+        let state = |id: &str| r.snapshot().endpoint("users", &id.into()).map(|e| e.state);
+        assert_eq!(state("i-1"), Some(EndpointState::Draining));
+
+        // Still draining while frozen: departures apply to frozen groups.
+        fleet.groups[0].settings = Err("bad tag".into());
+        converge(&fleet, &r);
+        assert_eq!(state("i-1"), Some(EndpointState::Draining));
+
+        // Past the hook: removed.
+        fleet.groups[0].instances[0].lifecycle_state = "Terminating:Proceed".into();
+        converge(&fleet, &r);
+        assert_eq!(state("i-1"), None);
     }
 
     #[test]
@@ -632,9 +707,10 @@ mod tests {
         }));
         let (status, status_rx) = watch::channel(SyncStatus::default());
         let reconciler = Reconciler {
-            cloud,
+            cloud: Arc::new(cloud),
             registry: Arc::new(Registry::new()),
             status,
+            fleet: watch::Sender::new(Arc::default()),
             resync_interval: Duration::from_secs(30),
             trigger: Arc::new(Notify::new()),
         };

@@ -139,8 +139,14 @@ fn apply_one(snap: &mut Snapshot, change: &Change, now: SystemTime) -> bool {
             let Some(s) = snap.services.get_mut(service) else {
                 return false;
             };
+            // Draining is left only by removal: a late health verdict must
+            // not put a terminating instance back into routing.
             match s.endpoints.get(instance) {
-                Some(e) if e.address == *address && e.port == *port && e.state != *state => {}
+                Some(e)
+                    if e.address == *address
+                        && e.port == *port
+                        && e.state != *state
+                        && e.state != EndpointState::Draining => {}
                 _ => return false,
             }
             let e = Arc::make_mut(s)
@@ -235,6 +241,25 @@ mod tests {
             snap.endpoint("users", &"i-1".into()).unwrap().state,
             EndpointState::Healthy
         );
+    }
+
+    #[test]
+    fn draining_is_left_only_by_removal() {
+        let r = Registry::new();
+        let now = SystemTime::now();
+        r.apply(&[put("users"), add("users", "i-1")], now);
+        let set = |state| Change::SetState {
+            service: "users".into(),
+            instance: "i-1".into(),
+            address: [127, 42, 1, 4].into(),
+            port: 80,
+            state,
+        };
+        assert!(r.apply(&[set(EndpointState::Draining)], now).is_some());
+        assert_eq!(r.apply(&[set(EndpointState::Healthy)], now), None);
+        let snap = r.snapshot();
+        let e = snap.endpoint("users", &"i-1".into()).unwrap();
+        assert_eq!(e.state, EndpointState::Draining);
     }
 
     #[test]

@@ -50,6 +50,11 @@ pub struct Hub {
     ping_interval: Duration,
     /// Ends every stream, so that graceful shutdown does not wait on them.
     stop: watch::Receiver<bool>,
+    /// True once the registry is worth routing on (see
+    /// `reconcile::warmed_up`). Until then a subscriber is listed but sent
+    /// nothing, and keeps routing on what it has: a router reconnecting to a
+    /// restarted controller must not swap its table for an empty one.
+    ready: watch::Receiver<bool>,
     next_connection: AtomicU64,
 }
 
@@ -80,6 +85,20 @@ pub struct RouterRecord {
     disconnected_at: Option<SystemTime>,
 }
 
+impl RouterRecord {
+    pub fn has_acked(&self, revision: Revision) -> bool {
+        self.acked_revision.is_some_and(|a| a >= revision)
+    }
+
+    /// Requests it reported in flight to `instance`, in any service.
+    pub fn in_flight_to(&self, instance: &str) -> u64 {
+        self.in_flight
+            .values()
+            .filter_map(|by_instance| by_instance.get(instance))
+            .sum()
+    }
+}
+
 /// Routers that had not acked a revision when the wait ended.
 #[derive(Debug, Error, PartialEq)]
 #[error("routers {routers:?} have not acked revision {revision}")]
@@ -99,6 +118,7 @@ impl Hub {
         registry: watch::Receiver<Arc<Snapshot>>,
         ping_interval: Duration,
         stop: watch::Receiver<bool>,
+        ready: watch::Receiver<bool>,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             registry,
@@ -106,6 +126,7 @@ impl Hub {
             changed: watch::Sender::new(0),
             ping_interval,
             stop,
+            ready,
             next_connection: AtomicU64::new(1),
         })
     }
@@ -125,57 +146,76 @@ impl Hub {
         self.routers.lock().unwrap().values().cloned().collect()
     }
 
-    /// Connected routers that have not acked `revision` yet.
-    pub fn not_acked(&self, revision: Revision) -> Vec<String> {
+    /// Connected routers for which `done` is false.
+    pub fn pending(&self, done: impl Fn(&RouterRecord) -> bool) -> Vec<String> {
         self.routers
             .lock()
             .unwrap()
             .values()
-            .filter(|r| r.connected && r.acked_revision.is_none_or(|a| a < revision))
+            .filter(|r| r.connected && !done(r))
             .map(|r| r.id.clone())
             .collect()
     }
 
-    /// Whether every connected router has acked `revision`. Allocates
-    /// nothing: `wait_acked` calls it on every ack.
-    pub fn all_acked(&self, revision: Revision) -> bool {
-        self.routers
-            .lock()
-            .unwrap()
-            .values()
-            .all(|r| !r.connected || r.acked_revision.is_some_and(|a| a >= revision))
-    }
-
-    /// Waits until every connected router has acked `revision` (or a later
-    /// one), or `limit` passes. A router that disconnects stops counting: it
-    /// gets a fresh snapshot when it comes back.
-    pub async fn wait_acked(&self, revision: Revision, limit: Duration) -> Result<(), NotAcked> {
+    /// Waits until `done` holds for every connected router, checked again
+    /// on every ack, connect and disconnect; or until `limit` passes, then
+    /// returns the routers still pending. A router that disconnects stops
+    /// counting: it gets a fresh snapshot when it comes back.
+    pub async fn wait_routers(
+        &self,
+        limit: Duration,
+        done: impl Fn(&RouterRecord) -> bool,
+    ) -> Result<(), Vec<String>> {
         let mut changed = self.changed.subscribe();
+        let all_done = || {
+            let routers = self.routers.lock().unwrap();
+            routers.values().all(|r| !r.connected || done(r))
+        };
         let wait = async {
             loop {
                 changed.borrow_and_update();
-                if self.all_acked(revision) {
-                    return;
-                }
-                if changed.changed().await.is_err() {
+                if all_done() || changed.changed().await.is_err() {
                     return;
                 }
             }
         };
         match tokio::time::timeout(limit, wait).await {
             Ok(()) => Ok(()),
-            Err(_) => Err(NotAcked {
-                revision,
-                routers: self.not_acked(revision),
-            }),
+            Err(_) => Err(self.pending(&done)),
         }
+    }
+
+    /// Waits until every connected router has acked `revision` (or a later
+    /// one), or `limit` passes.
+    pub async fn wait_acked(&self, revision: Revision, limit: Duration) -> Result<(), NotAcked> {
+        self.wait_routers(limit, |r| r.has_acked(revision))
+            .await
+            .map_err(|routers| NotAcked { revision, routers })
+    }
+
+    /// Records a router's ack; false when no such router is subscribed.
+    pub(crate) fn acked(&self, id: &str, ack: Ack) -> bool {
+        let mut routers = self.routers.lock().unwrap();
+        let Some(r) = routers.get_mut(id) else {
+            return false;
+        };
+        if r.acked_revision != Some(ack.revision) {
+            debug!(router = %id, revision = ack.revision, "router acked");
+        }
+        r.acked_revision = Some(ack.revision);
+        r.last_seen = SystemTime::now();
+        r.in_flight = ack.in_flight;
+        r.ejected = ack.ejected;
+        drop(routers);
+        self.bump();
+        true
     }
 
     fn bump(&self) {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    fn connect(&self, id: &str, address: SocketAddr) -> u64 {
+    pub(crate) fn connect(&self, id: &str, address: SocketAddr) -> u64 {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let now = SystemTime::now();
         let mut routers = self.routers.lock().unwrap();
@@ -212,7 +252,7 @@ impl Hub {
         }
     }
 
-    fn disconnect(&self, id: &str, connection: u64) {
+    pub(crate) fn disconnect(&self, id: &str, connection: u64) {
         let mut routers = self.routers.lock().unwrap();
         // A newer connection of the same router replaced this one: leave it.
         if let Some(r) = routers.get_mut(id).filter(|r| r.connection == connection) {
@@ -228,6 +268,16 @@ impl Hub {
     async fn feed(self: Arc<Self>, id: String, connection: u64, tx: mpsc::Sender<Bytes>) {
         let mut registry = self.registry.clone();
         let mut stop = self.stop.clone();
+        let mut ready = self.ready.clone();
+        let warmed = tokio::select! {
+            r = ready.wait_for(|r| *r) => r.is_ok(),
+            _ = tx.closed() => false,
+            _ = crate::stopped(&mut stop) => false,
+        };
+        if !warmed {
+            self.disconnect(&id, connection);
+            return;
+        }
         let mut sent = registry.borrow_and_update().clone();
         let mut ping = tokio::time::interval(self.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -317,21 +367,10 @@ async fn ack(
     Path(id): Path<String>,
     Json(ack): Json<Ack>,
 ) -> Response {
-    let mut routers = hub.routers.lock().unwrap();
-    let Some(r) = routers.get_mut(&id) else {
-        drop(routers);
+    if !hub.acked(&id, ack) {
         let error = format!("router {id:?} is not subscribed");
         return (StatusCode::NOT_FOUND, Json(json!({ "error": error }))).into_response();
-    };
-    if r.acked_revision != Some(ack.revision) {
-        debug!(router = %id, revision = ack.revision, "router acked");
     }
-    r.acked_revision = Some(ack.revision);
-    r.last_seen = SystemTime::now();
-    r.in_flight = ack.in_flight;
-    r.ejected = ack.ejected;
-    drop(routers);
-    hub.bump();
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -366,7 +405,12 @@ mod tests {
         let registry = crate::registry::Registry::new();
         let (stop_tx, stop) = watch::channel(false);
         (
-            Hub::new(registry.subscribe(), Duration::from_secs(5), stop),
+            Hub::new(
+                registry.subscribe(),
+                Duration::from_secs(5),
+                stop,
+                watch::channel(true).1,
+            ),
             stop_tx,
         )
     }

@@ -65,6 +65,8 @@ pub enum WireState {
     Starting,
     Healthy,
     Unhealthy,
+    /// Its instance is terminating: route no new request to it.
+    Draining,
 }
 
 impl WireState {
@@ -104,6 +106,7 @@ impl From<model::EndpointState> for WireState {
             model::EndpointState::Starting => WireState::Starting,
             model::EndpointState::Healthy => WireState::Healthy,
             model::EndpointState::Unhealthy => WireState::Unhealthy,
+            model::EndpointState::Draining => WireState::Draining,
         }
     }
 }

@@ -212,17 +212,16 @@ impl RouterState {
             revision: table.revision.unwrap_or(0),
             ..Ack::default()
         };
-        for service in table.services() {
-            for b in &service.endpoints {
-                let n = b.in_flight.load(Ordering::Relaxed);
-                if n > 0 {
-                    ack.in_flight
-                        .entry(b.service.clone())
-                        .or_default()
-                        .insert(b.instance.clone(), n);
-                }
-                ack.ejected.extend(b.ejection(now));
+        let routable = table.services().flat_map(|s| s.endpoints.iter());
+        for b in routable.chain(&table.retiring) {
+            let n = b.in_flight.load(Ordering::Relaxed);
+            if n > 0 {
+                ack.in_flight
+                    .entry(b.service.clone())
+                    .or_default()
+                    .insert(b.instance.clone(), n);
             }
+            ack.ejected.extend(b.ejection(now));
         }
         ack
     }

@@ -27,6 +27,10 @@ pub struct RouteTable {
     /// `None` until the router has a snapshot, from the controller or its cache.
     pub revision: Option<Revision>,
     routes: Vec<Route>,
+    /// Endpoints no longer routable with requests to them still in flight.
+    /// Kept so that the router goes on reporting those requests: the
+    /// controller lets a draining instance terminate only once they are done.
+    pub retiring: Vec<Arc<Backend>>,
 }
 
 pub struct Route {
@@ -135,7 +139,8 @@ impl Backend {
 
 impl RouteTable {
     /// Builds the table for `mirror`, reusing the `Backend`s in `known` that
-    /// kept their address, and leaving in `known` exactly the new table's.
+    /// kept their address, and leaving in `known` the new table's (routable
+    /// and retiring).
     pub fn build(
         mirror: &Mirror,
         known: &mut HashMap<(String, String), Arc<Backend>>,
@@ -172,10 +177,18 @@ impl RouteTable {
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let mut retiring = Vec::new();
+        for (key, backend) in known.drain() {
+            if !next_known.contains_key(&key) && backend.in_flight.load(Ordering::Relaxed) > 0 {
+                retiring.push(backend.clone());
+                next_known.insert(key, backend);
+            }
+        }
         *known = next_known;
         RouteTable {
             revision: mirror.revision,
             routes,
+            retiring,
         }
     }
 
@@ -280,6 +293,29 @@ mod tests {
                 .load(Ordering::Relaxed),
             7,
             "in-flight counts carry over to the next table"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_leaving_with_requests_in_flight_is_kept_as_retiring() {
+        let spec = |state| mirror(&[("users", "/users", &[("i-1", 1, state), ("i-2", 2, state)])]);
+        let mut known = HashMap::new();
+        let first = RouteTable::build(&spec(WireState::Healthy), &mut known);
+        let eps = &first.lookup("/users").unwrap().endpoints;
+        eps[0].in_flight.store(2, Ordering::Relaxed);
+        let draining = RouteTable::build(&spec(WireState::Draining), &mut known);
+        assert!(draining.lookup("/users").unwrap().endpoints.is_empty());
+        let retiring: Vec<_> = draining
+            .retiring
+            .iter()
+            .map(|b| b.instance.clone())
+            .collect();
+        assert_eq!(retiring, ["i-1"], "only the one with requests in flight");
+        draining.retiring[0].in_flight.store(0, Ordering::Relaxed);
+        let later = RouteTable::build(&spec(WireState::Draining), &mut known);
+        assert!(
+            later.retiring.is_empty(),
+            "let go once its requests are done"
         );
     }
 

@@ -71,7 +71,12 @@ async fn run(routers: usize, changes: usize) {
     registry.apply(&seed, now);
 
     let (stop_tx, stop) = watch::channel(false);
-    let hub = Hub::new(registry.subscribe(), PING_INTERVAL, stop);
+    let hub = Hub::new(
+        registry.subscribe(),
+        PING_INTERVAL,
+        stop,
+        watch::channel(true).1,
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(

@@ -1,0 +1,897 @@
+//! Lifecycle hooks: signpost completes the launch and terminate actions of
+//! its hooks only once routers are ready for the change.
+//!
+//! - Launch (`Pending:Wait`): `reconcile` registers the instance; once its
+//!   health check passes and every connected router has acked that
+//!   revision, CONTINUE. Not healthy within `launch_timeout`: the configured
+//!   result (ABANDON by default).
+//! - Terminate (`Terminating:Wait`): `reconcile` marks the endpoint
+//!   `draining`; once every router has acked that revision and reports no
+//!   request in flight to the instance, or `drain_timeout` passes, CONTINUE.
+//!
+//! Level-triggered like `reconcile`: every complete listing says which
+//! actions wait, each gets one task, and a task whose action is no longer
+//! waiting is dropped. After a restart the actions are simply found again;
+//! completing one twice is harmless (AWS answers "no active action", which
+//! counts as done).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::cloud::{ActionCall, AutoScaling, HookResult};
+use crate::config::LifecycleConfig;
+use crate::metrics::Histogram;
+use crate::model::{
+    rfc3339, EndpointState, Fleet, InstanceId, LifecycleAction, Snapshot, Transition,
+};
+use crate::push::hub::Hub;
+use crate::registry::Registry;
+
+/// Completed actions kept for `GET /v1/lifecycle`.
+const RECENT: usize = 1000;
+
+/// An action completed less than this long ago is not started again while a
+/// listing still shows it waiting (AWS is eventually consistent); after it,
+/// a still-waiting action is taken up again, in case the completion was lost.
+const REDO_AFTER: Duration = Duration::from_secs(30);
+
+/// One waiting action found in a listing, with what its task needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waiting {
+    pub action: LifecycleAction,
+    pub heartbeat_timeout: Duration,
+    /// When the wait began as best the listing tells: EC2's launch time for a
+    /// launch, `None` for a terminate (the task then uses when it saw it).
+    pub since: Option<SystemTime>,
+}
+
+/// The actions signpost owns in a listing: instances waiting on a hook of
+/// their transition whose name starts with `prefix`. Hooks of other names
+/// belong to other tools and are left alone.
+pub fn waiting_actions(fleet: &Fleet, prefix: &str) -> Vec<Waiting> {
+    let mut out = Vec::new();
+    for group in &fleet.groups {
+        for instance in &group.instances {
+            let Some(transition) = instance.waiting_on() else {
+                continue;
+            };
+            let ours = group
+                .hooks
+                .iter()
+                .filter(|h| h.transition == transition && h.name.starts_with(prefix));
+            for hook in ours {
+                out.push(Waiting {
+                    action: LifecycleAction {
+                        group: group.name.clone(),
+                        hook: hook.name.clone(),
+                        instance: instance.id.clone(),
+                        transition,
+                    },
+                    heartbeat_timeout: hook.heartbeat_timeout,
+                    since: match transition {
+                        Transition::Launching => instance.ec2.as_ref().and_then(|e| e.launch_time),
+                        Transition::Terminating => None,
+                    },
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The endpoint of `instance` in whichever service has it.
+fn endpoint_state(snapshot: &Snapshot, instance: &InstanceId) -> Option<EndpointState> {
+    snapshot
+        .services
+        .values()
+        .find_map(|s| s.endpoints.get(instance))
+        .map(|e| e.state)
+}
+
+/// One action as `GET /v1/lifecycle` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActionRecord {
+    pub group: String,
+    pub hook: String,
+    pub instance: InstanceId,
+    pub transition: &'static str,
+    /// When the wait began (launch: EC2 launch time; terminate: first seen).
+    #[serde(serialize_with = "rfc3339")]
+    pub since: SystemTime,
+    /// `waiting_for_health`, `waiting_for_routers`, `draining`, `completing`, `done`.
+    pub stage: &'static str,
+    /// Milliseconds from `since` to: the endpoint healthy (launch), every
+    /// router acked (launch: the healthy revision; terminate: the draining
+    /// one, with nothing in flight), the completion sent.
+    pub healthy_ms: Option<u64>,
+    pub acked_ms: Option<u64>,
+    pub completed_ms: Option<u64>,
+    /// `continue`, `abandon`, `not_waiting` (AWS had no such action any more).
+    pub result: Option<&'static str>,
+    /// Why a timeout decided, or the last error.
+    pub note: Option<String>,
+}
+
+/// Lifecycle state shared with the API: actions under way and recent ones,
+/// counters and histograms for `/metrics`.
+#[derive(Default)]
+pub struct LifecycleLog {
+    inner: Mutex<LogInner>,
+}
+
+#[derive(Default)]
+struct LogInner {
+    active: BTreeMap<LifecycleAction, ActionRecord>,
+    recent: VecDeque<ActionRecord>,
+    /// (transition, result) → count; result also `error`.
+    results: BTreeMap<(&'static str, &'static str), u64>,
+    /// (stage) → count: `launch`, `acks`, `drain`.
+    timeouts: BTreeMap<&'static str, u64>,
+    heartbeats: u64,
+    heartbeat_errors: u64,
+    launch_healthy: Histogram,
+    launch_acked: Histogram,
+    healthy_to_acked: Histogram,
+    terminate_drained: Histogram,
+}
+
+/// What `/metrics` reports, copied out under the lock.
+pub struct LifecycleMetrics {
+    pub results: BTreeMap<(&'static str, &'static str), u64>,
+    pub timeouts: BTreeMap<&'static str, u64>,
+    pub heartbeats: u64,
+    pub heartbeat_errors: u64,
+    /// (name, help, histogram)
+    pub histograms: Vec<(&'static str, &'static str, Histogram)>,
+}
+
+fn ms(since: SystemTime) -> u64 {
+    SystemTime::now()
+        .duration_since(since)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+impl LifecycleLog {
+    /// Actions under way, then the most recent completed first.
+    pub fn actions(&self) -> (Vec<ActionRecord>, Vec<ActionRecord>) {
+        let inner = self.inner.lock().unwrap();
+        (
+            inner.active.values().cloned().collect(),
+            inner.recent.iter().rev().cloned().collect(),
+        )
+    }
+
+    pub fn metrics(&self) -> LifecycleMetrics {
+        let inner = self.inner.lock().unwrap();
+        LifecycleMetrics {
+            results: inner.results.clone(),
+            timeouts: inner.timeouts.clone(),
+            heartbeats: inner.heartbeats,
+            heartbeat_errors: inner.heartbeat_errors,
+            histograms: vec![
+                (
+                    "signpost_lifecycle_launch_healthy_seconds",
+                    "Launch: from EC2 launch time to the endpoint healthy.",
+                    inner.launch_healthy.clone(),
+                ),
+                (
+                    "signpost_lifecycle_launch_acked_seconds",
+                    "Launch: from EC2 launch time to every router acked the healthy endpoint.",
+                    inner.launch_acked.clone(),
+                ),
+                (
+                    "signpost_lifecycle_healthy_to_acked_seconds",
+                    "Launch: from the endpoint healthy to every router acked it.",
+                    inner.healthy_to_acked.clone(),
+                ),
+                (
+                    "signpost_lifecycle_terminate_drained_seconds",
+                    "Terminate: from Terminating:Wait seen to every router acked the drain with nothing in flight.",
+                    inner.terminate_drained.clone(),
+                ),
+            ],
+        }
+    }
+
+    fn update(&self, action: &LifecycleAction, f: impl FnOnce(&mut ActionRecord)) {
+        if let Some(r) = self.inner.lock().unwrap().active.get_mut(action) {
+            f(r);
+        }
+    }
+
+    fn begin(&self, action: &LifecycleAction, since: SystemTime) {
+        let record = ActionRecord {
+            group: action.group.clone(),
+            hook: action.hook.clone(),
+            instance: action.instance.clone(),
+            transition: action.transition.label(),
+            since,
+            stage: match action.transition {
+                Transition::Launching => "waiting_for_health",
+                Transition::Terminating => "draining",
+            },
+            healthy_ms: None,
+            acked_ms: None,
+            completed_ms: None,
+            result: None,
+            note: None,
+        };
+        self.inner
+            .lock()
+            .unwrap()
+            .active
+            .insert(action.clone(), record);
+    }
+
+    fn stage(&self, action: &LifecycleAction, stage: &'static str) {
+        self.update(action, |r| r.stage = stage);
+    }
+
+    fn note(&self, action: &LifecycleAction, note: String) {
+        self.update(action, |r| r.note = Some(note));
+    }
+
+    fn timeout(&self, stage: &'static str) {
+        *self
+            .inner
+            .lock()
+            .unwrap()
+            .timeouts
+            .entry(stage)
+            .or_default() += 1;
+    }
+
+    fn healthy(&self, action: &LifecycleAction) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(r) = inner.active.get_mut(action) else {
+            return;
+        };
+        let healthy = ms(r.since);
+        r.healthy_ms = Some(healthy);
+        r.stage = "waiting_for_routers";
+        inner.launch_healthy.observe_ms(healthy);
+    }
+
+    fn acked(&self, action: &LifecycleAction) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(r) = inner.active.get_mut(action) else {
+            return;
+        };
+        let acked = ms(r.since);
+        r.acked_ms = Some(acked);
+        r.stage = "completing";
+        let healthy = r.healthy_ms;
+        match action.transition {
+            Transition::Launching => {
+                inner.launch_acked.observe_ms(acked);
+                if let Some(h) = healthy {
+                    inner.healthy_to_acked.observe_ms(acked.saturating_sub(h));
+                }
+            }
+            Transition::Terminating => inner.terminate_drained.observe_ms(acked),
+        }
+    }
+
+    fn heartbeat(&self, ok: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.heartbeats += 1;
+        inner.heartbeat_errors += u64::from(!ok);
+    }
+
+    /// Ends an action: counted by result, moved to the recent list when done.
+    fn finish(&self, action: &LifecycleAction, outcome: &Result<(HookResult, ActionCall), String>) {
+        let mut inner = self.inner.lock().unwrap();
+        let result = match outcome {
+            Ok((_, ActionCall::NotWaiting)) => "not_waiting",
+            Ok((HookResult::Continue, ActionCall::Done)) => "continue",
+            Ok((HookResult::Abandon, ActionCall::Done)) => "abandon",
+            Err(_) => "error",
+        };
+        *inner
+            .results
+            .entry((action.transition.label(), result))
+            .or_default() += 1;
+        // A failed action is taken up again by the next listing: nothing
+        // half-done is kept.
+        let Some(mut record) = inner.active.remove(action) else {
+            return;
+        };
+        if outcome.is_ok() {
+            record.stage = "done";
+            record.result = Some(result);
+            record.completed_ms = Some(ms(record.since));
+            inner.recent.push_back(record);
+            if inner.recent.len() > RECENT {
+                inner.recent.pop_front();
+            }
+        }
+    }
+
+    /// Forgets an action that stopped waiting without us (completed by
+    /// someone else, or by its timeout).
+    fn forget(&self, action: &LifecycleAction) {
+        self.inner.lock().unwrap().active.remove(action);
+    }
+}
+
+/// Runs the lifecycle actions of every listing.
+pub struct Lifecycle<C> {
+    pub cloud: Arc<C>,
+    pub registry: Arc<Registry>,
+    pub hub: Arc<Hub>,
+    pub config: LifecycleConfig,
+    pub log: Arc<LifecycleLog>,
+    /// Until this instant no action completes: after a (re)start, routers
+    /// that were connected to the previous controller have not all
+    /// reconnected yet, and a router the hub does not know cannot be waited for.
+    pub grace_until: Instant,
+}
+
+impl<C: AutoScaling> Lifecycle<C> {
+    pub async fn run(
+        self,
+        mut fleets: watch::Receiver<Arc<Fleet>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let this = Arc::new(self);
+        let mut tasks: JoinSet<(LifecycleAction, bool)> = JoinSet::new();
+        let mut running: HashMap<LifecycleAction, AbortHandle> = HashMap::new();
+        let mut done: HashMap<LifecycleAction, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                changed = fleets.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let fleet = fleets.borrow_and_update().clone();
+                    let waiting = waiting_actions(&fleet, &this.config.hook_prefix);
+                    running.retain(|action, task| {
+                        let still = waiting.iter().any(|w| w.action == *action);
+                        if !still {
+                            debug!(group = %action.group, instance = %action.instance, hook = %action.hook, "action no longer waiting; its task is dropped");
+                            task.abort();
+                            this.log.forget(action);
+                        }
+                        still
+                    });
+                    done.retain(|action, at| {
+                        at.elapsed() < REDO_AFTER && waiting.iter().any(|w| w.action == *action)
+                    });
+                    for w in waiting {
+                        if running.contains_key(&w.action) || done.contains_key(&w.action) {
+                            continue;
+                        }
+                        let action = w.action.clone();
+                        let task = this.clone();
+                        let handle = tasks.spawn(async move {
+                            let action = w.action.clone();
+                            (action, task.handle(w).await)
+                        });
+                        running.insert(action, handle);
+                    }
+                }
+                Some(joined) = tasks.join_next() => {
+                    if let Ok((action, completed)) = joined {
+                        running.remove(&action);
+                        if completed {
+                            done.insert(action, Instant::now());
+                        }
+                    }
+                }
+                _ = crate::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// Waits for the action's condition while keeping the hook alive, then
+    /// completes it. True when AWS took the completion (or had no such
+    /// action); false after an error, so that the next listing retries.
+    async fn handle(&self, w: Waiting) -> bool {
+        let action = &w.action;
+        let since = w.since.unwrap_or_else(SystemTime::now);
+        self.log.begin(action, since);
+        info!(group = %action.group, instance = %action.instance, hook = %action.hook, transition = action.transition.label(), "lifecycle action waiting");
+        let decided = tokio::select! {
+            biased;
+            result = self.decide(action) => result,
+            never = self.keep_alive(action, w.heartbeat_timeout) => match never {},
+        };
+        self.log.stage(action, "completing");
+        let outcome = self
+            .cloud
+            .complete_action(action, decided)
+            .await
+            .map(|call| (decided, call))
+            .map_err(|e| e.to_string());
+        match &outcome {
+            Ok((result, ActionCall::Done)) => {
+                info!(group = %action.group, instance = %action.instance, hook = %action.hook, result = result.as_aws(), "lifecycle action completed")
+            }
+            Ok((_, ActionCall::NotWaiting)) => {
+                debug!(group = %action.group, instance = %action.instance, hook = %action.hook, "lifecycle action was already complete")
+            }
+            Err(e) => {
+                warn!(group = %action.group, instance = %action.instance, hook = %action.hook, error = %e, "completing the lifecycle action failed; retried after the next listing");
+                self.log.note(action, e.clone());
+            }
+        }
+        self.log.finish(action, &outcome);
+        outcome.is_ok()
+    }
+
+    /// The result the action should be completed with, once it is time.
+    async fn decide(&self, action: &LifecycleAction) -> HookResult {
+        tokio::time::sleep_until(self.grace_until).await;
+        match action.transition {
+            Transition::Launching => self.launch(action).await,
+            Transition::Terminating => {
+                self.drain(action).await;
+                HookResult::Continue
+            }
+        }
+    }
+
+    async fn launch(&self, action: &LifecycleAction) -> HookResult {
+        let deadline = Instant::now() + self.config.launch_timeout;
+        let mut registry = self.registry.subscribe();
+        let healthy = tokio::time::timeout_at(deadline, async {
+            registry
+                .wait_for(|s| endpoint_state(s, &action.instance) == Some(EndpointState::Healthy))
+                .await
+                .map(|s| s.revision)
+        })
+        .await;
+        let revision = match healthy {
+            Ok(Ok(revision)) => revision,
+            Ok(Err(_)) => std::future::pending().await,
+            Err(_) => {
+                let result = self.config.launch_timeout_result;
+                let note = format!(
+                    "not healthy within launch_timeout ({}): {}",
+                    humantime::format_duration(self.config.launch_timeout),
+                    result.as_aws()
+                );
+                warn!(group = %action.group, instance = %action.instance, "{note}");
+                self.log.note(action, note);
+                self.log.timeout("launch");
+                return result;
+            }
+        };
+        self.log.healthy(action);
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        if let Err(e) = self.hub.wait_acked(revision, left).await {
+            // The instance is healthy: a router that lags only sends it no
+            // traffic yet, which fails no request. Go on, and say so.
+            warn!(group = %action.group, instance = %action.instance, error = %e, "continuing without every router's ack");
+            self.log.note(action, e.to_string());
+            self.log.timeout("acks");
+        }
+        self.log.acked(action);
+        HookResult::Continue
+    }
+
+    /// Waits until no router can send the instance a request: every router
+    /// has acked a revision in which the endpoint is draining or gone, and
+    /// reports nothing in flight to it. At most `drain_timeout`.
+    async fn drain(&self, action: &LifecycleAction) {
+        let deadline = Instant::now() + self.config.drain_timeout;
+        let mut registry = self.registry.subscribe();
+        let not_routable = tokio::time::timeout_at(deadline, async {
+            registry
+                .wait_for(|s| {
+                    endpoint_state(s, &action.instance).is_none_or(|e| e == EndpointState::Draining)
+                })
+                .await
+                .map(|s| s.revision)
+        })
+        .await;
+        let revision = match not_routable {
+            Ok(Ok(revision)) => revision,
+            Ok(Err(_)) => std::future::pending().await,
+            // The listing said Terminating:Wait, which `reconcile` turns into
+            // draining in the same pass: not reached unless the registry stalls.
+            Err(_) => self.registry.snapshot().revision,
+        };
+        let instance = action.instance.0.as_str();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let drained = self
+            .hub
+            .wait_routers(left, |r| {
+                r.has_acked(revision) && r.in_flight_to(instance) == 0
+            })
+            .await;
+        if let Err(routers) = drained {
+            let note = format!(
+                "drain_timeout ({}) passed; routers {routers:?} had not acked revision {revision} or still had requests in flight",
+                humantime::format_duration(self.config.drain_timeout)
+            );
+            warn!(group = %action.group, instance = %action.instance, "{note}");
+            self.log.note(action, note);
+            self.log.timeout("drain");
+        }
+        self.log.acked(action);
+    }
+
+    /// Sends heartbeats well before the hook's heartbeat timeout, for as
+    /// long as the action waits. Never returns.
+    async fn keep_alive(
+        &self,
+        action: &LifecycleAction,
+        heartbeat_timeout: Duration,
+    ) -> std::convert::Infallible {
+        let every = (heartbeat_timeout / 3).max(Duration::from_millis(500));
+        loop {
+            tokio::time::sleep(every).await;
+            match self.cloud.heartbeat(action).await {
+                Ok(_) => {
+                    debug!(group = %action.group, instance = %action.instance, "lifecycle heartbeat");
+                    self.log.heartbeat(true);
+                }
+                Err(e) => {
+                    warn!(group = %action.group, instance = %action.instance, error = %e, "lifecycle heartbeat failed");
+                    self.log.heartbeat(false);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::FakeAutoScaling;
+    use crate::model::{
+        Change, Ec2Instance, Endpoint, HealthCheck, LifecycleHook, ObservedGroup, ObservedInstance,
+        Revision, ServiceSettings,
+    };
+    use crate::push::wire::Ack;
+    use std::collections::BTreeSet;
+    use std::net::SocketAddr;
+
+    const ROUTER: &str = "r1";
+
+    fn hook(name: &str, transition: Transition) -> LifecycleHook {
+        LifecycleHook {
+            name: name.into(),
+            transition,
+            heartbeat_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn instance(id: &str, lifecycle: &str) -> ObservedInstance {
+        ObservedInstance {
+            id: id.into(),
+            lifecycle_state: lifecycle.into(),
+            zone: "a".into(),
+            ec2: Some(Ec2Instance {
+                state: "running".into(),
+                private_ip: Some([127, 42, 1, 4].into()),
+                launch_time: Some(SystemTime::UNIX_EPOCH),
+            }),
+        }
+    }
+
+    #[test]
+    fn only_our_hooks_of_the_waiting_transition_are_taken() {
+        let fleet = Fleet {
+            groups: vec![ObservedGroup {
+                name: "g".into(),
+                service: Some("users".into()),
+                settings: Err("tags need not be usable for hooks to be seen".into()),
+                instances: vec![
+                    instance("i-1", "Pending:Wait"),
+                    instance("i-2", "Terminating:Wait"),
+                    instance("i-3", "InService"),
+                ],
+                hooks: vec![
+                    hook("signpost-launch", Transition::Launching),
+                    hook("signpost-terminate", Transition::Terminating),
+                    hook("bootstrap", Transition::Launching),
+                ],
+            }],
+        };
+        let found: Vec<(String, String, Option<SystemTime>)> = waiting_actions(&fleet, "signpost")
+            .into_iter()
+            .map(|w| (w.action.instance.0, w.action.hook, w.since))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "i-1".into(),
+                    "signpost-launch".into(),
+                    Some(SystemTime::UNIX_EPOCH)
+                ),
+                ("i-2".into(), "signpost-terminate".into(), None),
+            ]
+        );
+    }
+
+    /// A registry with service `users`, a hub with router `r1`, and the
+    /// lifecycle wired to a fake cloud.
+    struct World {
+        lifecycle: Arc<Lifecycle<FakeAutoScaling>>,
+        registry: Arc<Registry>,
+        hub: Arc<Hub>,
+        _stop: watch::Sender<bool>,
+    }
+
+    fn world(config: LifecycleConfig, grace: Duration) -> World {
+        let registry = Arc::new(Registry::new());
+        registry.apply(
+            &[Change::PutService {
+                name: "users".into(),
+                settings: ServiceSettings {
+                    route: "/users".into(),
+                    port: 80,
+                    health: HealthCheck::Tcp,
+                },
+                groups: BTreeSet::from(["g".to_string()]),
+            }],
+            SystemTime::now(),
+        );
+        let (stop_tx, stop) = watch::channel(false);
+        let hub = Hub::new(
+            registry.subscribe(),
+            Duration::from_secs(5),
+            stop,
+            watch::channel(true).1,
+        );
+        hub.connect(ROUTER, SocketAddr::from(([127, 0, 0, 1], 1)));
+        let lifecycle = Arc::new(Lifecycle {
+            cloud: Arc::new(FakeAutoScaling::default()),
+            registry: registry.clone(),
+            hub: hub.clone(),
+            config,
+            log: Arc::default(),
+            grace_until: Instant::now() + grace,
+        });
+        World {
+            lifecycle,
+            registry,
+            hub,
+            _stop: stop_tx,
+        }
+    }
+
+    fn set(registry: &Registry, change: Change) -> Revision {
+        registry
+            .apply(&[change], SystemTime::now())
+            .expect("a change")
+    }
+
+    fn add(id: &str) -> Change {
+        Change::AddEndpoint {
+            service: "users".into(),
+            endpoint: Endpoint {
+                instance_id: id.into(),
+                address: [127, 42, 1, 4].into(),
+                port: 80,
+                zone: "a".into(),
+                group: "g".into(),
+                state: EndpointState::Starting,
+                since: SystemTime::UNIX_EPOCH,
+            },
+        }
+    }
+
+    fn state(id: &str, state: EndpointState) -> Change {
+        Change::SetState {
+            service: "users".into(),
+            instance: id.into(),
+            address: [127, 42, 1, 4].into(),
+            port: 80,
+            state,
+        }
+    }
+
+    fn ack(hub: &Hub, revision: Revision, in_flight: &[(&str, u64)]) {
+        let in_flight = in_flight
+            .iter()
+            .map(|(id, n)| ("users".to_string(), BTreeMap::from([(id.to_string(), *n)])))
+            .collect();
+        assert!(hub.acked(
+            ROUTER,
+            Ack {
+                revision,
+                in_flight,
+                ejected: vec![],
+            }
+        ));
+    }
+
+    fn waiting(id: &str, transition: Transition, heartbeat: Duration) -> Waiting {
+        Waiting {
+            action: LifecycleAction {
+                group: "g".into(),
+                hook: "signpost".into(),
+                instance: id.into(),
+                transition,
+            },
+            heartbeat_timeout: heartbeat,
+            since: None,
+        }
+    }
+
+    /// Lets every task run until it waits on time or on another task.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn completed(w: &World) -> Vec<(String, HookResult)> {
+        let done = w.lifecycle.cloud.completed.lock().unwrap();
+        done.iter()
+            .map(|(a, r)| (a.instance.0.clone(), *r))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn launch_continues_only_once_healthy_and_acked_by_every_router() {
+        let w = world(LifecycleConfig::default(), Duration::ZERO);
+        set(&w.registry, add("i-1"));
+        let task = tokio::spawn({
+            let l = w.lifecycle.clone();
+            async move {
+                l.handle(waiting(
+                    "i-1",
+                    Transition::Launching,
+                    Duration::from_secs(30),
+                ))
+                .await
+            }
+        });
+        settle().await;
+        assert!(completed(&w).is_empty(), "starting: not yet");
+        let healthy = set(&w.registry, state("i-1", EndpointState::Healthy));
+        settle().await;
+        assert!(completed(&w).is_empty(), "healthy but not acked");
+        ack(&w.hub, healthy - 1, &[]);
+        settle().await;
+        assert!(completed(&w).is_empty(), "an older revision acked");
+        ack(&w.hub, healthy, &[]);
+        assert!(task.await.unwrap());
+        assert_eq!(completed(&w), [("i-1".into(), HookResult::Continue)]);
+        let (active, recent) = w.lifecycle.log.actions();
+        assert!(active.is_empty());
+        assert_eq!(
+            (recent[0].result, recent[0].stage),
+            (Some("continue"), "done")
+        );
+        assert!(recent[0].healthy_ms.is_some() && recent[0].acked_ms.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn launch_not_healthy_in_time_is_abandoned_with_heartbeats_meanwhile() {
+        let config = LifecycleConfig {
+            launch_timeout: Duration::from_secs(60),
+            ..LifecycleConfig::default()
+        };
+        let w = world(config, Duration::ZERO);
+        set(&w.registry, add("i-1"));
+        let started = Instant::now();
+        let done = w
+            .lifecycle
+            .handle(waiting(
+                "i-1",
+                Transition::Launching,
+                Duration::from_secs(30),
+            ))
+            .await;
+        assert!(done);
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+        assert_eq!(completed(&w), [("i-1".into(), HookResult::Abandon)]);
+        let beats = w.lifecycle.cloud.heartbeats.lock().unwrap().len();
+        assert_eq!(
+            beats, 5,
+            "one every 10s, a third of the 30s heartbeat timeout"
+        );
+        let m = w.lifecycle.log.metrics();
+        assert_eq!(m.results[&("launch", "abandon")], 1);
+        assert_eq!(m.timeouts["launch"], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn terminate_continues_once_acked_with_nothing_in_flight() {
+        let w = world(LifecycleConfig::default(), Duration::ZERO);
+        set(&w.registry, add("i-1"));
+        set(&w.registry, state("i-1", EndpointState::Healthy));
+        let draining = set(&w.registry, state("i-1", EndpointState::Draining));
+        let task = tokio::spawn({
+            let l = w.lifecycle.clone();
+            async move {
+                l.handle(waiting(
+                    "i-1",
+                    Transition::Terminating,
+                    Duration::from_secs(30),
+                ))
+                .await
+            }
+        });
+        settle().await;
+        ack(&w.hub, draining, &[("i-1", 2)]);
+        settle().await;
+        assert!(completed(&w).is_empty(), "two requests still in flight");
+        ack(&w.hub, draining, &[]);
+        assert!(task.await.unwrap());
+        assert_eq!(completed(&w), [("i-1".into(), HookResult::Continue)]);
+        assert!(w.lifecycle.log.metrics().timeouts.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn terminate_goes_on_after_the_drain_timeout() {
+        let config = LifecycleConfig {
+            drain_timeout: Duration::from_secs(30),
+            ..LifecycleConfig::default()
+        };
+        let w = world(config, Duration::ZERO);
+        let started = Instant::now();
+        assert!(
+            w.lifecycle
+                .handle(waiting(
+                    "i-9",
+                    Transition::Terminating,
+                    Duration::from_secs(300)
+                ))
+                .await
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(30), "r1 never acked");
+        assert_eq!(completed(&w), [("i-9".into(), HookResult::Continue)]);
+        assert_eq!(w.lifecycle.log.metrics().timeouts["drain"], 1);
+        let (_, recent) = w.lifecycle.log.actions();
+        assert!(recent[0].note.as_deref().unwrap().contains("[\"r1\"]"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_completes_before_the_grace_after_a_start() {
+        let w = world(LifecycleConfig::default(), Duration::from_secs(10));
+        let started = Instant::now();
+        w.hub.disconnect(ROUTER, 1);
+        assert!(
+            w.lifecycle
+                .handle(waiting(
+                    "i-9",
+                    Transition::Terminating,
+                    Duration::from_secs(300)
+                ))
+                .await
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_completion_is_not_counted_done() {
+        let w = world(LifecycleConfig::default(), Duration::ZERO);
+        w.hub.disconnect(ROUTER, 1);
+        *w.lifecycle.cloud.action_error.lock().unwrap() = Some("Throttling: Rate exceeded".into());
+        assert!(
+            !w.lifecycle
+                .handle(waiting(
+                    "i-9",
+                    Transition::Terminating,
+                    Duration::from_secs(300)
+                ))
+                .await
+        );
+        assert_eq!(
+            w.lifecycle.log.metrics().results[&("terminate", "error")],
+            1
+        );
+        let (active, recent) = w.lifecycle.log.actions();
+        assert!(
+            active.is_empty() && recent.is_empty(),
+            "taken up again by the next listing"
+        );
+    }
+}
