@@ -35,27 +35,6 @@ fn cache_file(name: &str) -> PathBuf {
     path
 }
 
-/// The revision a router acked, from the controller's `/v1/routers`.
-async fn acked(controller: &Controller, id: &str) -> Option<u64> {
-    let (_, body) = controller.get("/v1/routers").await;
-    body["routers"].as_array()?.iter().find(|r| r["id"] == id)?["acked_revision"].as_u64()
-}
-
-/// Waits until `router` has acked the controller's current revision, and
-/// returns that revision.
-async fn wait_in_sync(controller: &Controller, router: &Router) -> u64 {
-    wait_for(
-        &format!("router {} to ack the registry's revision", router.id),
-        Duration::from_secs(20),
-        || async {
-            let (_, body) = controller.get("/v1/routers").await;
-            let revision = body["revision"].as_u64()?;
-            (acked(controller, &router.id).await == Some(revision)).then_some(revision)
-        },
-    )
-    .await
-}
-
 /// Waits until the registry lists exactly `ids` for the service (any state)
 /// and returns the revision of that listing.
 async fn wait_listed(controller: &Controller, service: &str, ids: &[String]) -> u64 {
@@ -116,7 +95,7 @@ async fn routes_by_longest_prefix_and_spreads_over_every_healthy_instance() {
         .wait_endpoints("admin", "healthy", &ids(&admin))
         .await;
     let router = Router::start(&controller.url(""), "r1", &cache_file("prefix"), &[]).await;
-    wait_in_sync(&controller, &router).await;
+    controller.wait_in_sync(&router).await;
 
     let answered = send(&router, "/users/42", 60).await;
     let mut who: Vec<&String> = answered.keys().collect();
@@ -150,7 +129,7 @@ async fn scale_out_gets_traffic_only_once_healthy_and_scale_in_none_after_the_ac
         instances: two,
     } = Scene::start(PORT, "users", &tags("users", "/users"), 2, "").await;
     let router = Router::start(&controller.url(""), "r1", &cache_file("scale"), &[]).await;
-    wait_in_sync(&controller, &router).await;
+    controller.wait_in_sync(&router).await;
 
     // Scale out. The new instances' applications run and would answer any
     // request, but their health checks fail: they must get nothing.
@@ -166,7 +145,7 @@ async fn scale_out_gets_traffic_only_once_healthy_and_scale_in_none_after_the_ac
     wait_for(
         "the router to ack the scale-out",
         Duration::from_secs(20),
-        || async { (acked(&controller, "r1").await >= Some(revision)).then_some(()) },
+        || async { (controller.acked("r1").await >= Some(revision)).then_some(()) },
     )
     .await;
     send(&router, "/users/x", 40).await;
@@ -202,7 +181,7 @@ async fn scale_out_gets_traffic_only_once_healthy_and_scale_in_none_after_the_ac
     wait_for(
         "the router to ack the scale-in",
         Duration::from_secs(20),
-        || async { (acked(&controller, "r1").await >= Some(revision)).then_some(()) },
+        || async { (controller.acked("r1").await >= Some(revision)).then_some(()) },
     )
     .await;
     let before = hits(&backends, &removed);
@@ -231,7 +210,7 @@ async fn unhealthy_endpoints_get_no_traffic_and_none_healthy_is_503() {
     controller
         .wait_endpoints("users", "unhealthy", &[two[0].0.clone()])
         .await;
-    wait_in_sync(&controller, &router).await;
+    controller.wait_in_sync(&router).await;
     let before = backends.hits(two[0].1);
     let answered = send(&router, "/users/x", 30).await;
     assert_eq!(backends.hits(two[0].1), before, "{answered:?}");
@@ -239,7 +218,7 @@ async fn unhealthy_endpoints_get_no_traffic_and_none_healthy_is_503() {
 
     backends.set_health(two[1].1, false);
     controller.wait_endpoints("users", "healthy", &[]).await;
-    wait_in_sync(&controller, &router).await;
+    controller.wait_in_sync(&router).await;
     let (status, body) = router.get("/users/x").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("users"), "{body}");
@@ -264,7 +243,7 @@ async fn a_refused_connection_is_retried_elsewhere_and_repeated_failures_eject()
     )
     .await;
     let router = Router::start(&controller.url(""), "r1", &cache_file("eject"), &[]).await;
-    wait_in_sync(&controller, &router).await;
+    controller.wait_in_sync(&router).await;
 
     backends.stop(two[0].1);
     let answered = send(&router, "/users/x", 30).await;
@@ -326,8 +305,8 @@ async fn two_routers_both_ack_each_revision() {
             &format!("both routers to ack revision {revision}"),
             Duration::from_secs(20),
             || async {
-                let a = acked(&controller, "r1").await?;
-                let b = acked(&controller, "r2").await?;
+                let a = controller.acked("r1").await?;
+                let b = controller.acked("r2").await?;
                 (a >= revision && b >= revision).then_some(())
             },
         )
@@ -340,8 +319,8 @@ async fn two_routers_both_ack_each_revision() {
         );
     }
 
-    let revision = wait_in_sync(&controller, &r1).await;
-    wait_in_sync(&controller, &r2).await;
+    let revision = controller.wait_in_sync(&r1).await;
+    controller.wait_in_sync(&r2).await;
     let (_, body) = controller.get("/v1/routers").await;
     let routers = body["routers"].as_array().unwrap();
     assert_eq!(routers.len(), 2, "{body}");
@@ -384,7 +363,7 @@ async fn routers_keep_routing_without_the_controller_and_restart_from_the_cache(
     let cache = cache_file("outage");
     let controller_url = controller.url("");
     let router = Router::start(&controller_url, "r1", &cache, &[]).await;
-    wait_in_sync(&controller, &router).await;
+    controller.wait_in_sync(&router).await;
     wait_for(
         "the cache file to hold the routes",
         Duration::from_secs(10),

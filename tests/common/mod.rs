@@ -128,6 +128,7 @@ fn signal(child: &Child, sig: &str) {
 static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
 
 /// AWS clients on the emulator, with a VPC and a subnet of the test's own.
+#[derive(Clone)]
 pub struct Cloud {
     pub ec2: aws_sdk_ec2::Client,
     pub autoscaling: aws_sdk_autoscaling::Client,
@@ -239,6 +240,74 @@ impl Cloud {
             .unwrap();
     }
 
+    /// Adds a lifecycle hook to `group`; `transition` is `launching` or
+    /// `terminating`.
+    pub async fn put_hook(
+        &self,
+        group: &str,
+        name: &str,
+        transition: &str,
+        heartbeat_timeout: i32,
+        default_result: &str,
+    ) {
+        let transition = match transition {
+            "launching" => "autoscaling:EC2_INSTANCE_LAUNCHING",
+            "terminating" => "autoscaling:EC2_INSTANCE_TERMINATING",
+            other => panic!("no transition {other}"),
+        };
+        self.autoscaling
+            .put_lifecycle_hook()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_name(name)
+            .lifecycle_transition(transition)
+            .heartbeat_timeout(heartbeat_timeout)
+            .default_result(default_result)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// Each instance of the group with its lifecycle state, sorted by id.
+    pub async fn lifecycle_states(&self, group: &str) -> Vec<(String, String)> {
+        let groups = self
+            .autoscaling
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .unwrap();
+        let mut out: Vec<(String, String)> = groups.auto_scaling_groups()[0]
+            .instances()
+            .iter()
+            .map(|i| {
+                (
+                    i.instance_id().unwrap().to_owned(),
+                    i.lifecycle_state().unwrap().as_str().to_owned(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// EC2's state of one instance (`running`, `terminated`, ...).
+    pub async fn ec2_state(&self, id: &str) -> String {
+        let described = self
+            .ec2
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .unwrap();
+        described.reservations()[0].instances()[0]
+            .state()
+            .unwrap()
+            .name()
+            .unwrap()
+            .as_str()
+            .to_owned()
+    }
+
     /// The group's instances (id, private IP), sorted by id.
     pub async fn instances(&self, group: &str) -> Vec<(String, IpAddr)> {
         let groups = self
@@ -289,6 +358,8 @@ pub struct Backends {
     /// Per address: `/health` answers 503 while set (the application runs,
     /// its health check fails).
     failing_health: HashMap<IpAddr, Arc<AtomicBool>>,
+    /// Whether `/health` of a backend started at a new address fails.
+    pub new_failing: bool,
 }
 
 impl Backends {
@@ -298,6 +369,7 @@ impl Backends {
             running: HashMap::new(),
             hits: HashMap::new(),
             failing_health: HashMap::new(),
+            new_failing: false,
         }
     }
 
@@ -326,7 +398,12 @@ impl Backends {
             .await
             .unwrap_or_else(|e| panic!("bind backend {ip}:{}: {e}", self.port));
         let hits = self.hits.entry(ip).or_default().clone();
-        let failing_health = self.failing_health.entry(ip).or_default().clone();
+        let new_failing = self.new_failing;
+        let failing_health = self
+            .failing_health
+            .entry(ip)
+            .or_insert_with(|| Arc::new(AtomicBool::new(new_failing)))
+            .clone();
         let id_owned = id.to_owned();
         // Connections live in a JoinSet owned by the accept task, so that
         // stopping the backend closes kept-alive connections too, as a
@@ -343,7 +420,14 @@ impl Backends {
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let mut status = hyper::StatusCode::OK;
-                        let body = if req.uri().path() == "/health" {
+                        let path = req.uri().path();
+                        // `/slow/MS` answers after MS milliseconds: a request
+                        // that stays in flight.
+                        let delay = path
+                            .strip_prefix("/slow/")
+                            .and_then(|ms| ms.parse().ok())
+                            .map(Duration::from_millis);
+                        let body = if path == "/health" {
                             if failing_health.load(Ordering::SeqCst) {
                                 status = hyper::StatusCode::SERVICE_UNAVAILABLE;
                             }
@@ -354,7 +438,12 @@ impl Backends {
                         };
                         let mut response = Response::new(Full::new(Bytes::from(body)));
                         *response.status_mut() = status;
-                        async move { Ok::<_, hyper::Error>(response) }
+                        async move {
+                            if let Some(delay) = delay {
+                                tokio::time::sleep(delay).await;
+                            }
+                            Ok::<_, hyper::Error>(response)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -413,7 +502,17 @@ impl Controller {
         interval: &str,
         timeout: &str,
     ) -> Controller {
-        let port = free_port();
+        Controller::start_at(emulator, free_port(), extra, interval, timeout).await
+    }
+
+    /// Starts a controller on `port`: a restart, as routers know it by its URL.
+    pub async fn start_at(
+        emulator: &Emulator,
+        port: u16,
+        extra: &str,
+        interval: &str,
+        timeout: &str,
+    ) -> Controller {
         let dir = std::env::temp_dir().join(format!("signpost-test-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("controller.toml");
@@ -507,6 +606,28 @@ impl Controller {
             (self.endpoints(service, state).await == ids).then_some(())
         })
         .await;
+    }
+
+    /// The revision a router acked, from `/v1/routers`.
+    pub async fn acked(&self, router: &str) -> Option<u64> {
+        let (_, body) = self.get("/v1/routers").await;
+        let routers = body["routers"].as_array()?;
+        routers.iter().find(|r| r["id"] == router)?["acked_revision"].as_u64()
+    }
+
+    /// Waits until `router` has acked the registry's current revision, and
+    /// returns that revision.
+    pub async fn wait_in_sync(&self, router: &Router) -> u64 {
+        wait_for(
+            &format!("router {} to ack the registry's revision", router.id),
+            Duration::from_secs(20),
+            || async {
+                let (_, body) = self.get("/v1/routers").await;
+                let revision = body["revision"].as_u64()?;
+                (self.acked(&router.id).await == Some(revision)).then_some(revision)
+            },
+        )
+        .await
     }
 
     pub async fn wait_ready(&self) {
@@ -620,6 +741,10 @@ impl Router {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("router running")
+    }
+
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         signal(&self.child, "-TERM");
         tokio::time::timeout(Duration::from_secs(15), self.child.wait())
@@ -698,4 +823,108 @@ pub async fn http_get(url: &str) -> Result<(u16, Bytes), String> {
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, body))
+}
+
+/// Backends that come and go with a group's instances, as the instances'
+/// applications would: a server starts when an instance joins the group and
+/// stops (connections cut) the moment the instance leaves it, which with a
+/// terminate hook is when the hook completes.
+pub struct FollowedGroup {
+    pub backends: Arc<tokio::sync::Mutex<Backends>>,
+    task: JoinHandle<()>,
+}
+
+impl FollowedGroup {
+    pub fn start(cloud: &Cloud, group: &str, backends: Backends) -> FollowedGroup {
+        let backends = Arc::new(tokio::sync::Mutex::new(backends));
+        let task = tokio::spawn({
+            let (cloud, group, backends) = (cloud.clone(), group.to_owned(), backends.clone());
+            async move {
+                loop {
+                    let instances = cloud.instances(&group).await;
+                    backends.lock().await.follow(&instances).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        FollowedGroup { backends, task }
+    }
+}
+
+impl Drop for FollowedGroup {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Steady traffic through a router: `per_second` requests, each checked (a
+/// 200 from an instance), each on its own task so that a slow one does not
+/// lower the rate.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Load {
+    pub fn start(url: String, per_second: u32) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let client: Client<HttpConnector, Full<Bytes>> =
+                    Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+                let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+                let mut requests = tokio::task::JoinSet::new();
+                let mut sent = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    sent += 1;
+                    let (client, url) = (client.clone(), url.clone());
+                    requests.spawn(async move {
+                        let started = std::time::SystemTime::now();
+                        let answer = tokio::time::timeout(Duration::from_secs(5), async {
+                            let response = client
+                                .get(url.parse().unwrap())
+                                .await
+                                .map_err(|e| format!("{e:?}"))?;
+                            let status = response.status().as_u16();
+                            let body = response
+                                .into_body()
+                                .collect()
+                                .await
+                                .map_err(|e| format!("body: {e:?}"))?
+                                .to_bytes();
+                            let body = String::from_utf8_lossy(&body).into_owned();
+                            if status == 200 && body.starts_with("instance=") {
+                                Ok(())
+                            } else {
+                                Err(format!("HTTP {status}: {}", body.trim()))
+                            }
+                        })
+                        .await
+                        .unwrap_or_else(|_| Err("no answer within 5s".into()));
+                        answer.map_err(|e| {
+                            let at = humantime::format_rfc3339_millis(started);
+                            format!("{at}: {e}")
+                        })
+                    });
+                }
+                let mut failures = Vec::new();
+                while let Some(done) = requests.join_next().await {
+                    if let Err(e) = done.unwrap() {
+                        failures.push(e);
+                    }
+                }
+                failures.sort();
+                (sent, failures)
+            }
+        });
+        Load { stop, task }
+    }
+
+    /// Stops sending, waits for the answers; (requests sent, failures).
+    pub async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap()
+    }
 }

@@ -1,0 +1,411 @@
+//! Lifecycle hooks end to end: the emulator with hooks (localstack/
+//! lifecycle_hooks.py), the real controller and routers, and backends that
+//! live exactly as long as their instances (`FollowedGroup`): a backend
+//! stops the moment its instance leaves the group, so a request routed to a
+//! terminated instance fails, as it would on AWS.
+
+mod common;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use common::{wait_for, Cloud, Controller, FollowedGroup, Load, Router, Scene};
+
+/// Backend port for this file's tests (other test files use other ports on
+/// the same subnets).
+const PORT: u16 = 18380;
+
+/// Short waits so the tests run in seconds; the router grace covers the
+/// routers' reconnect after a controller restart.
+const LIFECYCLE: &str =
+    "[lifecycle]\nrouter_grace = \"3s\"\nlaunch_timeout = \"30s\"\ndrain_timeout = \"20s\"\n";
+
+fn tags(service: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("signpost:service", service),
+        ("signpost:port", "18380"),
+        ("signpost:route", "/"),
+    ]
+}
+
+fn cache_file(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("signpost-lifecycle-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.json"));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The group's instances in `state`, sorted.
+async fn in_state(cloud: &Cloud, group: &str, state: &str) -> Vec<String> {
+    let states = cloud.lifecycle_states(group).await;
+    states
+        .into_iter()
+        .filter(|(_, s)| s == state)
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Waits until the group is exactly `n` instances, all InService.
+async fn wait_in_service(cloud: &Cloud, group: &str, n: usize, limit: Duration) -> Vec<String> {
+    wait_for(
+        &format!("{group} to be {n} instances, all InService"),
+        limit,
+        || async {
+            let states = cloud.lifecycle_states(group).await;
+            let all = states.len() == n && states.iter().all(|(_, s)| s == "InService");
+            all.then(|| states.into_iter().map(|(id, _)| id).collect())
+        },
+    )
+    .await
+}
+
+/// The completed lifecycle action of `instance`, from `/v1/lifecycle`.
+async fn completed(controller: &Controller, instance: &str) -> Option<serde_json::Value> {
+    let (_, body) = controller.get("/v1/lifecycle").await;
+    let recent = body["recent"].as_array()?;
+    recent.iter().find(|a| a["instance"] == instance).cloned()
+}
+
+async fn wait_completed(controller: &Controller, instance: &str) -> serde_json::Value {
+    wait_for(
+        &format!("the lifecycle action of {instance} to complete"),
+        Duration::from_secs(30),
+        || completed(controller, instance),
+    )
+    .await
+}
+
+/// Waits until `/metrics` has `sample` at `at_least`.
+async fn wait_metric(controller: &Controller, sample: &str, at_least: f64) {
+    wait_for(
+        &format!("{sample} >= {at_least}"),
+        Duration::from_secs(30),
+        || async { (controller.metric(sample).await? >= at_least).then_some(()) },
+    )
+    .await
+}
+
+fn ip_of(instances: &[(String, IpAddr)], id: &str) -> IpAddr {
+    instances.iter().find(|(i, _)| i == id).unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_continues_only_once_healthy_and_acked_by_every_router() {
+    let scene = Scene::start(PORT, "web-launch", &tags("web"), 1, LIFECYCLE).await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        backends,
+        controller,
+        ..
+    } = scene;
+    // A 3s heartbeat timeout whose default is ABANDON: without heartbeats
+    // the emulator would terminate the instance while it waits.
+    cloud
+        .put_hook("web-launch", "signpost-launch", "launching", 3, "ABANDON")
+        .await;
+    let a = Router::start(&controller.url(""), "a", &cache_file("launch-a"), &[]).await;
+    let b = Router::start(&controller.url(""), "b", &cache_file("launch-b"), &[]).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut backends = backends;
+    backends.new_failing = true;
+    let followed = FollowedGroup::start(&cloud, "web-launch", backends);
+
+    cloud.set_desired("web-launch", 2).await;
+    let new = wait_for(
+        "an instance in Pending:Wait",
+        Duration::from_secs(20),
+        || async { in_state(&cloud, "web-launch", "Pending:Wait").await.pop() },
+    )
+    .await;
+    // Unhealthy for longer than the heartbeat timeout: heartbeats hold it.
+    wait_metric(
+        &controller,
+        "signpost_lifecycle_heartbeats_total{result=\"ok\"}",
+        4.0,
+    )
+    .await;
+    assert_eq!(
+        in_state(&cloud, "web-launch", "Pending:Wait").await,
+        [new.clone()]
+    );
+    controller
+        .wait_endpoints("web", "unhealthy", &[new.clone()])
+        .await;
+
+    // Healthy, but router b is frozen and cannot ack: still waiting.
+    signal(b.pid(), "-STOP");
+    let ip = ip_of(&cloud.instances("web-launch").await, &new);
+    followed.backends.lock().await.set_health(ip, true);
+    wait_for(
+        "the new endpoint to be healthy",
+        Duration::from_secs(10),
+        || async {
+            let healthy = controller.endpoints("web", "healthy").await;
+            healthy.contains(&new).then_some(())
+        },
+    )
+    .await;
+    controller.wait_in_sync(&a).await;
+    let (_, lifecycle) = controller.get("/v1/lifecycle").await;
+    assert_eq!(
+        lifecycle["active"][0]["stage"], "waiting_for_routers",
+        "{lifecycle}"
+    );
+    assert_eq!(
+        in_state(&cloud, "web-launch", "Pending:Wait").await,
+        [new.clone()]
+    );
+    let (status, body) = a.get("/").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Router b acks once it runs again, and only then does the hook complete.
+    signal(b.pid(), "-CONT");
+    let record = wait_completed(&controller, &new).await;
+    assert_eq!(record["result"], "continue", "{record}");
+    assert!(record["acked_ms"].as_u64() >= record["healthy_ms"].as_u64());
+    wait_in_service(&cloud, "web-launch", 2, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_not_healthy_in_time_is_abandoned() {
+    let toml = "[lifecycle]\nrouter_grace = \"0s\"\nlaunch_timeout = \"2s\"\n";
+    let scene = Scene::start(PORT, "web-abandon", &tags("web"), 1, toml).await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        mut backends,
+        controller,
+        ..
+    } = scene;
+    // DefaultResult CONTINUE: an ABANDON can only have come from signpost.
+    cloud
+        .put_hook(
+            "web-abandon",
+            "signpost-launch",
+            "launching",
+            300,
+            "CONTINUE",
+        )
+        .await;
+    backends.new_failing = true;
+    let _followed = FollowedGroup::start(&cloud, "web-abandon", backends);
+    cloud.set_desired("web-abandon", 2).await;
+    let new = wait_for(
+        "an instance in Pending:Wait",
+        Duration::from_secs(20),
+        || async { in_state(&cloud, "web-abandon", "Pending:Wait").await.pop() },
+    )
+    .await;
+    let record = wait_completed(&controller, &new).await;
+    assert_eq!(record["result"], "abandon", "{record}");
+    assert!(
+        record["note"].as_str().unwrap().contains("launch_timeout"),
+        "{record}"
+    );
+    assert!(record["healthy_ms"].is_null());
+    wait_for(
+        "the abandoned instance to terminate",
+        Duration::from_secs(10),
+        || async {
+            let state = cloud.ec2_state(&new).await;
+            matches!(state.as_str(), "shutting-down" | "terminated").then_some(())
+        },
+    )
+    .await;
+    assert!(
+        controller
+            .metric("signpost_lifecycle_timeouts_total{stage=\"launch\"}")
+            .await
+            >= Some(1.0)
+    );
+    assert!(
+        controller
+            .metric("signpost_lifecycle_actions_total{transition=\"launch\",result=\"abandon\"}")
+            .await
+            >= Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_in_drains_requests_in_flight_then_continues() {
+    let scene = Scene::start(PORT, "web-drain", &tags("web"), 1, LIFECYCLE).await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        backends,
+        controller,
+        instances,
+    } = scene;
+    cloud
+        .put_hook(
+            "web-drain",
+            "signpost-terminate",
+            "terminating",
+            300,
+            "CONTINUE",
+        )
+        .await;
+    let router = Router::start(&controller.url(""), "r1", &cache_file("drain"), &[]).await;
+    router.wait_ready().await;
+    controller.wait_in_sync(&router).await;
+    let (id, ip) = instances[0].clone();
+    let followed = FollowedGroup::start(&cloud, "web-drain", backends);
+
+    // A request that stays in flight for 4s.
+    let slow = tokio::spawn({
+        let url = format!("http://127.0.0.1:{}/slow/4000", router.port);
+        async move {
+            let answer = common::http_get(&url).await;
+            (answer, SystemTime::now())
+        }
+    });
+    wait_for(
+        "the router to report the request in flight",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = controller.get("/v1/routers").await;
+            let n = body["routers"][0]["in_flight"]["web"][&id].as_u64();
+            (n == Some(1)).then_some(())
+        },
+    )
+    .await;
+
+    cloud.set_desired("web-drain", 0).await;
+    controller
+        .wait_endpoints("web", "draining", &[id.clone()])
+        .await;
+    controller.wait_in_sync(&router).await;
+    let hits_at_ack = followed.backends.lock().await.hits(ip);
+    assert_eq!(
+        in_state(&cloud, "web-drain", "Terminating:Wait").await,
+        [id.clone()],
+        "held while its request is in flight"
+    );
+    let (status, body) = router.get("/").await;
+    assert_eq!(
+        status, 503,
+        "a draining endpoint gets no new request: {body}"
+    );
+
+    let (answer, answered_at) = slow.await.unwrap();
+    let (status, body) = answer.expect("the slow request is answered");
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).trim()),
+        (200, format!("instance={id}").as_str())
+    );
+    let record = wait_completed(&controller, &id).await;
+    assert_eq!(record["result"], "continue", "{record}");
+    assert!(record["note"].is_null(), "no timeout: {record}");
+    let since = humantime::parse_rfc3339(record["since"].as_str().unwrap()).unwrap();
+    let completed_at = since + Duration::from_millis(record["completed_ms"].as_u64().unwrap());
+    assert!(
+        completed_at >= answered_at,
+        "CONTINUE only after the request in flight was answered"
+    );
+    wait_in_service(&cloud, "web-drain", 0, Duration::from_secs(10)).await;
+    assert_eq!(
+        followed.backends.lock().await.hits(ip),
+        hits_at_ack,
+        "no request after the ack"
+    );
+}
+
+/// Cycles the group 2 → 6 → 2 `cycles` times under load through a router
+/// and returns (requests sent, failures). With `kill_during_scale_in`, the
+/// controller is SIGKILLed as the first instance of every scale-in starts to
+/// wait, and restarted on the same port.
+async fn cycle_under_load(
+    group: &str,
+    cycles: usize,
+    kill_during_scale_in: bool,
+) -> (usize, Vec<String>) {
+    let scene = Scene::start(PORT, group, &tags("web"), 2, LIFECYCLE).await;
+    let Scene {
+        emulator,
+        cloud,
+        backends,
+        mut controller,
+        ..
+    } = scene;
+    // Long heartbeat timeouts: completing by timeout would take minutes, so
+    // every completion within the waits below is signpost's.
+    cloud
+        .put_hook(group, "signpost-launch", "launching", 600, "ABANDON")
+        .await;
+    cloud
+        .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
+        .await;
+    let router = Router::start(&controller.url(""), "r1", &cache_file(group), &[]).await;
+    router.wait_ready().await;
+    controller.wait_in_sync(&router).await;
+    let _followed = FollowedGroup::start(&cloud, group, backends);
+    let load = Load::start(format!("http://127.0.0.1:{}/", router.port), 100);
+
+    for cycle in 0..cycles {
+        cloud.set_desired(group, 6).await;
+        let six = wait_in_service(&cloud, group, 6, Duration::from_secs(30)).await;
+        controller.wait_endpoints("web", "healthy", &six).await;
+        cloud.set_desired(group, 2).await;
+        if kill_during_scale_in {
+            wait_for(
+                "an instance in Terminating:Wait",
+                Duration::from_secs(10),
+                || async { in_state(&cloud, group, "Terminating:Wait").await.pop() },
+            )
+            .await;
+            let port = controller.port;
+            controller.kill().await;
+            controller = Controller::start_at(&emulator, port, LIFECYCLE, "200ms", "150ms").await;
+        }
+        // 600s heartbeat timeouts: within 30s, only signpost can have let them go.
+        let two = wait_in_service(&cloud, group, 2, Duration::from_secs(30)).await;
+        controller.wait_endpoints("web", "healthy", &two).await;
+        eprintln!("{group}: cycle {} done", cycle + 1);
+    }
+    let result = load.finish().await;
+    let (_, lifecycle) = controller.get("/v1/lifecycle").await;
+    assert_eq!(
+        lifecycle["active"],
+        serde_json::json!([]),
+        "nothing left waiting"
+    );
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_failed_requests_while_the_group_cycles_2_6_2_five_times() {
+    let (sent, failures) = cycle_under_load("web-cycle", 5, false).await;
+    eprintln!("sent {sent} requests, {} failed", failures.len());
+    assert!(
+        sent >= 1000,
+        "at least 50 requests/s over the cycles: {sent}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:#?}",
+        failures.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_failed_requests_with_the_controller_killed_during_each_scale_in() {
+    let (sent, failures) = cycle_under_load("web-restart", 2, true).await;
+    eprintln!("sent {sent} requests, {} failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:#?}",
+        failures.len()
+    );
+}
