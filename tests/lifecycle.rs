@@ -138,10 +138,10 @@ async fn launch_continues_only_once_healthy_and_acked_by_every_router() {
     .await;
     assert_eq!(
         in_state(&cloud, "web-launch", "Pending:Wait").await,
-        [new.clone()]
+        vec![new.clone()]
     );
     controller
-        .wait_endpoints("web", "unhealthy", &[new.clone()])
+        .wait_endpoints("web", "unhealthy", std::slice::from_ref(&new))
         .await;
 
     // Healthy, but router b is frozen and cannot ack: still waiting.
@@ -165,7 +165,7 @@ async fn launch_continues_only_once_healthy_and_acked_by_every_router() {
     );
     assert_eq!(
         in_state(&cloud, "web-launch", "Pending:Wait").await,
-        [new.clone()]
+        vec![new.clone()]
     );
     let (status, body) = a.get("/").await;
     assert_eq!(status, 200, "{body}");
@@ -284,13 +284,13 @@ async fn scale_in_drains_requests_in_flight_then_continues() {
 
     cloud.set_desired("web-drain", 0).await;
     controller
-        .wait_endpoints("web", "draining", &[id.clone()])
+        .wait_endpoints("web", "draining", std::slice::from_ref(&id))
         .await;
     controller.wait_in_sync(&router).await;
     let hits_at_ack = followed.backends.lock().await.hits(ip);
     assert_eq!(
         in_state(&cloud, "web-drain", "Terminating:Wait").await,
-        [id.clone()],
+        vec![id.clone()],
         "held while its request is in flight"
     );
     let (status, body) = router.get("/").await;
