@@ -183,7 +183,7 @@ class Controller:
     """`signpost controller` with the given AWS credentials and a small,
     fast config; stderr goes to a file for the assertions on its log."""
 
-    def __init__(self, binary, endpoint, key_id, secret, workdir, name="controller"):
+    def __init__(self, binary, endpoint, key_id, secret, workdir, name="controller", extra=""):
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}"
         self.config = Path(workdir) / f"{name}.toml"
@@ -199,6 +199,7 @@ operation_timeout = "3s"
 [health]
 interval = "300ms"
 timeout = "250ms"
+{extra}
 """)
         self.stderr_path = Path(workdir) / f"{name}.stderr"
         self.stderr = open(self.stderr_path, "w")

@@ -91,8 +91,9 @@ def world(moto_server_bin, tmp_path_factory):
 def run_controller(world, signpost_bin, tmp_path):
     started = []
 
-    def start(creds):
-        c = Controller(signpost_bin, world.moto.url, *creds, tmp_path, name=f"c{len(started)}")
+    def start(creds, extra=""):
+        c = Controller(signpost_bin, world.moto.url, *creds, tmp_path, name=f"c{len(started)}",
+                       extra=extra)
         started.append(c)
         return c
 
@@ -217,3 +218,85 @@ def test_sqs_statement_reaches_only_the_configured_queue(world):
     with pytest.raises(ClientError) as e:
         world.client("sqs", creds).receive_message(QueueUrl=mine, WaitTimeSeconds=0)
     assert_denied(e.value)
+
+
+def hooked_group(world, name, port):
+    """A tagged group of its own whose launches wait on a signpost hook with
+    a 3s heartbeat timeout (default ABANDON), scaled to one instance that
+    waits in Pending:Wait with a backend at its address."""
+    asg, ec2 = world.client("autoscaling"), world.client("ec2")
+    subnet = asg.describe_auto_scaling_groups(
+        AutoScalingGroupNames=["iam-web"])["AutoScalingGroups"][0]["VPCZoneIdentifier"]
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=name, MinSize=0, MaxSize=2, DesiredCapacity=0,
+        LaunchTemplate={"LaunchTemplateName": "iam-test", "Version": "$Latest"},
+        VPCZoneIdentifier=subnet,
+        Tags=[{"ResourceId": name, "ResourceType": "auto-scaling-group", "Key": k, "Value": v,
+               "PropagateAtLaunch": True}
+              for k, v in {"signpost:service": name, "signpost:port": str(port)}.items()])
+    asg.put_lifecycle_hook(AutoScalingGroupName=name, LifecycleHookName="signpost-launch",
+                           LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
+                           HeartbeatTimeout=3, DefaultResult="ABANDON")
+    asg.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=1)
+    [instance] = asg.describe_auto_scaling_groups(
+        AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"]
+    assert instance["LifecycleState"] == "Pending:Wait", instance
+    [reservation] = ec2.describe_instances(InstanceIds=[instance["InstanceId"]])["Reservations"]
+    backends = Backends([(reservation["Instances"][0]["PrivateIpAddress"], port)])
+    return instance["InstanceId"], backends
+
+
+def remove_group(world, name):
+    world.client("autoscaling").delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
+
+
+def lifecycle_state(world, name):
+    instances = world.client("autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"]
+    return [i["LifecycleState"] for i in instances]
+
+
+def test_policy_lets_the_controller_hold_and_complete_its_hooks(world, run_controller):
+    """With only the policy, a launch held by a signpost hook is read
+    (DescribeLifecycleHooks), kept alive past its 3s heartbeat timeout
+    (RecordLifecycleActionHeartbeat; the default result would terminate it)
+    and completed (CompleteLifecycleAction)."""
+    # moto checks Auto Scaling calls against Resource "*" only (iam/README):
+    # the statement's ARN pattern is widened so that its actions are tested.
+    policy = render_policy("controller-policy.json")
+    [acting] = [s for s in policy["Statement"] if s["Sid"] == "ActOnLifecycleHooksOfTaggedGroups"]
+    acting["Resource"] = "*"
+    _, creds = world.user_with(policy)
+    instance, backends = hooked_group(world, "iam-hooked", PORT + 1)
+    try:
+        c = run_controller(creds, extra='[lifecycle]\nrouter_grace = "5s"')
+        try:
+            wait_for("the launch to complete",
+                     lambda: lifecycle_state(world, "iam-hooked") == ["InService"], timeout=30)
+        except BaseException:
+            print(c.log())
+            raise
+        status, body = c.get("/v1/lifecycle")
+        [done] = [a for a in body["recent"] if a["instance"] == instance]
+        assert done["result"] == "continue" and done["completed_ms"] > 3000, done
+        assert not PERMISSION_ERROR.search(c.log()), c.log()
+    finally:
+        remove_group(world, "iam-hooked")
+        backends.stop()
+
+
+def test_policy_without_read_lifecycle_hooks_names_the_action(world, run_controller):
+    _, creds = world.user_with(without(render_policy("controller-policy.json"), "ReadLifecycleHooks"))
+    _, backends = hooked_group(world, "iam-unread", PORT + 2)
+    try:
+        c = run_controller(creds)
+
+        def denied():
+            status, reason = readiness(c)
+            return status == 503 and "autoscaling:DescribeLifecycleHooks" in reason and reason
+
+        reason = wait_for("/readyz 503 naming autoscaling:DescribeLifecycleHooks", denied)
+        assert PERMISSION_ERROR.search(reason), reason
+    finally:
+        remove_group(world, "iam-unread")
+        backends.stop()

@@ -75,11 +75,11 @@ def test_controller_policy_is_least_privilege():
                      for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
     assert actions == sorted([
         "autoscaling:DescribeAutoScalingGroups", "ec2:DescribeInstances",
-        "autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat",
+        "autoscaling:DescribeLifecycleHooks", "autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat",
         "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]), actions
     # Describe* support no resource-level permissions: "*" is the only choice,
     # narrowed to the controller's region.
-    for sid in ("ListTaggedAutoScalingGroups", "ReadInstanceAddresses"):
+    for sid in ("ListTaggedAutoScalingGroups", "ReadInstanceAddresses", "ReadLifecycleHooks"):
         assert statements[sid]["Resource"] == "*"
         assert statements[sid]["Condition"] == {"StringEquals": {"aws:RequestedRegion": "us-east-1"}}
     # Lifecycle actions: groups of this account and region, and only those
