@@ -49,12 +49,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(health.run(stop_rx.clone())),
     ];
     let event_counts = Arc::new(EventCounts::default());
+    let lifecycle_log = Arc::new(LifecycleLog::default());
     if let Some(queue_url) = &config.events.queue_url {
         let queue = EventQueue {
             sqs: event_client(&aws, &config),
             queue_url: queue_url.clone(),
             wait: config.events.wait_time,
             counts: event_counts.clone(),
+            lifecycle: lifecycle_log.clone(),
         };
         tasks.push(tokio::spawn(queue.run(trigger, stop_rx.clone())));
     }
@@ -80,7 +82,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ready_rx,
     );
 
-    let lifecycle_log = Arc::new(LifecycleLog::default());
     let lifecycle = Lifecycle {
         cloud,
         registry: registry.clone(),

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -19,6 +19,7 @@ use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::lifecycle::LifecycleLog;
 use crate::model::Transition;
 
 /// What one message asks for.
@@ -32,6 +33,9 @@ pub enum Event {
         instance: String,
         hook: String,
         transition: Transition,
+        /// When AWS says the action began: the notification's `Time`
+        /// (milliseconds), or an EventBridge event's `time` (seconds).
+        time: Option<SystemTime>,
     },
     /// An instance of a group launched or terminated, or failed to.
     GroupActivity {
@@ -95,13 +99,15 @@ fn parse_value(v: &Value) -> Result<Event, EventError> {
         });
     }
     if v.get("LifecycleTransition").is_some() {
-        return lifecycle_action(v);
+        return lifecycle_action(v, v.get("Time"));
     }
     if let Some(detail_type) = v.get("detail-type").and_then(Value::as_str) {
         let source_name = v.get("source").and_then(Value::as_str).unwrap_or_default();
         let detail = v.get("detail").ok_or(EventError::MissingField("detail"))?;
         return match (source_name, detail_type) {
-            ("aws.autoscaling", t) if t.ends_with("Lifecycle Action") => lifecycle_action(detail),
+            ("aws.autoscaling", t) if t.ends_with("Lifecycle Action") => {
+                lifecycle_action(detail, v.get("time"))
+            }
             ("aws.autoscaling", t)
                 if t.starts_with("EC2 Instance Launch")
                     || t.starts_with("EC2 Instance Terminate") =>
@@ -127,7 +133,7 @@ fn parse_value(v: &Value) -> Result<Event, EventError> {
     Err(EventError::UnknownShape)
 }
 
-fn lifecycle_action(v: &Value) -> Result<Event, EventError> {
+fn lifecycle_action(v: &Value, time: Option<&Value>) -> Result<Event, EventError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "PascalCase")]
     struct Fields<'a> {
@@ -143,6 +149,10 @@ fn lifecycle_action(v: &Value) -> Result<Event, EventError> {
         instance: str_field(v, "EC2InstanceId")?.to_owned(),
         hook: str_field(v, "LifecycleHookName")?.to_owned(),
         transition,
+        // A time we cannot read only costs the metric its start: not an error.
+        time: time
+            .and_then(Value::as_str)
+            .and_then(|t| humantime::parse_rfc3339_weak(t).ok()),
     })
 }
 
@@ -168,6 +178,8 @@ pub struct EventQueue {
     /// Seconds one ReceiveMessage waits for messages (SQS allows 0-20).
     pub wait: Duration,
     pub counts: Arc<EventCounts>,
+    /// Where a lifecycle action's start time is left for `lifecycle`.
+    pub lifecycle: Arc<LifecycleLog>,
 }
 
 impl EventQueue {
@@ -215,6 +227,15 @@ impl EventQueue {
                     Ok(event) => {
                         debug!(message_id = id, ?event, "event");
                         self.counts.handled.fetch_add(1, Ordering::Relaxed);
+                        if let Event::LifecycleAction {
+                            instance,
+                            transition,
+                            time: Some(time),
+                            ..
+                        } = &event
+                        {
+                            self.lifecycle.event_seen(instance, *transition, *time);
+                        }
                         wake |= !matches!(event, Event::TestNotification { .. });
                     }
                     Err(error) => {
@@ -316,6 +337,7 @@ mod tests {
                 instance: "i-0abc".into(),
                 hook: "signpost-launch".into(),
                 transition: Transition::Launching,
+                time: Some(humantime::parse_rfc3339("2026-11-25T10:00:00.000Z").unwrap()),
             }
         );
     }

@@ -102,14 +102,18 @@ pub struct ActionRecord {
     pub hook: String,
     pub instance: InstanceId,
     pub transition: &'static str,
-    /// When the wait began (launch: EC2 launch time; terminate: first seen).
+    /// When the wait began: the event's time when one came through
+    /// `events`, else (launch) EC2's launch time or (terminate) when the
+    /// controller first saw it waiting.
     #[serde(serialize_with = "rfc3339")]
     pub since: SystemTime,
     /// `waiting_for_health`, `waiting_for_routers`, `draining`, `completing`, `done`.
     pub stage: &'static str,
-    /// Milliseconds from `since` to: the endpoint healthy (launch), every
+    /// Milliseconds from `since` to: the endpoint registered (launch: the
+    /// listing that found it), the endpoint healthy (launch), every
     /// router acked (launch: the healthy revision; terminate: the draining
     /// one, with nothing in flight), the completion sent.
+    pub registered_ms: Option<u64>,
     pub healthy_ms: Option<u64>,
     pub acked_ms: Option<u64>,
     pub completed_ms: Option<u64>,
@@ -128,6 +132,8 @@ pub struct LifecycleLog {
 
 #[derive(Default)]
 struct LogInner {
+    /// When events said an action began, until its task takes the time.
+    event_times: HashMap<(InstanceId, Transition), SystemTime>,
     active: BTreeMap<LifecycleAction, ActionRecord>,
     recent: VecDeque<ActionRecord>,
     /// (transition, result) → count; result also `error`.
@@ -159,7 +165,31 @@ fn ms(since: SystemTime) -> u64 {
         .as_millis() as u64
 }
 
+/// Event times older than this are dropped unused: events about hooks that
+/// are not signpost's would otherwise pile up.
+const EVENT_TIME_KEPT: Duration = Duration::from_secs(3600);
+
 impl LifecycleLog {
+    /// Notes when an event says `instance`'s action began (the earliest, if
+    /// duplicates arrive), for the metrics' start.
+    pub fn event_seen(&self, instance: &str, transition: Transition, time: SystemTime) {
+        let mut inner = self.inner.lock().unwrap();
+        let now = SystemTime::now();
+        inner
+            .event_times
+            .retain(|_, t| now.duration_since(*t).unwrap_or_default() < EVENT_TIME_KEPT);
+        let at = inner
+            .event_times
+            .entry((InstanceId(instance.to_owned()), transition))
+            .or_insert(time);
+        *at = (*at).min(time);
+    }
+
+    fn take_event_time(&self, action: &LifecycleAction) -> Option<SystemTime> {
+        let key = (action.instance.clone(), action.transition);
+        self.inner.lock().unwrap().event_times.remove(&key)
+    }
+
     /// Actions under way, then the most recent completed first.
     pub fn actions(&self) -> (Vec<ActionRecord>, Vec<ActionRecord>) {
         let inner = self.inner.lock().unwrap();
@@ -179,12 +209,12 @@ impl LifecycleLog {
             histograms: vec![
                 (
                     "signpost_lifecycle_launch_healthy_seconds",
-                    "Launch: from EC2 launch time to the endpoint healthy.",
+                    "Launch: from the event (or EC2 launch time) to the endpoint healthy.",
                     inner.launch_healthy.clone(),
                 ),
                 (
                     "signpost_lifecycle_launch_acked_seconds",
-                    "Launch: from EC2 launch time to every router acked the healthy endpoint.",
+                    "Launch: from the event (or EC2 launch time) to every router acked the healthy endpoint.",
                     inner.launch_acked.clone(),
                 ),
                 (
@@ -194,7 +224,7 @@ impl LifecycleLog {
                 ),
                 (
                     "signpost_lifecycle_terminate_drained_seconds",
-                    "Terminate: from Terminating:Wait seen to every router acked the drain with nothing in flight.",
+                    "Terminate: from the event (or Terminating:Wait seen) to every router acked the drain with nothing in flight.",
                     inner.terminate_drained.clone(),
                 ),
             ],
@@ -218,6 +248,7 @@ impl LifecycleLog {
                 Transition::Launching => "waiting_for_health",
                 Transition::Terminating => "draining",
             },
+            registered_ms: None,
             healthy_ms: None,
             acked_ms: None,
             completed_ms: None,
@@ -247,6 +278,10 @@ impl LifecycleLog {
             .timeouts
             .entry(stage)
             .or_default() += 1;
+    }
+
+    fn registered(&self, action: &LifecycleAction) {
+        self.update(action, |r| r.registered_ms = Some(ms(r.since)));
     }
 
     fn healthy(&self, action: &LifecycleAction) {
@@ -396,7 +431,12 @@ impl<C: AutoScaling> Lifecycle<C> {
     /// action); false after an error, so that the next listing retries.
     async fn handle(&self, w: Waiting) -> bool {
         let action = &w.action;
-        let since = w.since.unwrap_or_else(SystemTime::now);
+        // The event's own time when one came, else the listing's best guess.
+        let since = self
+            .log
+            .take_event_time(action)
+            .or(w.since)
+            .unwrap_or_else(SystemTime::now);
         self.log.begin(action, since);
         info!(group = %action.group, instance = %action.instance, hook = %action.hook, transition = action.transition.label(), "lifecycle action waiting");
         let decided = tokio::select! {
@@ -443,6 +483,10 @@ impl<C: AutoScaling> Lifecycle<C> {
         let deadline = Instant::now() + self.config.launch_timeout;
         let mut registry = self.registry.subscribe();
         let healthy = tokio::time::timeout_at(deadline, async {
+            let registered = registry.wait_for(|s| endpoint_state(s, &action.instance).is_some());
+            if registered.await.is_ok() {
+                self.log.registered(action);
+            }
             registry
                 .wait_for(|s| endpoint_state(s, &action.instance) == Some(EndpointState::Healthy))
                 .await
