@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The signpost demo, start to finish on one machine:
 #   emulator up → a tagged group of 3 with real backends at the instances'
-#   addresses → controller → router → scale out to 5 → scale in to 2,
-# printing the registry as it changes and how requests through the router
-# spread over the instances. Ctrl-C stops everything.
+#   addresses, with signpost's lifecycle hooks → controller → router →
+#   scale out to 5 → scale in to 2,
+# printing the registry as it changes, how requests through the router
+# spread over the instances, and the requests sent while the group scaled
+# (every one checked; with the hooks none fails). Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -14,12 +16,13 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     bash localstack/emulator.sh stop >/dev/null 2>&1 || true
+    [ -z "${WORK:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 say "building signpost"
 cargo build --quiet --bin signpost
-SIGNPOST="$ROOT/target/debug/signpost"
+SIGNPOST="${CARGO_TARGET_DIR:-$ROOT/target}/debug/signpost"
 
 say "starting the AWS emulator (moto)"
 bash localstack/emulator.sh stop >/dev/null 2>&1 || true
@@ -31,12 +34,17 @@ say "creating Auto Scaling group 'users' (tag signpost:service=users, port 8080)
 bash localstack/emulator.sh seed --group users:users:8080:3 --untagged batch:1 >/dev/null
 bash localstack/emulator.sh backends --all-tagged &
 PIDS+=($!)
+say "adding lifecycle hooks signpost-launch and signpost-terminate to 'users'"
+bash localstack/emulator.sh seed --hooks users >/dev/null
 
 API_PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 API="http://127.0.0.1:$API_PORT"
 say "starting the controller on $API (resync 2s, health every 1s)"
-SIGNPOST_LOG="${SIGNPOST_LOG:-info}" "$SIGNPOST" controller --listen "127.0.0.1:$API_PORT" \
-    --resync-interval 2s --health-interval 1s --health-timeout 500ms &
+WORK="$(mktemp -d)"
+# A demo needs no 10 s wait for the routers of a previous controller.
+printf '[lifecycle]\nrouter_grace = "1s"\n' >"$WORK/controller.toml"
+SIGNPOST_LOG="${SIGNPOST_LOG:-info}" "$SIGNPOST" controller --config "$WORK/controller.toml" \
+    --listen "127.0.0.1:$API_PORT" --resync-interval 2s --health-interval 1s --health-timeout 500ms &
 PIDS+=($!)
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -101,22 +109,58 @@ sys.exit(f"demo: the registry did not reach {want} healthy endpoints within 60 s
 EOF
 }
 
+# Steady traffic (50 requests/s) through the router while the group scales;
+# every answer is checked. Stopped with SIGTERM, it prints the tally.
+start_load() {
+    "$PY" - "http://127.0.0.1:$PROXY_PORT/users/hello" <<'PY' &
+import collections, signal, sys, threading, time, urllib.request
+url, stop, sent, failed = sys.argv[1], threading.Event(), 0, collections.Counter()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+while not stop.is_set():
+    sent += 1
+    try:
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        if not body.startswith("instance="):
+            failed[f"unexpected body {body[:40]!r}"] += 1
+    except Exception as e:
+        failed[str(e)[:80]] += 1
+    stop.wait(0.02)
+print(f"  while scaling: {sent} requests through the router, {sum(failed.values())} failed")
+for reason, n in failed.most_common(5):
+    print(f"    {n} x {reason}")
+PY
+    LOAD_PID=$!
+}
+stop_load() { kill -TERM "$LOAD_PID"; wait "$LOAD_PID" || true; }
+
 say "registry: waiting for 3 healthy endpoints"
 show_until_healthy 3
 traffic
 
-say "scale OUT: users desired 3 → 5"
+say "scale OUT: users desired 3 → 5 (new instances wait in Pending:Wait until healthy and acked)"
+start_load
 bash localstack/emulator.sh seed --scale users:5 >/dev/null
 show_until_healthy 5
+stop_load
 traffic
 
-say "scale IN: users desired 5 → 2"
+say "scale IN: users desired 5 → 2 (leaving instances drain before Auto Scaling terminates them)"
+start_load
 bash localstack/emulator.sh seed --scale users:2 >/dev/null
 show_until_healthy 2
+stop_load
 traffic
+
+say "lifecycle actions signpost completed (GET /v1/lifecycle)"
+"$PY" - "$API/v1/lifecycle" <<'PY'
+import json, sys, urllib.request
+for a in reversed(json.load(urllib.request.urlopen(sys.argv[1]))["recent"]):
+    print(f'  {a["instance"]:<22} {a["transition"]:<9} {a["result"]:<8} after {a["completed_ms"]:>5} ms'
+          f'  (healthy {a["healthy_ms"]}, routers acked {a["acked_ms"]})')
+PY
 
 say "readiness"
 "$PY" -c "import json,sys,urllib.request; print(json.dumps(json.load(urllib.request.urlopen(sys.argv[1])), indent=2))" "$API/readyz"
 say "the router, as the controller sees it"
 "$PY" -c "import json,sys,urllib.request; print(json.dumps(json.load(urllib.request.urlopen(sys.argv[1])), indent=2))" "$API/v1/routers"
-say "demo done: the registry and the router followed the group out and in"
+say "demo done: the registry and the router followed the group out and in, through its lifecycle hooks"

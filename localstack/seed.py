@@ -120,8 +120,25 @@ def main():
     p.add_argument("--group", action="append", default=[], metavar="NAME:SERVICE:PORT:DESIRED")
     p.add_argument("--untagged", action="append", default=[], metavar="NAME:DESIRED")
     p.add_argument("--scale", action="append", default=[], metavar="NAME:DESIRED")
+    p.add_argument("--hooks", action="append", default=[], metavar="NAME",
+                   help="add signpost's launch and terminate lifecycle hooks to this group")
     a = p.parse_args()
     names = []
+    if a.hooks:
+        for name in a.hooks:
+            # The README's hooks: a launch abandoned, a termination let go,
+            # if nobody completes them within the heartbeat timeout.
+            for hook, transition, default in (
+                    ("signpost-launch", "autoscaling:EC2_INSTANCE_LAUNCHING", "ABANDON"),
+                    ("signpost-terminate", "autoscaling:EC2_INSTANCE_TERMINATING", "CONTINUE")):
+                asg.put_lifecycle_hook(AutoScalingGroupName=name, LifecycleHookName=hook,
+                                       LifecycleTransition=transition, HeartbeatTimeout=300,
+                                       DefaultResult=default)
+            names.append(name)
+        hooks = {n: [h["LifecycleHookName"] for h in asg.describe_lifecycle_hooks(
+            AutoScalingGroupName=n)["LifecycleHooks"]] for n in names}
+        print(json.dumps({"hooks": hooks}, indent=2))
+        return
     if a.scale:
         for spec in a.scale:
             name, desired = split(spec, 2, "--scale")
