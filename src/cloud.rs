@@ -409,27 +409,34 @@ impl AutoScaling for AwsFleet {
             .flat_map(|g| g.instances())
             .filter_map(|i| i.instance_id().map(str::to_owned))
             .collect();
-        let mut ec2: std::collections::HashMap<String, Ec2Instance> = self
-            .describe_instances(&ids, &mut calls)
-            .await?
-            .into_iter()
-            .collect();
-
         // Hooks only matter while an instance waits on one, so only those
-        // groups cost a DescribeLifecycleHooks call.
-        let mut hooks = std::collections::HashMap::new();
-        for g in &groups {
-            let waiting = g.instances().iter().any(|i| {
-                i.lifecycle_state()
-                    .is_some_and(|s| s.as_str().ends_with(":Wait"))
-            });
-            if let (true, Some(name)) = (waiting, g.auto_scaling_group_name()) {
-                hooks.insert(
-                    name.to_owned(),
-                    self.lifecycle_hooks(name, &mut calls).await?,
-                );
+        // groups cost a DescribeLifecycleHooks call. They are read while
+        // DescribeInstances runs: an event-driven listing is on the path of
+        // every held launch and termination.
+        let waiting: Vec<&str> = groups
+            .iter()
+            .filter(|g| {
+                g.instances().iter().any(|i| {
+                    i.lifecycle_state()
+                        .is_some_and(|s| s.as_str().ends_with(":Wait"))
+                })
+            })
+            .filter_map(|g| g.auto_scaling_group_name())
+            .collect();
+        let mut hook_calls = CallCount::default();
+        let read_hooks = async {
+            let mut hooks = std::collections::HashMap::new();
+            for name in waiting {
+                let found = self.lifecycle_hooks(name, &mut hook_calls).await?;
+                hooks.insert(name.to_owned(), found);
             }
-        }
+            Ok(hooks)
+        };
+        let (described, mut hooks) =
+            tokio::try_join!(self.describe_instances(&ids, &mut calls), read_hooks)?;
+        calls.describe_lifecycle_hooks = hook_calls.describe_lifecycle_hooks;
+        let mut ec2: std::collections::HashMap<String, Ec2Instance> =
+            described.into_iter().collect();
 
         let groups = groups
             .into_iter()

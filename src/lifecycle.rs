@@ -107,6 +107,9 @@ pub struct ActionRecord {
     /// controller first saw it waiting.
     #[serde(serialize_with = "rfc3339")]
     pub since: SystemTime,
+    /// Where `since` came from: `event`, `launch_time` (EC2's, whole
+    /// seconds) or `seen` (the listing that found the action).
+    pub since_from: &'static str,
     /// `waiting_for_health`, `waiting_for_routers`, `draining`, `completing`, `done`.
     pub stage: &'static str,
     /// Milliseconds from `since` to: the endpoint registered (launch: the
@@ -237,13 +240,14 @@ impl LifecycleLog {
         }
     }
 
-    fn begin(&self, action: &LifecycleAction, since: SystemTime) {
+    fn begin(&self, action: &LifecycleAction, since: SystemTime, since_from: &'static str) {
         let record = ActionRecord {
             group: action.group.clone(),
             hook: action.hook.clone(),
             instance: action.instance.clone(),
             transition: action.transition.label(),
             since,
+            since_from,
             stage: match action.transition {
                 Transition::Launching => "waiting_for_health",
                 Transition::Terminating => "draining",
@@ -432,12 +436,12 @@ impl<C: AutoScaling> Lifecycle<C> {
     async fn handle(&self, w: Waiting) -> bool {
         let action = &w.action;
         // The event's own time when one came, else the listing's best guess.
-        let since = self
-            .log
-            .take_event_time(action)
-            .or(w.since)
-            .unwrap_or_else(SystemTime::now);
-        self.log.begin(action, since);
+        let (since, since_from) = match (self.log.take_event_time(action), w.since) {
+            (Some(t), _) => (t, "event"),
+            (None, Some(t)) => (t, "launch_time"),
+            (None, None) => (SystemTime::now(), "seen"),
+        };
+        self.log.begin(action, since, since_from);
         info!(group = %action.group, instance = %action.instance, hook = %action.hook, transition = action.transition.label(), "lifecycle action waiting");
         let decided = tokio::select! {
             biased;
