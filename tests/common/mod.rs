@@ -308,6 +308,26 @@ impl Cloud {
             .to_owned()
     }
 
+    /// The private IP of each of these instances.
+    pub async fn addresses(&self, ids: &[String]) -> Vec<(String, IpAddr)> {
+        let described = self
+            .ec2
+            .describe_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .unwrap();
+        described
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| {
+                let ip = i.private_ip_address()?.parse().ok()?;
+                Some((i.instance_id()?.to_owned(), ip))
+            })
+            .collect()
+    }
+
     /// The group's instances (id, private IP), sorted by id.
     pub async fn instances(&self, group: &str) -> Vec<(String, IpAddr)> {
         let groups = self
@@ -778,13 +798,34 @@ impl Scene {
         desired: i32,
         controller_toml: &str,
     ) -> Scene {
+        Scene::start_with_health(
+            port,
+            group,
+            tags,
+            desired,
+            controller_toml,
+            ("200ms", "150ms"),
+        )
+        .await
+    }
+
+    /// The same with the controller's health interval and timeout.
+    pub async fn start_with_health(
+        port: u16,
+        group: &str,
+        tags: &[(&str, &str)],
+        desired: i32,
+        controller_toml: &str,
+        (interval, timeout): (&str, &str),
+    ) -> Scene {
         let emulator = Emulator::start().await;
         let cloud = Cloud::new(&emulator).await;
         let mut backends = Backends::new(port);
         cloud.create_group(group, tags, desired).await;
         let instances = cloud.instances(group).await;
         backends.follow(&instances).await;
-        let controller = Controller::start(&emulator, controller_toml).await;
+        let controller =
+            Controller::start_with_health(&emulator, controller_toml, interval, timeout).await;
         let (_, service) = tags
             .iter()
             .find(|(k, _)| *k == "signpost:service")
@@ -840,8 +881,30 @@ impl FollowedGroup {
         let task = tokio::spawn({
             let (cloud, group, backends) = (cloud.clone(), group.to_owned(), backends.clone());
             async move {
+                // One DescribeAutoScalingGroups a poll; DescribeInstances only
+                // for ids not seen before (an address never changes), so that
+                // following costs the emulator little.
+                let mut addresses: HashMap<String, IpAddr> = HashMap::new();
                 loop {
-                    let instances = cloud.instances(&group).await;
+                    let ids: Vec<String> = cloud
+                        .lifecycle_states(&group)
+                        .await
+                        .into_iter()
+                        .map(|(id, _)| id)
+                        .collect();
+                    let new: Vec<String> = ids
+                        .iter()
+                        .filter(|id| !addresses.contains_key(*id))
+                        .cloned()
+                        .collect();
+                    if !new.is_empty() {
+                        addresses.extend(cloud.addresses(&new).await);
+                    }
+                    let instances: Vec<(String, IpAddr)> = ids
+                        .into_iter()
+                        .filter_map(|id| Some((addresses.get(&id).copied()?, id)))
+                        .map(|(ip, id)| (id, ip))
+                        .collect();
                     backends.lock().await.follow(&instances).await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
