@@ -475,6 +475,12 @@ impl Backends {
         self.running.insert(ip, (id.to_owned(), task));
     }
 
+    /// The instances served now: (id, address).
+    pub fn serving(&self) -> Vec<(String, IpAddr)> {
+        let running = self.running.iter();
+        running.map(|(ip, (id, _))| (id.clone(), *ip)).collect()
+    }
+
     /// Stops answering at `ip`: the listener closes, connections are refused.
     pub fn stop(&mut self, ip: IpAddr) {
         if let Some((_, task)) = self.running.remove(&ip) {
@@ -868,7 +874,7 @@ pub async fn http_get(url: &str) -> Result<(u16, Bytes), String> {
 
 /// Backends that come and go with a group's instances, as the instances'
 /// applications would: a server starts when an instance joins the group and
-/// stops (connections cut) the moment the instance leaves it, which with a
+/// stops (connections cut) the moment EC2 terminates it, which with a
 /// terminate hook is when the hook completes.
 pub struct FollowedGroup {
     pub backends: Arc<tokio::sync::Mutex<Backends>>,
@@ -881,10 +887,13 @@ impl FollowedGroup {
         let task = tokio::spawn({
             let (cloud, group, backends) = (cloud.clone(), group.to_owned(), backends.clone());
             async move {
-                // One DescribeAutoScalingGroups a poll; DescribeInstances only
-                // for ids not seen before (an address never changes), so that
-                // following costs the emulator little.
-                let mut addresses: HashMap<String, IpAddr> = HashMap::new();
+                // One DescribeAutoScalingGroups a poll. DescribeInstances only
+                // for ids not seen before (an address never changes), and for
+                // ids that left the group: a backend stops when EC2 says its
+                // instance is no longer running, the moment it really dies.
+                let mut serving: HashMap<String, IpAddr> =
+                    backends.lock().await.serving().into_iter().collect();
+                let mut addresses = serving.clone();
                 loop {
                     let ids: Vec<String> = cloud
                         .lifecycle_states(&group)
@@ -900,12 +909,26 @@ impl FollowedGroup {
                     if !new.is_empty() {
                         addresses.extend(cloud.addresses(&new).await);
                     }
-                    let instances: Vec<(String, IpAddr)> = ids
-                        .into_iter()
-                        .filter_map(|id| Some((addresses.get(&id).copied()?, id)))
-                        .map(|(ip, id)| (id, ip))
+                    let left: Vec<String> = serving
+                        .keys()
+                        .filter(|id| !ids.contains(id))
+                        .cloned()
                         .collect();
-                    backends.lock().await.follow(&instances).await;
+                    let mut backends = backends.lock().await;
+                    for id in left {
+                        let state = cloud.ec2_state(&id).await;
+                        if state != "running" {
+                            let ip = serving.remove(&id).expect("serving");
+                            backends.stop(ip);
+                        }
+                    }
+                    for id in &ids {
+                        if let (false, Some(ip)) = (serving.contains_key(id), addresses.get(id)) {
+                            backends.start(id, *ip).await;
+                            serving.insert(id.clone(), *ip);
+                        }
+                    }
+                    drop(backends);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
