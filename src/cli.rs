@@ -2,6 +2,7 @@
 //! variables. Flags beat the environment, which beats the config file.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -63,6 +64,9 @@ struct RouterArgs {
     /// Limit on an endpoint's response headers arriving (body streaming is not limited).
     #[arg(long, env = "SIGNPOST_ROUTER_RESPONSE_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     response_timeout: Duration,
+    /// Proxy threads, each with its own event loop; default: one per CPU.
+    #[arg(long, env = "SIGNPOST_ROUTER_THREADS")]
+    threads: Option<NonZeroUsize>,
 }
 
 fn controller_url(s: &str) -> Result<String, String> {
@@ -166,7 +170,9 @@ impl Cli {
                     .build()?
                     .block_on(crate::controller::run(config))
             }
-            Command::Router(args) => tokio::runtime::Builder::new_multi_thread()
+            // The proxy threads run their own runtimes; this one only
+            // accepts connections and talks to the controller.
+            Command::Router(args) => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(crate::router::run(crate::router::Config {
@@ -178,6 +184,10 @@ impl Cli {
                     balance: args.balance,
                     connect_timeout: args.connect_timeout,
                     response_timeout: args.response_timeout,
+                    threads: args
+                        .threads
+                        .or_else(|| std::thread::available_parallelism().ok())
+                        .map_or(1, NonZeroUsize::get),
                 })),
         }
     }

@@ -6,7 +6,7 @@
 //!  controller ──/v1/watch (NDJSON)──► client:: Mirror ──build──► table:: RouteTable
 //!      ▲                                  │                        │ ArcSwap (no lock)
 //!      └──── POST /v1/routers/{id}/ack ◄──┤ report()               ▼
-//!                                         └─► cache:: file   proxy:: balance:: ─► endpoints
+//!                                         └─► cache:: file   proxy:: balance:: upstream:: ─► endpoints
 //! ```
 //!
 //! The router keeps routing on its last applied snapshot whatever happens to
@@ -18,6 +18,7 @@ pub mod cache;
 pub mod client;
 pub mod proxy;
 pub mod table;
+pub mod upstream;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -59,6 +60,8 @@ pub struct Config {
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// Proxy threads, each with its own event loop (see `Proxy::start`).
+    pub threads: usize,
 }
 
 /// Where the router's current routes came from.
@@ -111,8 +114,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         listen = %listener.local_addr()?,
         admin = %admin.local_addr()?,
         balance = ?config.balance,
+        threads = config.threads,
         "router starting"
     );
+    upstream::set_shards(config.threads);
     let state = RouterState::new();
     let (stop_tx, stop) = watch::channel(false);
 
@@ -123,7 +128,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.response_timeout,
         state.ejected.clone(),
     ));
-    let proxy = tokio::spawn(proxy.serve(listener, stop.clone()));
+    let workers = proxy
+        .start(config.threads, &stop)
+        .context("cannot start the proxy threads")?;
+    let proxy = tokio::spawn(proxy::accept(listener, workers, stop.clone()));
     let admin = tokio::spawn({
         let mut stop = stop.clone();
         axum::serve(admin, admin_routes(state.clone()))

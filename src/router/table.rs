@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::http::uri::Authority;
+use hyper::header::HeaderValue;
 use tokio::time::Instant;
 use tracing::warn;
 
+use super::upstream;
 use crate::model::Revision;
 use crate::push::wire::{Ejection, Mirror};
 
@@ -54,7 +55,11 @@ pub struct Backend {
     pub service: String,
     pub instance: String,
     pub addr: SocketAddr,
-    pub authority: Authority,
+    /// `Host` for a request that came without one (HTTP/1.0).
+    pub host: HeaderValue,
+    /// Kept-alive connections; they close when the endpoint leaves the table
+    /// and its last request is done.
+    pub connections: upstream::Idle,
     pub in_flight: AtomicU64,
     consecutive_failures: AtomicU32,
     /// Ejections in a row, for the back-off.
@@ -79,10 +84,9 @@ impl Backend {
             service: service.to_owned(),
             instance: instance.to_owned(),
             addr,
-            authority: addr
-                .to_string()
-                .parse()
-                .expect("a socket address is an authority"),
+            host: HeaderValue::from_str(&addr.to_string())
+                .expect("a socket address is a valid header value"),
+            connections: upstream::Idle::default(),
             in_flight: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
