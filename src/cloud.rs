@@ -596,6 +596,26 @@ mod tests {
         assert_eq!(excerpt(&"a ".repeat(400)).len(), 303);
     }
 
+    #[test]
+    fn no_active_action_means_already_complete() {
+        let gone = CloudError::Api {
+            api: "CompleteLifecycleAction",
+            message: "ValidationError: No active Lifecycle Action found with instance ID i-0abc"
+                .into(),
+        };
+        assert!(not_waiting(&gone));
+        let denied = CloudError::Api {
+            api: "CompleteLifecycleAction",
+            message: "AccessDenied: not authorized".into(),
+        };
+        assert!(!not_waiting(&denied));
+        let throttled = CloudError::Throttled {
+            api: "CompleteLifecycleAction",
+            message: "Throttling: Rate exceeded".into(),
+        };
+        assert!(!not_waiting(&throttled));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn budget_allows_a_burst_then_spaces_calls() {
         let budget = CallBudget::new(&AwsConfig {
