@@ -605,6 +605,7 @@ mod tests {
     use crate::push::wire::Ack;
     use std::collections::BTreeSet;
     use std::net::SocketAddr;
+    use tokio::task::JoinHandle;
 
     const ROUTER: &str = "r1";
 
@@ -771,6 +772,13 @@ mod tests {
         }
     }
 
+    /// The action of `id` handled on a task of its own.
+    fn spawn_action(w: &World, id: &str, transition: Transition) -> JoinHandle<bool> {
+        let lifecycle = w.lifecycle.clone();
+        let action = waiting(id, transition, Duration::from_secs(30));
+        tokio::spawn(async move { lifecycle.handle(action).await })
+    }
+
     /// Lets every task run until it waits on time or on another task.
     async fn settle() {
         for _ in 0..20 {
@@ -789,17 +797,7 @@ mod tests {
     async fn launch_continues_only_once_healthy_and_acked_by_every_router() {
         let w = world(LifecycleConfig::default(), Duration::ZERO);
         set(&w.registry, add("i-1"));
-        let task = tokio::spawn({
-            let l = w.lifecycle.clone();
-            async move {
-                l.handle(waiting(
-                    "i-1",
-                    Transition::Launching,
-                    Duration::from_secs(30),
-                ))
-                .await
-            }
-        });
+        let task = spawn_action(&w, "i-1", Transition::Launching);
         settle().await;
         assert!(completed(&w).is_empty(), "starting: not yet");
         let healthy = set(&w.registry, state("i-1", EndpointState::Healthy));
@@ -856,17 +854,7 @@ mod tests {
         set(&w.registry, add("i-1"));
         set(&w.registry, state("i-1", EndpointState::Healthy));
         let draining = set(&w.registry, state("i-1", EndpointState::Draining));
-        let task = tokio::spawn({
-            let l = w.lifecycle.clone();
-            async move {
-                l.handle(waiting(
-                    "i-1",
-                    Transition::Terminating,
-                    Duration::from_secs(30),
-                ))
-                .await
-            }
-        });
+        let task = spawn_action(&w, "i-1", Transition::Terminating);
         settle().await;
         ack(&w.hub, draining, &[("i-1", 2)]);
         settle().await;

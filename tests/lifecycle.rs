@@ -63,6 +63,16 @@ async fn in_state(cloud: &Cloud, group: &str, state: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until an instance of the group is in `state`; returns one such.
+async fn wait_one_in(cloud: &Cloud, group: &str, state: &str) -> String {
+    wait_for(
+        &format!("an instance of {group} in {state}"),
+        Duration::from_secs(20),
+        || async { in_state(cloud, group, state).await.pop() },
+    )
+    .await
+}
+
 /// Waits until the group is exactly `n` instances, all InService.
 async fn wait_in_service(cloud: &Cloud, group: &str, n: usize, limit: Duration) -> Vec<String> {
     wait_for(
@@ -132,12 +142,7 @@ async fn launch_continues_only_once_healthy_and_acked_by_every_router() {
     let followed = FollowedGroup::start(&cloud, "web-launch", backends);
 
     cloud.set_desired("web-launch", 2).await;
-    let new = wait_for(
-        "an instance in Pending:Wait",
-        Duration::from_secs(20),
-        || async { in_state(&cloud, "web-launch", "Pending:Wait").await.pop() },
-    )
-    .await;
+    let new = wait_one_in(&cloud, "web-launch", "Pending:Wait").await;
     // Unhealthy for longer than the heartbeat timeout: heartbeats hold it.
     wait_metric(
         &controller,
@@ -211,12 +216,7 @@ async fn a_launch_not_healthy_in_time_is_abandoned() {
     backends.new_failing = true;
     let _followed = FollowedGroup::start(&cloud, "web-abandon", backends);
     cloud.set_desired("web-abandon", 2).await;
-    let new = wait_for(
-        "an instance in Pending:Wait",
-        Duration::from_secs(20),
-        || async { in_state(&cloud, "web-abandon", "Pending:Wait").await.pop() },
-    )
-    .await;
+    let new = wait_one_in(&cloud, "web-abandon", "Pending:Wait").await;
     let record = wait_completed(&controller, &new).await;
     assert_eq!(record["result"], "abandon", "{record}");
     assert!(
@@ -371,12 +371,7 @@ async fn cycle_under_load(
         controller.wait_endpoints("web", "healthy", &six).await;
         cloud.set_desired(group, 2).await;
         if kill_during_scale_in {
-            wait_for(
-                "an instance in Terminating:Wait",
-                Duration::from_secs(10),
-                || async { in_state(&cloud, group, "Terminating:Wait").await.pop() },
-            )
-            .await;
+            wait_one_in(&cloud, group, "Terminating:Wait").await;
             let port = controller.port;
             controller.kill().await;
             controller = Controller::start_at(&emulator, port, LIFECYCLE, HEALTH.0, HEALTH.1).await;

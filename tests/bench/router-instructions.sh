@@ -75,28 +75,7 @@ wait_url http://127.0.0.1:19001/
 wait_url http://127.0.0.1:19002/
 
 # The routes, from a static push source (as in router.sh).
-python3 - 19090 <<'PY' &
-import json, sys, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-snapshot = {"type": "snapshot", "protocol": 1, "revision": 1, "services": [{
-    "name": "app", "route": "/", "endpoints": [
-        {"instance": f"i-{i}", "address": "127.0.0.1", "port": 19001 + i,
-         "zone": "a", "state": "healthy"} for i in range(2)]}]}
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write((json.dumps(snapshot) + "\n").encode()); self.wfile.flush()
-        threading.Event().wait()
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-PY
+python3 tests/bench/push_source.py 19090 2 &
 PIDS+=($!)
 
 ROWS=()

@@ -76,31 +76,9 @@ nginx_run backends "worker_processes 1; events { worker_connections 4096; }
 http { access_log off; $servers }"
 for p in "${BACKEND_PORTS[@]}"; do wait_http "http://127.0.0.1:$p/"; done
 
-# A static push source: one snapshot line, the stream held open, acks taken.
+# A static push source (push_source.py): one snapshot, pings, acks taken.
 push_source() { # port backends
-  python3 - "$1" "$2" <<'PY' &
-import json, sys, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-port, n = int(sys.argv[1]), int(sys.argv[2])
-snapshot = {"type": "snapshot", "protocol": 1, "revision": 1, "services": [{
-    "name": "app", "route": "/", "endpoints": [
-        {"instance": f"i-{i}", "address": "127.0.0.1", "port": 19001 + i,
-         "zone": "a", "state": "healthy"} for i in range(n)]}]}
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write((json.dumps(snapshot) + "\n").encode()); self.wfile.flush()
-        threading.Event().wait()
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
-ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-PY
+  python3 tests/bench/push_source.py "$1" "$2" &
   PIDS+=($!)
 }
 
