@@ -3,9 +3,10 @@
 //! One listing costs `ceil(groups / 100)` DescribeAutoScalingGroups calls and
 //! `ceil(instances / 100)` DescribeInstances calls: calls grow with N/100.
 
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_config::retry::RetryConfig;
@@ -217,16 +218,83 @@ pub struct AwsFleet {
     ec2: aws_sdk_ec2::Client,
     default_port: Option<u16>,
     budget: CallBudget,
+    hints: Arc<Hints>,
+    /// The instance ids of the last listing, described again beside the
+    /// next group listing rather than after it.
+    last_ids: Mutex<BTreeSet<String>>,
+}
+
+/// What events named since the last listing: instances to describe and
+/// groups whose hooks to read while the groups are being listed, so that
+/// the listing an event triggers takes one round trip to AWS, not two.
+#[derive(Debug, Default)]
+pub struct Hints {
+    inner: Mutex<Hinted>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Hinted {
+    instances: BTreeSet<String>,
+    groups: BTreeSet<String>,
+}
+
+/// Hints kept between two listings at most: events about the whole account
+/// (EC2 state changes of every instance) must not grow the next listing
+/// without bound. What is dropped is only fetched a round trip later.
+const HINTS_KEPT: usize = 100;
+
+impl Hints {
+    pub fn add(&self, group: Option<&str>, instance: Option<&str>) {
+        let mut inner = self.inner.lock().expect("hints lock");
+        if let Some(id) = instance.filter(|_| inner.instances.len() < HINTS_KEPT) {
+            inner.instances.insert(id.to_owned());
+        }
+        if let Some(name) = group.filter(|_| inner.groups.len() < HINTS_KEPT / 10) {
+            inner.groups.insert(name.to_owned());
+        }
+    }
+
+    fn take(&self) -> Hinted {
+        std::mem::take(&mut *self.inner.lock().expect("hints lock"))
+    }
 }
 
 impl AwsFleet {
-    pub fn new(shared: &aws_config::SdkConfig, config: &Config) -> AwsFleet {
+    pub fn new(shared: &aws_config::SdkConfig, config: &Config, hints: Arc<Hints>) -> AwsFleet {
         AwsFleet {
             autoscaling: aws_sdk_autoscaling::Client::new(shared),
             ec2: aws_sdk_ec2::Client::new(shared),
             default_port: config.default_port,
             budget: CallBudget::new(&config.aws),
+            hints,
+            last_ids: Mutex::default(),
         }
+    }
+
+    /// DescribeLifecycleHooks for each of `groups`.
+    async fn hooks_of(
+        &self,
+        groups: impl IntoIterator<Item = String>,
+        calls: &mut CallCount,
+    ) -> Result<HashMap<String, Vec<LifecycleHook>>, CloudError> {
+        let mut hooks = HashMap::new();
+        for name in groups {
+            let found = self.lifecycle_hooks(&name, calls).await?;
+            hooks.insert(name, found);
+        }
+        Ok(hooks)
+    }
+
+    /// DescribeInstances for `ids`, none when there are none.
+    async fn describe_some(
+        &self,
+        ids: &[String],
+        calls: &mut CallCount,
+    ) -> Result<Vec<(String, Ec2Instance)>, CloudError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.describe_instances(ids, calls).await
     }
 
     async fn list_groups(
@@ -402,18 +470,43 @@ impl AutoScaling for AwsFleet {
     }
 
     async fn describe_fleet(&self) -> Result<(Fleet, CallCount), CloudError> {
-        let mut calls = CallCount::default();
-        let groups = self.list_groups(&mut calls).await?;
-        let ids: Vec<String> = groups
+        // Round one: the groups, and beside them the instances we expect
+        // (last listing's and those events named) and the hooks of groups
+        // events named. Round two only for what round one did not foresee.
+        let hinted = self.hints.take();
+        let mut expected = self.last_ids.lock().expect("ids lock").clone();
+        expected.extend(hinted.instances);
+        let expected: Vec<String> = expected.into_iter().collect();
+        let (mut calls, mut early_calls, mut hook_calls) = Default::default();
+        // A hinted group may be no group of ours, or gone: its hooks are
+        // then simply read in round two if needed, never a failed listing.
+        let early_hooks = async {
+            let mut hooks = HashMap::new();
+            for name in hinted.groups {
+                if let Ok(found) = self.lifecycle_hooks(&name, &mut hook_calls).await {
+                    hooks.insert(name, found);
+                }
+            }
+            Ok(hooks)
+        };
+        let (groups, early, mut hooks) = tokio::try_join!(
+            self.list_groups(&mut calls),
+            self.describe_some(&expected, &mut early_calls),
+            early_hooks,
+        )?;
+        let ids: BTreeSet<String> = groups
             .iter()
             .flat_map(|g| g.instances())
             .filter_map(|i| i.instance_id().map(str::to_owned))
             .collect();
+        let unforeseen: Vec<String> = ids
+            .iter()
+            .filter(|id| expected.binary_search(id).is_err())
+            .cloned()
+            .collect();
         // Hooks only matter while an instance waits on one, so only those
-        // groups cost a DescribeLifecycleHooks call. They are read while
-        // DescribeInstances runs: an event-driven listing is on the path of
-        // every held launch and termination.
-        let waiting: Vec<&str> = groups
+        // groups cost a DescribeLifecycleHooks call.
+        let waiting: Vec<String> = groups
             .iter()
             .filter(|g| {
                 g.instances().iter().any(|i| {
@@ -422,21 +515,19 @@ impl AutoScaling for AwsFleet {
                 })
             })
             .filter_map(|g| g.auto_scaling_group_name())
+            .filter(|name| !hooks.contains_key(*name))
+            .map(str::to_owned)
             .collect();
-        let mut hook_calls = CallCount::default();
-        let read_hooks = async {
-            let mut hooks = std::collections::HashMap::new();
-            for name in waiting {
-                let found = self.lifecycle_hooks(name, &mut hook_calls).await?;
-                hooks.insert(name.to_owned(), found);
-            }
-            Ok(hooks)
-        };
-        let (described, mut hooks) =
-            tokio::try_join!(self.describe_instances(&ids, &mut calls), read_hooks)?;
+        let mut late_calls = CallCount::default();
+        let (late, more_hooks) = tokio::try_join!(
+            self.describe_some(&unforeseen, &mut late_calls),
+            self.hooks_of(waiting, &mut hook_calls),
+        )?;
+        hooks.extend(more_hooks);
+        calls.describe_instances = early_calls.describe_instances + late_calls.describe_instances;
         calls.describe_lifecycle_hooks = hook_calls.describe_lifecycle_hooks;
-        let mut ec2: std::collections::HashMap<String, Ec2Instance> =
-            described.into_iter().collect();
+        let mut ec2: HashMap<String, Ec2Instance> = early.into_iter().chain(late).collect();
+        *self.last_ids.lock().expect("ids lock") = ids;
 
         let groups = groups
             .into_iter()
@@ -594,6 +685,23 @@ mod tests {
             .ends_with("autoscaling:DescribeAutoScalingGroups"));
         assert_eq!(xml_field("<html>oops</html>", "Code"), None);
         assert_eq!(excerpt(&"a ".repeat(400)).len(), 303);
+    }
+
+    #[test]
+    fn hints_are_taken_once_and_bounded() {
+        let hints = Hints::default();
+        hints.add(Some("web"), Some("i-1"));
+        hints.add(Some("web"), None);
+        for n in 0..500 {
+            hints.add(Some(&format!("g-{n}")), Some(&format!("i-{n}")));
+        }
+        let taken = hints.take();
+        assert!(taken.instances.contains("i-1") && taken.groups.contains("web"));
+        assert_eq!(
+            (taken.instances.len(), taken.groups.len()),
+            (HINTS_KEPT, HINTS_KEPT / 10)
+        );
+        assert_eq!(hints.take(), Hinted::default(), "taken: nothing left");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 use tracing::info;
 
 use crate::api::{self, ApiState};
-use crate::cloud::{self, AwsFleet};
+use crate::cloud::{self, AwsFleet, Hints};
 use crate::config::Config;
 use crate::events::{EventCounts, EventQueue};
 use crate::health::{HealthScheduler, NetProbe};
@@ -32,7 +32,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let aws = cloud::sdk_config(&config.aws).await;
-    let cloud = Arc::new(AwsFleet::new(&aws, &config));
+    let hints = Arc::new(Hints::default());
+    let cloud = Arc::new(AwsFleet::new(&aws, &config, hints.clone()));
     let trigger = Arc::new(Notify::new());
     let (fleet_tx, fleet_rx) = watch::channel(Arc::default());
     let reconciler = Reconciler {
@@ -57,6 +58,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             wait: config.events.wait_time,
             counts: event_counts.clone(),
             lifecycle: lifecycle_log.clone(),
+            hints,
         };
         tasks.push(tokio::spawn(queue.run(trigger, stop_rx.clone())));
     }
@@ -69,10 +71,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let warm_limit = checks.interval * checks.healthy_threshold + checks.timeout;
     tasks.push(tokio::spawn({
         let warmed = reconcile::warmed_up(status_rx.clone(), registry.subscribe(), warm_limit);
+        let mut stop = stop_rx.clone();
         async move {
-            warmed.await;
-            info!("registry warmed up; serving routers");
-            let _ = ready_tx.send(true);
+            tokio::select! {
+                _ = warmed => {
+                    info!("registry warmed up; serving routers");
+                    let _ = ready_tx.send(true);
+                }
+                // Stopping before the first listing (AWS unreachable, say)
+                // must not leave shutdown waiting on this task.
+                _ = crate::stopped(&mut stop) => {}
+            }
         }
     }));
     let hub = Hub::new(

@@ -19,6 +19,7 @@ use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::cloud::Hints;
 use crate::lifecycle::LifecycleLog;
 use crate::model::Transition;
 
@@ -55,6 +56,17 @@ impl Event {
                 Some(group)
             }
             Event::InstanceState { .. } => None,
+        }
+    }
+
+    /// The instance the event is about, when it names one.
+    pub fn instance(&self) -> Option<&str> {
+        match self {
+            Event::TestNotification { .. } => None,
+            Event::LifecycleAction { instance, .. } | Event::InstanceState { instance, .. } => {
+                Some(instance)
+            }
+            Event::GroupActivity { instance, .. } => instance.as_deref(),
         }
     }
 }
@@ -180,6 +192,8 @@ pub struct EventQueue {
     pub counts: Arc<EventCounts>,
     /// Where a lifecycle action's start time is left for `lifecycle`.
     pub lifecycle: Arc<LifecycleLog>,
+    /// What the next listing fetches early (see `cloud::Hints`).
+    pub hints: Arc<Hints>,
 }
 
 impl EventQueue {
@@ -227,6 +241,7 @@ impl EventQueue {
                     Ok(event) => {
                         debug!(message_id = id, ?event, "event");
                         self.counts.handled.fetch_add(1, Ordering::Relaxed);
+                        self.hints.add(event.group(), event.instance());
                         if let Event::LifecycleAction {
                             instance,
                             transition,

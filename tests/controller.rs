@@ -212,10 +212,14 @@ async fn an_aws_outage_keeps_the_registry_and_fails_readiness_until_it_ends() {
     emulator.pause();
     let reason = wait_for("/readyz to fail", Duration::from_secs(20), || async {
         // Readiness fails once the last sync is too old; the reason names
-        // the failing call once its first attempt has timed out.
+        // the failing call once its first attempt has timed out (the group
+        // listing, or the instances described beside it: both wait on AWS).
         let (status, body) = controller.get("/readyz").await;
         let reason = body["reason"].as_str().unwrap_or_default().to_owned();
-        (status == 503 && reason.contains("DescribeAutoScalingGroups")).then_some(reason)
+        let named = ["DescribeAutoScalingGroups", "DescribeInstances"]
+            .iter()
+            .any(|api| reason.contains(&format!("{api} failed: timed out")));
+        (status == 503 && named).then_some(reason)
     })
     .await;
     assert!(reason.contains("last complete sync was"), "{reason}");
@@ -227,8 +231,12 @@ async fn an_aws_outage_keeps_the_registry_and_fails_readiness_until_it_ends() {
     assert_eq!(during["revision"], before["revision"]);
 
     assert_eq!(controller.metric("signpost_ready").await, Some(0.0));
-    let failures = r#"signpost_sync_failures_total{api="DescribeAutoScalingGroups",kind="error"}"#;
-    assert!(controller.metric(failures).await.unwrap() >= 1.0);
+    let mut failures = 0.0;
+    for api in ["DescribeAutoScalingGroups", "DescribeInstances"] {
+        let sample = format!(r#"signpost_sync_failures_total{{api="{api}",kind="error"}}"#);
+        failures += controller.metric(&sample).await.unwrap_or(0.0);
+    }
+    assert!(failures >= 1.0);
 
     emulator.resume();
     controller.wait_ready().await;
@@ -242,6 +250,18 @@ async fn sigterm_shuts_down_cleanly() {
     let emulator = Emulator::start().await;
     let controller = Controller::start(&emulator, "").await;
     let status = controller.terminate().await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_before_the_first_listing_still_shuts_down() {
+    // AWS unreachable from the start: nothing ever warms up, and shutdown
+    // must not wait for it.
+    let emulator = Emulator::start().await;
+    emulator.pause();
+    let controller = Controller::start(&emulator, "").await;
+    let status = controller.terminate().await;
+    emulator.resume();
     assert!(status.success(), "{status:?}");
 }
 
