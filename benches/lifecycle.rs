@@ -146,7 +146,7 @@ async fn run() {
     );
     listings.sort_unstable();
     row(
-        "  of which the fleet listing (3 calls to the emulator)",
+        "  of which the fleet listing (DescribeAutoScalingGroups, DescribeInstances and DescribeLifecycleHooks at once)",
         &listings,
     );
     row("endpoint healthy", &healthy);
