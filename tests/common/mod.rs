@@ -330,39 +330,21 @@ impl Cloud {
 
     /// The group's instances (id, private IP), sorted by id.
     pub async fn instances(&self, group: &str) -> Vec<(String, IpAddr)> {
-        let groups = self
-            .autoscaling
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(group)
-            .send()
+        let ids: Vec<String> = self
+            .lifecycle_states(group)
             .await
-            .unwrap();
-        let ids: Vec<String> = groups.auto_scaling_groups()[0]
-            .instances()
-            .iter()
-            .map(|i| i.instance_id().unwrap().to_owned())
+            .into_iter()
+            .map(|(id, _)| id)
             .collect();
         if ids.is_empty() {
             return vec![];
         }
-        let described = self
-            .ec2
-            .describe_instances()
-            .set_instance_ids(Some(ids))
-            .send()
-            .await
-            .unwrap();
-        let mut out: Vec<(String, IpAddr)> = described
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .map(|i| {
-                (
-                    i.instance_id().unwrap().to_owned(),
-                    i.private_ip_address().unwrap().parse().unwrap(),
-                )
-            })
-            .collect();
+        let mut out = self.addresses(&ids).await;
+        assert_eq!(
+            out.len(),
+            ids.len(),
+            "every instance of {group} has an address"
+        );
         out.sort();
         out
     }
