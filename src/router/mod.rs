@@ -16,6 +16,7 @@
 pub mod balance;
 pub mod cache;
 pub mod client;
+pub mod http1;
 pub mod proxy;
 pub mod table;
 pub mod upstream;

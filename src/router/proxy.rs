@@ -1,61 +1,126 @@
 //! The reverse proxy: HTTP/1.1 in, HTTP/1.1 out over kept-alive connections
-//! to the endpoints (`upstream`), bodies streamed both ways.
+//! to the endpoints (`upstream`), heads rewritten and bodies streamed both
+//! ways by `http1`.
 //!
 //! ```text
-//!  listener ─accept─► proxy thread 0: client conns ─► handle ─► upstream conns
-//!     (in turn)  └──► proxy thread 1: client conns ─► handle ─► upstream conns
+//!  listener ─accept─► proxy thread 0: client conns ─► forward ─► upstream conns
+//!     (in turn)  └──► proxy thread 1: client conns ─► forward ─► upstream conns
 //! ```
+//!
+//! One task per client connection does everything for its requests, one at
+//! a time: it reads a head, picks an endpoint, writes the rewritten head
+//! and the body to an endpoint connection it holds for the exchange, and
+//! writes the response back. Nothing is handed between tasks or threads.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE,
-};
-use hyper::http::uri::PathAndQuery;
-use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use bytes::{Buf, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::balance::Balance;
-use super::table::{Backend, Outcome, RouteTable};
-use super::upstream::{self, ConnectError, Connection};
+use super::http1::{self, Body, BodyError, Framing, HeadError};
+use super::table::{Backend, Outcome, RouteTable, ServiceEndpoints};
+use super::upstream::{self, Connection};
 
 /// How long in-flight requests may finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// How long a client connection may wait for its next request (nginx's
+/// `keepalive_timeout` is 75 s); also bounds a head that never completes.
+const CLIENT_IDLE: Duration = Duration::from_secs(75);
+/// Bytes read at a time, from clients and from endpoints.
+pub const READ_SIZE: usize = 16 * 1024;
 
 pub struct Proxy {
     table: Arc<ArcSwap<RouteTable>>,
     balance: Balance,
     connect_timeout: Duration,
+    /// For the response head, counted from the end of the request, and for
+    /// every later read of the response body.
     response_timeout: Duration,
     /// Wakes the ack reporter when passive health ejects an endpoint, so the
     /// controller hears of it at once rather than at the next tick.
     ejected: Arc<Notify>,
+    /// Set once at shutdown: connections close after their current request.
+    stopping: AtomicBool,
 }
 
-/// How one attempt to hand a request to an endpoint ended.
-enum Sent {
-    Answered(Response<Incoming>, Connection),
-    /// No connection: the request was not sent and comes back for a retry.
-    NotConnected(ConnectError, Request<Incoming>),
-    Failed(hyper::Error),
+/// One client connection.
+struct Client {
+    stream: TcpStream,
+    /// Received and not yet passed on: the next head, or body bytes.
+    buf: BytesMut,
+    /// The head for the endpoint (and what of the body came with it); then
+    /// the response, or a part of it, on its way to the client.
+    out: Vec<u8>,
+    /// Request body bytes on their way to the endpoint.
+    upload: Vec<u8>,
+    /// The client's address as `X-Forwarded-For` shows it.
+    addr: String,
+}
+
+/// What the next complete request head asks of the router.
+enum Next {
+    /// An answer of the router's own; `close` once it is written.
+    Local(Local),
+    Forward(Exchange),
+}
+
+struct Local {
+    status: u16,
+    reason: &'static str,
+    body: String,
+    close: bool,
+}
+
+/// A request on its way to an endpoint: what the rest of the exchange needs
+/// to know of its head, which is gone from the buffer by then.
+struct Exchange {
+    service: Arc<ServiceEndpoints>,
+    backend: Arc<Backend>,
+    framing: Framing,
+    is_head: bool,
+    minor: u8,
+    keep_alive: bool,
+    has_host: bool,
+}
+
+/// How an exchange with an endpoint failed.
+#[derive(Debug, Error)]
+enum Failure {
+    /// A kept-alive connection the endpoint had closed, found before any of
+    /// the request could matter to it: safe to send again on a new one.
+    #[error("kept-alive connection closed by the endpoint")]
+    Stale,
+    #[error("did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Nothing reached the client yet: it gets a 502.
+    #[error("{0}")]
+    BeforeResponse(String),
+    /// The client has part of a response: its connection just closes.
+    #[error("{0}")]
+    AfterResponse(String),
+    /// The client's request body is malformed: it gets a 400.
+    #[error("malformed request body: {0}")]
+    RequestBody(BodyError),
+}
+
+/// How an exchange ended, for the connections and passive health.
+struct Done {
+    outcome: Outcome,
+    /// The endpoint connection can carry another request.
+    reusable: bool,
+    /// The client connection closes now.
+    close: bool,
 }
 
 impl Proxy {
@@ -72,6 +137,7 @@ impl Proxy {
             connect_timeout,
             response_timeout,
             ejected,
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -119,11 +185,9 @@ impl Proxy {
         mut accepted: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let graceful = GracefulShutdown::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        // Responses are mostly small: one copy into the write buffer costs
-        // less than queueing the body as a second buffer for `writev`.
-        http.writev(false);
+        // Every connection task holds a sender; `recv` returns `None` once
+        // the last has ended.
+        let (open, mut all_closed) = mpsc::channel::<()>(1);
         loop {
             let (stream, peer) = tokio::select! {
                 next = accepted.recv() => match next {
@@ -139,23 +203,14 @@ impl Proxy {
                     continue;
                 }
             };
-            let proxy = self.clone();
-            // Formatted once per connection rather than once per request.
-            let client = client_header(peer);
-            let service = hyper::service::service_fn(move |req| {
-                let proxy = proxy.clone();
-                let client = client.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
-            });
-            let conn = http.serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(error = %e, %peer, "client connection ended");
-                }
-            });
+            tokio::spawn(
+                self.clone()
+                    .serve_client(stream, peer, stop.clone(), open.clone()),
+            );
         }
-        if tokio::time::timeout(DRAIN, graceful.shutdown())
+        self.stopping.store(true, Ordering::Relaxed);
+        drop(open);
+        if tokio::time::timeout(DRAIN, all_closed.recv())
             .await
             .is_err()
         {
@@ -163,133 +218,446 @@ impl Proxy {
         }
     }
 
-    /// Proxies one request; `client` is the client's address as a header value.
-    pub async fn handle(&self, req: Request<Incoming>, client: HeaderValue) -> Response<ProxyBody> {
+    /// Serves one client connection's requests, one after another.
+    async fn serve_client(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut stop: watch::Receiver<bool>,
+        _open: mpsc::Sender<()>,
+    ) {
+        let mut client = Client {
+            stream,
+            buf: BytesMut::with_capacity(READ_SIZE),
+            out: Vec::with_capacity(READ_SIZE),
+            upload: Vec::new(),
+            addr: peer.ip().to_string(),
+        };
+        // One timer for the connection's life, moved on only when it fires:
+        // cheaper than a timer per request.
+        let idle = tokio::time::sleep(CLIENT_IDLE);
+        tokio::pin!(idle);
+        let stopped = crate::stopped(&mut stop);
+        tokio::pin!(stopped);
+        let mut active = Instant::now();
+        loop {
+            let next = loop {
+                if !client.buf.is_empty() {
+                    if let Some(next) = self.next(&mut client) {
+                        break next;
+                    }
+                }
+                client.buf.reserve(READ_SIZE);
+                tokio::select! {
+                    biased;
+                    read = client.stream.read_buf(&mut client.buf) => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    // Between requests only: one begun is finished first.
+                    _ = &mut stopped, if client.buf.is_empty() => return,
+                    _ = &mut idle => {
+                        let deadline = active + CLIENT_IDLE;
+                        if deadline <= Instant::now() {
+                            debug!(%peer, "client connection idle too long");
+                            return;
+                        }
+                        idle.as_mut().reset(deadline);
+                    }
+                }
+            };
+            let keep = match next {
+                Next::Local(local) => write_local(&mut client, &local).await && !local.close,
+                Next::Forward(exchange) => self.forward(&mut client, exchange).await,
+            };
+            if !keep || self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            active = Instant::now();
+        }
+    }
+
+    /// Reads the request head at the start of the client's buffer: `None`
+    /// until it is whole. For a request to forward, leaves the endpoint's
+    /// head in `client.out` and the request body's first bytes, if any, in
+    /// `client.buf`.
+    fn next(&self, client: &mut Client) -> Option<Next> {
+        let mut fields = http1::fields();
+        let req = match http1::parse_request(&client.buf, &mut fields) {
+            Ok(Some(req)) => req,
+            Ok(None) => return None,
+            Err(e) => {
+                debug!(client = %client.addr, error = %e, "bad request");
+                return Some(Next::Local(bad_request(&e)));
+            }
+        };
+        // A local answer leaves a request body unread: the connection
+        // closes after it rather than read the body as the next head.
+        let close = !req.keep_alive || req.framing != Framing::Empty;
+        let local = |status, reason, body| {
+            Some(Next::Local(Local {
+                status,
+                reason,
+                body,
+                close,
+            }))
+        };
         let service = {
             let table = self.table.load();
             if table.revision.is_none() {
                 return local(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                    503,
+                    "Service Unavailable",
                     "router has no routes yet\n".into(),
                 );
             }
-            match table.lookup(req.uri().path()) {
+            match table.lookup(req.path) {
                 Some(s) => s.clone(),
-                None => {
-                    let body = format!("no route for {}\n", req.uri().path());
-                    return local(StatusCode::NOT_FOUND, body);
-                }
+                None => return local(404, "Not Found", format!("no route for {}\n", req.path)),
             }
         };
-        let Some(mut backend) = self.balance.pick(&service, None, Instant::now()) else {
+        let Some(backend) = self.balance.pick(&service, None, Instant::now()) else {
             let body = format!("no healthy endpoint for service {}\n", service.name);
-            return local(StatusCode::SERVICE_UNAVAILABLE, body);
+            return local(503, "Service Unavailable", body);
         };
+        client.out.clear();
+        req.write_head(&client.addr, &mut client.out);
+        let exchange = Exchange {
+            service,
+            backend,
+            framing: req.framing,
+            is_head: req.is_head(),
+            minor: req.minor,
+            keep_alive: req.keep_alive,
+            has_host: req.has_host(),
+        };
+        let len = req.len;
+        client.buf.advance(len);
+        Some(Next::Forward(exchange))
+    }
 
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        forwarded_for(&mut parts.headers, client);
-        // Endpoints get the origin form (`/path?query`), whatever form the
-        // client used.
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let path = parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            parts.uri = Uri::from(path);
-        }
-        parts.version = Version::HTTP_11;
-        let had_host = parts.headers.contains_key(HOST);
-        let mut request = Request::from_parts(parts, body);
-
+    /// Sends a request to its endpoint, or another if that one cannot be
+    /// reached, and its response to the client; returns whether the client
+    /// connection stays open.
+    async fn forward(&self, client: &mut Client, ex: Exchange) -> bool {
+        let head_len = client.out.len();
+        let mut backend = ex.backend.clone();
         let mut retried = false;
+        let mut pooled_ok = true;
+        // A request with a body cannot be taken back once it is on its way.
+        let close_on_error = !ex.keep_alive || ex.framing != Framing::Empty;
         loop {
-            if !had_host {
-                request.headers_mut().insert(HOST, backend.host.clone());
-            }
             let in_flight = InFlight::new(backend.clone());
-            let result =
-                tokio::time::timeout(self.response_timeout, self.send(&backend, request)).await;
+            let pooled = pooled_ok
+                .then(|| backend.connections.take(Instant::now()))
+                .flatten();
+            let reused = pooled.is_some();
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => match upstream::connect(backend.addr, self.connect_timeout).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        drop(in_flight);
+                        self.record(&backend, Outcome::ConnectFailure, Instant::now());
+                        debug!(service = %ex.service.name, instance = %backend.instance, error = %e, "connect failed");
+                        if !retried {
+                            let next =
+                                self.balance
+                                    .pick(&ex.service, Some(&backend), Instant::now());
+                            if let Some(next) = next {
+                                backend = next;
+                                retried = true;
+                                continue;
+                            }
+                        }
+                        let body = format!("cannot connect to service {}\n", ex.service.name);
+                        return self
+                            .answer(client, 502, "Bad Gateway", body, close_on_error)
+                            .await;
+                    }
+                },
+            };
+            client.out.truncate(head_len);
+            http1::finish_head(&mut client.out, (!ex.has_host).then_some(&backend.host));
+            let result = self.exchange(client, &mut conn, &ex, reused).await;
             let now = Instant::now();
             match result {
-                Ok(Sent::Answered(response, conn)) => {
-                    let outcome = if response.status().is_server_error() {
-                        Outcome::ServerError
-                    } else {
-                        Outcome::Success
-                    };
-                    self.record(&backend, outcome, now);
-                    let (mut parts, body) = response.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    let body = ProxyBody::Upstream(UpstreamBody {
-                        body,
-                        ended: false,
-                        conn: Some(conn),
-                        in_flight,
-                    });
-                    return Response::from_parts(parts, body);
-                }
-                Ok(Sent::NotConnected(e, unsent)) => {
-                    drop(in_flight);
-                    self.record(&backend, Outcome::ConnectFailure, now);
-                    debug!(service = %service.name, instance = %backend.instance, error = %e, "connect failed");
-                    if !retried {
-                        if let Some(next) = self.balance.pick(&service, Some(&backend), now) {
-                            backend = next;
-                            retried = true;
-                            request = unsent;
-                            continue;
-                        }
+                Ok(done) => {
+                    self.record(&backend, done.outcome, now);
+                    if done.reusable {
+                        backend.connections.put(conn, now);
                     }
-                    let body = format!("cannot connect to service {}\n", service.name);
-                    return local(StatusCode::BAD_GATEWAY, body);
+                    return !done.close;
                 }
-                Ok(Sent::Failed(e)) => {
-                    self.record(&backend, Outcome::ServerError, now);
-                    let body = format!("service {} failed: {e}\n", service.name);
-                    return local(StatusCode::BAD_GATEWAY, body);
+                Err(Failure::Stale) => {
+                    // Not the endpoint's fault, and nothing was lost: again,
+                    // on a new connection.
+                    debug!(instance = %backend.instance, "kept-alive connection was closed; sending again");
+                    pooled_ok = false;
                 }
-                Err(_) => {
+                Err(Failure::RequestBody(e)) => {
+                    return self
+                        .answer(client, 400, "Bad Request", format!("{e}\n"), true)
+                        .await;
+                }
+                Err(Failure::AfterResponse(e)) => {
                     self.record(&backend, Outcome::ServerError, now);
-                    let body = format!(
-                        "service {} did not answer within {:?}\n",
-                        service.name, self.response_timeout
-                    );
-                    return local(StatusCode::GATEWAY_TIMEOUT, body);
+                    debug!(service = %ex.service.name, instance = %backend.instance, error = %e, "response cut short");
+                    return false;
+                }
+                Err(e @ Failure::Timeout(_)) => {
+                    self.record(&backend, Outcome::ServerError, now);
+                    let body = format!("service {} {e}\n", ex.service.name);
+                    return self
+                        .answer(client, 504, "Gateway Timeout", body, close_on_error)
+                        .await;
+                }
+                Err(e) => {
+                    self.record(&backend, Outcome::ServerError, now);
+                    let body = format!("service {} failed: {e}\n", ex.service.name);
+                    return self
+                        .answer(client, 502, "Bad Gateway", body, close_on_error)
+                        .await;
                 }
             }
         }
     }
 
-    /// Sends `request` on an idle connection to `backend`, or on a new one.
-    /// Connecting comes first, so a request that found no connection is
-    /// returned untouched, body and all.
-    async fn send(&self, backend: &Backend, mut request: Request<Incoming>) -> Sent {
+    async fn answer(
+        &self,
+        client: &mut Client,
+        status: u16,
+        reason: &'static str,
+        body: String,
+        close: bool,
+    ) -> bool {
+        let local = Local {
+            status,
+            reason,
+            body,
+            close,
+        };
+        write_local(client, &local).await && !close
+    }
+
+    /// One request and its response over `conn`.
+    async fn exchange(
+        &self,
+        client: &mut Client,
+        conn: &mut Connection,
+        ex: &Exchange,
+        reused: bool,
+    ) -> Result<Done, Failure> {
+        // The head, and what has come of the body, in one write.
+        let mut body = Body::new(ex.framing);
+        let taken = body
+            .take(&client.buf, &mut client.out, false)
+            .map_err(Failure::RequestBody)?;
+        client.buf.advance(taken);
+        let (mut from_client, mut to_client) = client.stream.split();
+        let (mut from_endpoint, mut to_endpoint) = conn.stream.split();
+        let started = Instant::now();
+        // Nanoseconds after `started` of the upload's last progress: the
+        // response is due `response_timeout` after the request is sent, not
+        // after it began.
+        let uploaded = AtomicU64::new(0);
+        if let Err(e) = to_endpoint.write_all(&client.out).await {
+            return Err(if reused && ex.framing == Framing::Empty {
+                Failure::Stale
+            } else {
+                Failure::BeforeResponse(format!("cannot send the request: {e}"))
+            });
+        }
+        client.out.clear();
+        let download = self.download(
+            &mut from_endpoint,
+            &mut conn.buf,
+            &mut to_client,
+            &mut client.out,
+            ex,
+            reused,
+            (started, &uploaded),
+        );
+        if body.is_done() {
+            return download.await;
+        }
+        let upload = upload(
+            &mut from_client,
+            &mut client.buf,
+            &mut to_endpoint,
+            &mut client.upload,
+            &mut body,
+            (started, &uploaded),
+        );
+        tokio::pin!(download, upload);
+        let mut uploading = true;
+        let mut upload_failed = false;
+        let mut done = loop {
+            tokio::select! {
+                biased;
+                done = &mut download => break done?,
+                sent = &mut upload, if uploading => {
+                    uploading = false;
+                    if let Err(e) = sent {
+                        // The endpoint may still answer (it refused the
+                        // body, say): wait for that.
+                        debug!(error = %e, "request body not sent whole");
+                        upload_failed = true;
+                    }
+                }
+            }
+        };
+        if uploading || upload_failed {
+            // The rest of the request body is still on the client's
+            // connection and was never sent on the endpoint's: neither can
+            // carry another request.
+            done.reusable = false;
+            done.close = true;
+        }
+        Ok(done)
+    }
+
+    /// Reads the response (interim ones first) from the endpoint and passes
+    /// it on to the client as it comes.
+    #[allow(clippy::too_many_arguments)]
+    async fn download(
+        &self,
+        from_endpoint: &mut ReadHalf<'_>,
+        buf: &mut BytesMut,
+        to_client: &mut WriteHalf<'_>,
+        out: &mut Vec<u8>,
+        ex: &Exchange,
+        reused: bool,
+        (started, uploaded): (Instant, &AtomicU64),
+    ) -> Result<Done, Failure> {
+        let mut deadline = started + self.response_timeout;
+        let mut answered = false;
         loop {
-            let (mut conn, reused) = match backend.connections.take(Instant::now()) {
-                Some(conn) => (conn, true),
-                None => match upstream::connect(backend.addr, self.connect_timeout).await {
-                    Ok(conn) => (conn, false),
-                    Err(e) => return Sent::NotConnected(e, request),
-                },
+            let head = {
+                let mut fields = http1::fields();
+                match http1::parse_response(buf, &mut fields, ex.is_head) {
+                    Ok(Some(res)) => {
+                        out.clear();
+                        let delivery = res.write_head(ex.minor, ex.keep_alive, out);
+                        Some((
+                            res.len,
+                            res.status,
+                            res.is_interim(),
+                            res.framing,
+                            res.keep_alive,
+                            delivery,
+                        ))
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        return Err(Failure::BeforeResponse(format!("invalid response: {e}")))
+                    }
+                }
             };
-            // A connection comes back to the pool as soon as its response has
-            // been read, possibly before its task has caught up; wait for it.
-            // An error means the endpoint closed it meanwhile.
-            if reused && conn.ready().await.is_err() {
+            let Some((len, status, interim, framing, keep_alive, delivery)) = head else {
+                buf.reserve(READ_SIZE);
+                let read = loop {
+                    match tokio::time::timeout_at(deadline, from_endpoint.read_buf(buf)).await {
+                        Ok(read) => break read,
+                        Err(_) => {
+                            // Still uploading, or was until recently: the
+                            // response is not due yet.
+                            let sent = started
+                                + Duration::from_nanos(uploaded.load(Ordering::Relaxed))
+                                + self.response_timeout;
+                            if sent <= Instant::now() {
+                                return Err(Failure::Timeout(self.response_timeout));
+                            }
+                            deadline = sent;
+                        }
+                    }
+                };
+                match read {
+                    Ok(n) if n > 0 => continue,
+                    // Nothing at all on a kept-alive connection: the endpoint
+                    // closed it as the request went out.
+                    Ok(_) | Err(_)
+                        if reused
+                            && !answered
+                            && buf.is_empty()
+                            && ex.framing == Framing::Empty =>
+                    {
+                        return Err(Failure::Stale)
+                    }
+                    Ok(_) => {
+                        return Err(Failure::BeforeResponse(
+                            "connection closed before a response".into(),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(Failure::BeforeResponse(format!(
+                            "cannot read the response: {e}"
+                        )))
+                    }
+                }
+            };
+            answered = true;
+            buf.advance(len);
+            if interim {
+                if status == 101 {
+                    return Err(Failure::BeforeResponse(
+                        "switching protocols is not supported".into(),
+                    ));
+                }
+                // `100 Continue` and the like: for HTTP/1.1 clients only.
+                if ex.minor == 1 {
+                    to_client
+                        .write_all(out)
+                        .await
+                        .map_err(|e| Failure::AfterResponse(format!("client: {e}")))?;
+                }
                 continue;
             }
-            match conn.try_send_request(request).await {
-                Ok(response) => return Sent::Answered(response, conn),
-                Err(mut e) => match e.take_message() {
-                    // A kept-alive connection closed before it took the
-                    // request (the endpoint's keep-alive ran out): not the
-                    // endpoint's fault, and safe to send again.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Sent::Failed(e.into_error()),
-                },
+            let mut body = Body::new(framing);
+            // The head and what has come of the body in one write; the rest
+            // as it arrives.
+            loop {
+                let n = body
+                    .take(buf, out, delivery.dechunk)
+                    .map_err(|e| Failure::AfterResponse(format!("response body: {e}")))?;
+                buf.advance(n);
+                if !out.is_empty() {
+                    to_client
+                        .write_all(out)
+                        .await
+                        .map_err(|e| Failure::AfterResponse(format!("client: {e}")))?;
+                    out.clear();
+                }
+                if body.is_done() {
+                    break;
+                }
+                buf.reserve(READ_SIZE);
+                let read = tokio::time::timeout(self.response_timeout, from_endpoint.read_buf(buf))
+                    .await
+                    .map_err(|_| {
+                        Failure::AfterResponse(format!(
+                            "response body stalled for {:?}",
+                            self.response_timeout
+                        ))
+                    })?
+                    .map_err(|e| Failure::AfterResponse(format!("response body: {e}")))?;
+                if read == 0 {
+                    if body == Body::UntilClose {
+                        break;
+                    }
+                    return Err(Failure::AfterResponse("endpoint closed mid-body".into()));
+                }
             }
+            let outcome = if status >= 500 {
+                Outcome::ServerError
+            } else {
+                Outcome::Success
+            };
+            return Ok(Done {
+                outcome,
+                reusable: keep_alive && buf.is_empty(),
+                close: delivery.close,
+            });
         }
     }
 
@@ -297,6 +665,60 @@ impl Proxy {
         if backend.record(outcome, now) {
             self.ejected.notify_one();
         }
+    }
+}
+
+/// Passes the rest of a request body from the client to the endpoint.
+async fn upload(
+    from_client: &mut ReadHalf<'_>,
+    buf: &mut BytesMut,
+    to_endpoint: &mut WriteHalf<'_>,
+    out: &mut Vec<u8>,
+    body: &mut Body,
+    (started, uploaded): (Instant, &AtomicU64),
+) -> Result<(), Failure> {
+    while !body.is_done() {
+        buf.reserve(READ_SIZE);
+        let n = from_client
+            .read_buf(buf)
+            .await
+            .map_err(|e| Failure::AfterResponse(format!("client: {e}")))?;
+        if n == 0 {
+            return Err(Failure::AfterResponse("client closed mid-body".into()));
+        }
+        out.clear();
+        let n = body.take(buf, out, false).map_err(Failure::RequestBody)?;
+        buf.advance(n);
+        to_endpoint
+            .write_all(out)
+            .await
+            .map_err(|e| Failure::BeforeResponse(format!("cannot send the request body: {e}")))?;
+        let since = Instant::now().saturating_duration_since(started);
+        uploaded.store(since.as_nanos() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Writes one of the router's own answers; false if the client is gone.
+async fn write_local(client: &mut Client, local: &Local) -> bool {
+    client.out.clear();
+    http1::write_local(
+        &mut client.out,
+        local.status,
+        local.reason,
+        &local.body,
+        local.close,
+    );
+    client.stream.write_all(&client.out).await.is_ok()
+}
+
+fn bad_request(e: &HeadError) -> Local {
+    let (status, reason) = e.status();
+    Local {
+        status,
+        reason,
+        body: format!("{e}\n"),
+        close: true,
     }
 }
 
@@ -342,92 +764,7 @@ pub async fn accept(listener: TcpListener, workers: Workers, mut stop: watch::Re
     }
 }
 
-fn local(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from(body))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-/// The hop-by-hop fields that every message loses (RFC 9110 §7.6.1).
-static HOP_BY_HOP: [HeaderName; 6] = [
-    CONNECTION,
-    TE,
-    TRANSFER_ENCODING,
-    UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
-
-/// Removes the headers that describe one connection, not the message
-/// (RFC 9110 §7.6.1): `Connection`, every header it names, and the
-/// well-known hop-by-hop fields.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the few names a message has, rather than a lookup per
-    // hop-by-hop field: most messages carry none, or only `Connection`.
-    let mut present = 0u8;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    // `Connection: keep-alive` names a field removed anyway: only collect
-    // names when it names others.
-    let names_others = headers.get_all(CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|name| !name.trim_ascii().eq_ignore_ascii_case(b"keep-alive"))
-    });
-    if names_others {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
-}
-
-/// The client's address as `X-Forwarded-For` shows it.
-fn client_header(peer: SocketAddr) -> HeaderValue {
-    HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value")
-}
-
-/// Appends the client to `X-Forwarded-For`; says `http` in
-/// `X-Forwarded-Proto` unless a proxy in front already said what the client
-/// used.
-fn forwarded_for(headers: &mut HeaderMap, client: HeaderValue) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(before) => {
-            let joined = [before.as_bytes(), b", ", client.as_bytes()].concat();
-            HeaderValue::from_bytes(&joined).ok()
-        }
-        None => Some(client),
-    };
-    if let Some(v) = value {
-        headers.insert(&X_FORWARDED_FOR, v);
-    }
-    headers
-        .entry(&X_FORWARDED_PROTO)
-        .or_insert(HeaderValue::from_static("http"));
-}
-
-/// Counts a request against its endpoint until the response body is done.
+/// Counts a request against its endpoint until its exchange is over.
 pub struct InFlight(Arc<Backend>);
 
 impl InFlight {
@@ -443,76 +780,21 @@ impl Drop for InFlight {
     }
 }
 
-/// What the router answers with: its own short message, or the endpoint's
-/// response streamed through.
-pub enum ProxyBody {
-    Local(Full<Bytes>),
-    Upstream(UpstreamBody),
-}
-
-/// An endpoint's response body on its way to the client. Its connection
-/// goes back to the endpoint's idle list once the body has been read to the
-/// end; a body dropped half-read closes it, as nothing else could be sent
-/// on it.
-pub struct UpstreamBody {
-    body: Incoming,
-    ended: bool,
-    conn: Option<Connection>,
-    in_flight: InFlight,
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if self.ended || self.body.is_end_stream() {
-                self.in_flight.0.connections.put(conn, Instant::now());
-            }
-        }
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ProxyBody::Local(full) => Pin::new(full).poll_frame(cx).map_err(|e| match e {}),
-            ProxyBody::Upstream(up) => {
-                let frame = Pin::new(&mut up.body).poll_frame(cx);
-                if let Poll::Ready(None) = frame {
-                    up.ended = true;
-                }
-                frame
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Local(full) => full.is_end_stream(),
-            ProxyBody::Upstream(up) => up.ended || up.body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Local(full) => full.size_hint(),
-            ProxyBody::Upstream(up) => up.body.size_hint(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::push::wire::{Message, Mirror, WireEndpoint, WireService, WireState, PROTOCOL};
-    use http_body_util::BodyExt;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::{Frame, Incoming};
+    use hyper::header::{HeaderValue, HOST};
+    use hyper::{Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
     use std::collections::HashMap;
+    use std::convert::Infallible;
+    use std::pin::Pin;
     use std::sync::atomic::AtomicUsize;
+    use std::task::{Context, Poll};
 
     /// An endpoint answering with the request's body, or `ok` for none, and
     /// the `X-Forwarded-For` it got; counts the connections it accepted.
@@ -659,7 +941,7 @@ mod tests {
     /// A request body of the given chunks, of no announced length.
     struct Chunks(std::collections::VecDeque<Bytes>);
 
-    impl Body for Chunks {
+    impl hyper::body::Body for Chunks {
         type Data = Bytes;
         type Error = Infallible;
 
@@ -680,45 +962,5 @@ mod tests {
             assert_eq!(body, "ok");
         }
         assert_eq!(accepted.load(Ordering::Relaxed), 10);
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "keep-alive, X-Session-Hop"),
-            ("connection", "x-other-hop"),
-            ("keep-alive", "timeout=5"),
-            ("proxy-connection", "keep-alive"),
-            ("te", "trailers"),
-            ("transfer-encoding", "chunked"),
-            ("upgrade", "websocket"),
-            ("x-session-hop", "1"),
-            ("x-other-hop", "1"),
-            ("content-length", "3"),
-            ("host", "example.com"),
-            ("x-request-id", "abc"),
-        ] {
-            h.append(k, HeaderValue::from_static(v));
-        }
-        strip_hop_by_hop(&mut h);
-        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        left.sort();
-        assert_eq!(left, ["content-length", "host", "x-request-id"]);
-    }
-
-    #[test]
-    fn forwarded_headers_append_the_client_and_keep_an_earlier_proto() {
-        let client = client_header("10.0.0.7:5555".parse().unwrap());
-        let mut h = HeaderMap::new();
-        forwarded_for(&mut h, client.clone());
-        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        forwarded_for(&mut h, client);
-        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.7");
-        assert_eq!(h["x-forwarded-proto"], "https");
     }
 }

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::header::HeaderValue;
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -56,7 +55,7 @@ pub struct Backend {
     pub instance: String,
     pub addr: SocketAddr,
     /// `Host` for a request that came without one (HTTP/1.0).
-    pub host: HeaderValue,
+    pub host: String,
     /// Kept-alive connections; they close when the endpoint leaves the table
     /// and its last request is done.
     pub connections: upstream::Idle,
@@ -84,8 +83,7 @@ impl Backend {
             service: service.to_owned(),
             instance: instance.to_owned(),
             addr,
-            host: HeaderValue::from_str(&addr.to_string())
-                .expect("a socket address is a valid header value"),
+            host: addr.to_string(),
             connections: upstream::Idle::default(),
             in_flight: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),

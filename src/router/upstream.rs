@@ -1,9 +1,9 @@
 //! Kept-alive HTTP/1.1 connections to one endpoint.
 //!
-//! The proxy connects before it hands a request over, so a refused
-//! connection leaves the request whole for a retry elsewhere, and a request
-//! never needs copying. A connection goes back to its endpoint's idle list
-//! when the response it carried has been read to the end.
+//! A connection is used by one request at a time, from the task of the
+//! client connection that took it, and goes back to its endpoint's idle
+//! list once its exchange ended cleanly: response read to the end, request
+//! sent whole, the endpoint willing to keep it.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -11,20 +11,31 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::debug;
 
 /// An idle connection older than this is closed rather than reused: the
 /// endpoint may have forgotten it (nginx's default keep-alive is 75 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The request side of one connection; the connection itself is a task.
-pub type Connection = SendRequest<Incoming>;
+/// One connection to an endpoint, with what has been read from it and not
+/// yet passed on.
+pub struct Connection {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+}
+
+impl Connection {
+    /// Whether the endpoint may still take a request on this idle
+    /// connection. Costs no system call unless the event loop saw the socket
+    /// become readable, which for an idle connection means the endpoint
+    /// closed it (or sent what nobody asked for).
+    fn is_open(&self) -> bool {
+        matches!(self.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum ConnectError {
@@ -32,8 +43,6 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("connect failed: {0}")]
     Io(#[source] std::io::Error),
-    #[error("HTTP handshake failed: {0}")]
-    Handshake(#[source] hyper::Error),
 }
 
 /// How many proxy threads keep their own idle lists; set once at start.
@@ -88,7 +97,7 @@ impl Idle {
     pub fn take(&self, now: Instant) -> Option<Connection> {
         let mut conns = self.shard().lock().expect("not poisoned");
         while let Some((conn, since)) = conns.pop_back() {
-            if !conn.is_closed() && now.saturating_duration_since(since) < IDLE_TIMEOUT {
+            if now.saturating_duration_since(since) < IDLE_TIMEOUT && conn.is_open() {
                 return Some(conn);
             }
         }
@@ -98,36 +107,27 @@ impl Idle {
     /// Keeps `conn` for the next request, and closes the connections that
     /// have been idle too long.
     pub fn put(&self, conn: Connection, now: Instant) {
-        if conn.is_closed() {
-            return;
-        }
+        debug_assert!(conn.buf.is_empty(), "an idle connection has nothing unread");
         let mut conns = self.shard().lock().expect("not poisoned");
-        while conns.front().is_some_and(|(c, since)| {
-            c.is_closed() || now.saturating_duration_since(*since) >= IDLE_TIMEOUT
-        }) {
+        while conns
+            .front()
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= IDLE_TIMEOUT)
+        {
             conns.pop_front();
         }
         conns.push_back((conn, now));
     }
 }
 
-/// Opens a connection to `addr` and runs it as its own task until either
-/// side closes it.
+/// Opens a connection to `addr`.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, ConnectError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout(timeout))?
         .map_err(ConnectError::Io)?;
     stream.set_nodelay(true).map_err(ConnectError::Io)?;
-    let (conn, driver) = http1::Builder::new()
-        .writev(false)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    tokio::spawn(async move {
-        if let Err(e) = driver.await {
-            debug!(error = %e, %addr, "endpoint connection ended");
-        }
-    });
-    Ok(conn)
+    Ok(Connection {
+        stream,
+        buf: BytesMut::with_capacity(super::proxy::READ_SIZE),
+    })
 }

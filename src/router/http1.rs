@@ -1,0 +1,888 @@
+//! HTTP/1.1 as a proxy needs it (RFC 9112): where a message's head ends,
+//! how its body is framed, and its head rewritten for the next hop.
+//!
+//! Heads are parsed by `httparse` in place and written on field by field
+//! into the next hop's buffer, names as received; bodies are passed through
+//! as they came (chunks stay chunks), so the proxy never builds a header map
+//! nor copies a body into messages of its own. This is what makes the
+//! router as cheap per request as nginx (see README, "Benchmarks").
+
+use std::mem::MaybeUninit;
+
+use thiserror::Error;
+
+/// The largest head accepted, request or response (nginx's default for
+/// large client headers is 4 × 8 KiB).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields in one head.
+pub const MAX_HEADERS: usize = 100;
+/// The longest chunk-size line, extensions included, or trailer line.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Where `httparse` puts the fields of one head; uninitialised, so free.
+pub type Fields<'b> = [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS];
+
+pub fn fields<'b>() -> Fields<'b> {
+    [const { MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
+/// How a message's body is delimited (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the sender closes its connection (responses only).
+    UntilClose,
+}
+
+/// Why a head was refused; each maps to the status the client gets.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HeadError {
+    #[error("malformed message head: {0}")]
+    Malformed(httparse::Error),
+    #[error("message head larger than {MAX_HEAD} bytes or {MAX_HEADERS} fields")]
+    TooLarge,
+    #[error("invalid or conflicting Content-Length")]
+    BadLength,
+    #[error("both Content-Length and Transfer-Encoding")]
+    LengthAndCoding,
+    #[error("Transfer-Encoding whose last coding is not chunked, or in an HTTP/1.0 request")]
+    BadCoding,
+    #[error("request target is neither a path nor an absolute http URL")]
+    BadTarget,
+    #[error("more than one Host")]
+    TwoHosts,
+}
+
+impl HeadError {
+    /// The status and reason phrase a client gets for its bad request.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            HeadError::TooLarge => (431, "Request Header Fields Too Large"),
+            _ => (400, "Bad Request"),
+        }
+    }
+}
+
+fn parsed(result: httparse::Result<usize>, len: usize) -> Result<Option<usize>, HeadError> {
+    match result {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if len >= MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(e) => Err(HeadError::Malformed(e)),
+    }
+}
+
+/// The fields a proxy acts on, found in one pass over a head.
+#[derive(Default)]
+struct Known {
+    /// Fields not passed on: hop-by-hop ones, and those rewritten.
+    drop: u128,
+    close: bool,
+    keep_alive: bool,
+    host: bool,
+    forwarded_proto: bool,
+    /// The `X-Forwarded-For` fields, rewritten as one.
+    forwarded_for: u128,
+    length: Option<u64>,
+    bad_length: bool,
+    /// `Transfer-Encoding` fields.
+    coding: u128,
+    /// Whether the last transfer coding named is `chunked`.
+    chunked: bool,
+    hosts: u8,
+}
+
+fn bit(i: usize) -> u128 {
+    1 << i
+}
+
+/// Comma-separated list elements, trimmed, empty ones skipped (RFC 9110 §5.6.1).
+fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|e| !e.is_empty())
+}
+
+impl Known {
+    fn of(fields: &[httparse::Header<'_>]) -> Known {
+        let mut known = Known::default();
+        let mut names_others = false;
+        for (i, field) in fields.iter().enumerate() {
+            let name = field.name;
+            let is = |n: &str| name.len() == n.len() && name.eq_ignore_ascii_case(n);
+            match name.len() {
+                10 if is("connection") => {
+                    known.drop |= bit(i);
+                    for token in elements(field.value) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            known.close = true;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            known.keep_alive = true;
+                        } else {
+                            names_others = true;
+                        }
+                    }
+                }
+                10 if is("keep-alive") => known.drop |= bit(i),
+                16 if is("proxy-connection") => known.drop |= bit(i),
+                2 if is("te") => known.drop |= bit(i),
+                7 if is("upgrade") => known.drop |= bit(i),
+                4 if is("host") => {
+                    known.host = true;
+                    known.hosts += 1;
+                }
+                14 if is("content-length") => {
+                    for element in elements(field.value) {
+                        let n = std::str::from_utf8(element)
+                            .ok()
+                            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+                            .and_then(|s| s.parse::<u64>().ok());
+                        match (n, known.length) {
+                            (Some(n), None) => known.length = Some(n),
+                            (Some(n), Some(m)) if n == m => {}
+                            _ => known.bad_length = true,
+                        }
+                    }
+                    if field.value.trim_ascii().is_empty() {
+                        known.bad_length = true;
+                    }
+                }
+                17 if is("transfer-encoding") => {
+                    known.coding |= bit(i);
+                    if let Some(last) = elements(field.value).last() {
+                        known.chunked = last.eq_ignore_ascii_case(b"chunked");
+                    }
+                }
+                15 if is("x-forwarded-for") => {
+                    known.forwarded_for |= bit(i);
+                    known.drop |= bit(i);
+                }
+                17 if is("x-forwarded-proto") => known.forwarded_proto = true,
+                _ => {}
+            }
+        }
+        // `Connection: x-session` makes `X-Session` hop-by-hop too (RFC 9110
+        // §7.6.1); rare, so only then a second pass.
+        if names_others {
+            let named: Vec<&[u8]> = fields
+                .iter()
+                .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+                .flat_map(|f| elements(f.value))
+                .collect();
+            for (i, field) in fields.iter().enumerate() {
+                if named
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(field.name.as_bytes()))
+                {
+                    known.drop |= bit(i);
+                }
+            }
+        }
+        known
+    }
+}
+
+fn write_fields(out: &mut Vec<u8>, fields: &[httparse::Header<'_>], drop: u128) {
+    for (i, field) in fields.iter().enumerate() {
+        if drop & bit(i) == 0 {
+            out.extend_from_slice(field.name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(field.value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// A client's request head, parsed in place.
+pub struct Request<'h, 'b> {
+    pub method: &'b str,
+    /// Path and query, what the endpoint gets (origin form).
+    pub target: &'b str,
+    /// The path alone, what routes match.
+    pub path: &'b str,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor: u8,
+    /// Bytes of the buffer the head took.
+    pub len: usize,
+    pub framing: Framing,
+    /// Whether the client wants its connection kept after this exchange.
+    pub keep_alive: bool,
+    fields: &'h [httparse::Header<'b>],
+    known: Known,
+}
+
+/// Parses the request head at the start of `buf`: `None` until it is
+/// complete.
+pub fn parse_request<'h, 'b>(
+    buf: &'b [u8],
+    fields: &'h mut Fields<'b>,
+) -> Result<Option<Request<'h, 'b>>, HeadError> {
+    let mut req = httparse::Request::new(&mut []);
+    let Some(len) = parsed(req.parse_with_uninit_headers(buf, fields), buf.len())? else {
+        return Ok(None);
+    };
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(HeadError::Malformed(httparse::Error::Token));
+    };
+    let fields: &'h [httparse::Header<'b>] = req.headers;
+    let known = Known::of(fields);
+    let target = origin_form(target).ok_or(HeadError::BadTarget)?;
+    let path = target.split(['?', '#']).next().unwrap_or(target);
+    if known.hosts > 1 {
+        return Err(HeadError::TwoHosts);
+    }
+    if known.bad_length {
+        return Err(HeadError::BadLength);
+    }
+    // Both lengths at once is how requests are smuggled past proxies:
+    // refused rather than resolved (RFC 9112 §6.1 allows either).
+    let framing = match (known.coding != 0, known.length) {
+        (true, Some(_)) => return Err(HeadError::LengthAndCoding),
+        (true, None) if known.chunked && minor == 1 => Framing::Chunked,
+        (true, None) => return Err(HeadError::BadCoding),
+        (false, Some(0) | None) => Framing::Empty,
+        (false, Some(n)) => Framing::Length(n),
+    };
+    let keep_alive = if minor == 0 {
+        known.keep_alive && !known.close
+    } else {
+        !known.close
+    };
+    Ok(Some(Request {
+        method,
+        target,
+        path,
+        minor,
+        len,
+        framing,
+        keep_alive,
+        fields,
+        known,
+    }))
+}
+
+/// The origin form of a request target: itself when it is a path, the
+/// path and query of an absolute `http(s)://` URL (RFC 9112 §3.2.2).
+fn origin_form(target: &str) -> Option<&str> {
+    if target.starts_with('/') {
+        return Some(target);
+    }
+    let scheme_len = if target.len() > 7 && target[..7].eq_ignore_ascii_case("http://") {
+        7
+    } else if target.len() > 8 && target[..8].eq_ignore_ascii_case("https://") {
+        8
+    } else {
+        return None;
+    };
+    let rest = &target[scheme_len..];
+    match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => Some(&rest[i..]),
+        // `http://host?q`: the path is `/`; the query cannot be kept without
+        // a copy, and no client sends this.
+        _ => Some("/"),
+    }
+}
+
+impl Request<'_, '_> {
+    pub fn is_head(&self) -> bool {
+        self.method == "HEAD"
+    }
+
+    /// Writes the head the endpoint gets, all but the `Host` a request
+    /// without one gets and the final blank line (`finish_head`): the
+    /// endpoint can differ on a retry. Hop-by-hop fields go (RFC 9110
+    /// §7.6.1), `X-Forwarded-For` gets `client` appended, and
+    /// `X-Forwarded-Proto` says `http` unless a proxy before said otherwise.
+    pub fn write_head(&self, client: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        write_fields(out, self.fields, self.known.drop);
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        for (i, field) in self.fields.iter().enumerate() {
+            if self.known.forwarded_for & bit(i) != 0 {
+                out.extend_from_slice(field.value.trim_ascii());
+                out.extend_from_slice(b", ");
+            }
+        }
+        out.extend_from_slice(client.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if !self.known.forwarded_proto {
+            out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+        }
+    }
+
+    pub fn has_host(&self) -> bool {
+        self.known.host
+    }
+}
+
+/// Ends a head `Request::write_head` began: `Host: host` if given, then
+/// the blank line.
+pub fn finish_head(out: &mut Vec<u8>, host: Option<&str>) {
+    if let Some(host) = host {
+        out.extend_from_slice(b"Host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// An endpoint's response head, parsed in place.
+pub struct Response<'h, 'b> {
+    pub status: u16,
+    reason: &'b str,
+    pub len: usize,
+    pub framing: Framing,
+    /// Whether the endpoint keeps its connection for another request.
+    pub keep_alive: bool,
+    fields: &'h [httparse::Header<'b>],
+    known: Known,
+}
+
+/// Parses the response head at the start of `buf`: `None` until it is
+/// complete. `to_head`: the request was a HEAD (no body follows, whatever
+/// the head says).
+pub fn parse_response<'h, 'b>(
+    buf: &'b [u8],
+    fields: &'h mut Fields<'b>,
+    to_head: bool,
+) -> Result<Option<Response<'h, 'b>>, HeadError> {
+    let mut res = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let Some(len) = parsed(
+        config.parse_response_with_uninit_headers(&mut res, buf, fields),
+        buf.len(),
+    )?
+    else {
+        return Ok(None);
+    };
+    let (Some(status), Some(minor)) = (res.code, res.version) else {
+        return Err(HeadError::Malformed(httparse::Error::Status));
+    };
+    let reason = res.reason.unwrap_or("");
+    let fields: &'h [httparse::Header<'b>] = res.headers;
+    let mut known = Known::of(fields);
+    let framing = if to_head || (100..200).contains(&status) || status == 204 || status == 304 {
+        Framing::Empty
+    } else if known.coding != 0 {
+        if known.chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else if known.bad_length {
+        return Err(HeadError::BadLength);
+    } else {
+        known.length.map_or(Framing::UntilClose, Framing::Length)
+    };
+    let keep_alive = framing != Framing::UntilClose
+        && if minor == 0 {
+            known.keep_alive && !known.close
+        } else {
+            !known.close
+        };
+    // The client's own framing is written by `write_head`.
+    known.drop |= known.coding;
+    if known.coding != 0 {
+        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3).
+        for (i, f) in fields.iter().enumerate() {
+            if f.name.eq_ignore_ascii_case("content-length") {
+                known.drop |= bit(i);
+            }
+        }
+    }
+    // Not ours to rewrite in a response: an `X-Forwarded-For` goes through.
+    known.drop &= !known.forwarded_for;
+    Ok(Some(Response {
+        status,
+        reason,
+        len,
+        framing,
+        keep_alive,
+        fields,
+        known,
+    }))
+}
+
+/// How a response's body reaches the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Chunked from the endpoint to an HTTP/1.0 client: the chunks' data
+    /// only, delimited by closing.
+    pub dechunk: bool,
+    /// The client's connection closes after this response.
+    pub close: bool,
+}
+
+impl Response<'_, '_> {
+    pub fn is_interim(&self) -> bool {
+        (100..200).contains(&self.status)
+    }
+
+    /// Writes the head the client gets, for a client speaking HTTP/1.`minor`
+    /// that wants its connection kept (`keep_alive`).
+    pub fn write_head(&self, minor: u8, keep_alive: bool, out: &mut Vec<u8>) -> Delivery {
+        let dechunk = self.framing == Framing::Chunked && minor == 0;
+        let close = !keep_alive || dechunk || self.framing == Framing::UntilClose;
+        out.extend_from_slice(b"HTTP/1.1 ");
+        let mut code = itoa::Buffer::new();
+        out.extend_from_slice(code.format(self.status).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.reason.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        write_fields(out, self.fields, self.known.drop);
+        if self.is_interim() {
+            out.extend_from_slice(b"\r\n");
+            return Delivery {
+                dechunk: false,
+                close: false,
+            };
+        }
+        if self.known.coding != 0 && !dechunk {
+            // The codings as the endpoint listed them: `chunked` stays last.
+            for (i, field) in self.fields.iter().enumerate() {
+                if self.known.coding & bit(i) != 0 {
+                    out.extend_from_slice(b"Transfer-Encoding: ");
+                    out.extend_from_slice(field.value);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+        if close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if minor == 0 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        Delivery { dechunk, close }
+    }
+}
+
+/// A body malformed on the wire.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BodyError {
+    #[error("invalid chunk size line")]
+    ChunkSize,
+    #[error("chunk data not followed by CRLF")]
+    ChunkEnd,
+    #[error("chunk size or trailer line longer than {MAX_CHUNK_LINE} bytes")]
+    LineTooLong,
+}
+
+/// Where a body being passed on stands.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Body {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+}
+
+/// Where a chunked body stands (RFC 9112 §7.1).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Chunk {
+    Size,
+    /// This many bytes of chunk data still to come.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer fields, up to a blank line.
+    Trailer,
+    Done,
+}
+
+impl Body {
+    pub fn new(framing: Framing) -> Body {
+        match framing {
+            Framing::Empty => Body::Length(0),
+            Framing::Length(n) => Body::Length(n),
+            Framing::Chunked => Body::Chunked(Chunk::Size),
+            Framing::UntilClose => Body::UntilClose,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, Body::Length(0) | Body::Chunked(Chunk::Done))
+    }
+
+    /// Takes from `buf` (what has arrived and not been taken) the bytes that
+    /// belong to this body and appends them to `out`: as they are, or the
+    /// chunks' data only if `dechunk`. Returns how many bytes it took; what
+    /// follows is the next message.
+    pub fn take(
+        &mut self,
+        buf: &[u8],
+        out: &mut Vec<u8>,
+        dechunk: bool,
+    ) -> Result<usize, BodyError> {
+        match self {
+            Body::Length(left) => {
+                let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                out.extend_from_slice(&buf[..n]);
+                *left -= n as u64;
+                Ok(n)
+            }
+            Body::UntilClose => {
+                out.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            Body::Chunked(chunk) => {
+                let n = chunk.scan(buf, |data| {
+                    if dechunk {
+                        out.extend_from_slice(data)
+                    }
+                })?;
+                if !dechunk {
+                    out.extend_from_slice(&buf[..n]);
+                }
+                Ok(n)
+            }
+        }
+    }
+}
+
+impl Chunk {
+    /// Scans `buf` for chunked framing, calling `data` for each piece of
+    /// chunk data; returns how many bytes belong to the body.
+    fn scan(&mut self, buf: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, BodyError> {
+        let mut at = 0;
+        loop {
+            let rest = &buf[at..];
+            match self {
+                Chunk::Done => return Ok(at),
+                Chunk::Size => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((n, 0))) => {
+                        at += n;
+                        *self = Chunk::Trailer;
+                    }
+                    Ok(httparse::Status::Complete((n, size))) => {
+                        at += n;
+                        *self = Chunk::Data(size);
+                    }
+                    Ok(httparse::Status::Partial) if rest.len() > MAX_CHUNK_LINE => {
+                        return Err(BodyError::LineTooLong)
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(at),
+                    Err(_) => return Err(BodyError::ChunkSize),
+                },
+                Chunk::Data(left) => {
+                    if rest.is_empty() {
+                        return Ok(at);
+                    }
+                    let n = rest.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    data(&rest[..n]);
+                    at += n;
+                    *left -= n as u64;
+                    if *left == 0 {
+                        *self = Chunk::DataEnd;
+                    }
+                }
+                Chunk::DataEnd => match rest {
+                    [b'\r', b'\n', ..] => {
+                        at += 2;
+                        *self = Chunk::Size;
+                    }
+                    [] | [b'\r'] => return Ok(at),
+                    _ => return Err(BodyError::ChunkEnd),
+                },
+                Chunk::Trailer => {
+                    if rest.starts_with(b"\r\n") {
+                        at += 2;
+                        *self = Chunk::Done;
+                    } else if let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+                        at += i + 2;
+                    } else if rest.len() > MAX_CHUNK_LINE {
+                        return Err(BodyError::LineTooLong);
+                    } else {
+                        return Ok(at);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A response of the router's own, plain text.
+pub fn write_local(out: &mut Vec<u8>, status: u16, reason: &str, body: &str, close: bool) {
+    let mut n = itoa::Buffer::new();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(n.format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ");
+    out.extend_from_slice(n.format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(raw: &str) -> Result<Option<(Framing, bool, String, String)>, HeadError> {
+        let mut f = fields();
+        Ok(parse_request(raw.as_bytes(), &mut f)?.map(|r| {
+            let mut out = Vec::new();
+            r.write_head("10.0.0.9", &mut out);
+            finish_head(&mut out, (!r.has_host()).then_some("10.1.1.1:80"));
+            (
+                r.framing,
+                r.keep_alive,
+                r.path.to_owned(),
+                String::from_utf8(out).unwrap(),
+            )
+        }))
+    }
+
+    #[test]
+    fn a_request_head_is_rewritten_for_the_endpoint() {
+        let (framing, keep, path, head) = request(
+            "GET http://app/users/7?x=1 HTTP/1.1\r\nHost: app\r\nConnection: keep-alive, X-Hop\r\n\
+             X-Hop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Connection: x\r\n\
+             X-Forwarded-For: 1.2.3.4\r\nx-request-id: abc\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(framing, Framing::Empty);
+        assert!(keep);
+        assert_eq!(path, "/users/7");
+        assert_eq!(
+            head,
+            "GET /users/7?x=1 HTTP/1.1\r\nHost: app\r\nx-request-id: abc\r\n\
+             X-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nX-Forwarded-Proto: http\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_request_without_host_gets_the_endpoints_and_http_1_0_closes_by_default() {
+        let (_, keep, _, head) = request("GET / HTTP/1.0\r\nX-Forwarded-Proto: https\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!keep);
+        assert_eq!(
+            head,
+            "GET / HTTP/1.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-For: 10.0.0.9\r\nHost: 10.1.1.1:80\r\n\r\n"
+        );
+        let (_, keep, _, _) = request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(keep);
+        let (_, keep, _, _) = request("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!keep);
+    }
+
+    #[test]
+    fn request_framing_follows_rfc_9112_and_refuses_ambiguity() {
+        let framing = |raw: &str| request(raw).map(|r| r.unwrap().0);
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n"),
+            Ok(Framing::Length(12))
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nContent-Length: 12, 12\r\nContent-Length: 12\r\n\r\n"),
+            Ok(Framing::Length(12))
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Ok(Framing::Chunked)
+        );
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 12\r\nContent-Length: 13\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +12\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+        ] {
+            assert_eq!(framing(bad), Err(HeadError::BadLength), "{bad}");
+        }
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(HeadError::LengthAndCoding)
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
+            Err(HeadError::BadCoding)
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(HeadError::BadCoding)
+        );
+        assert_eq!(
+            framing("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            Err(HeadError::TwoHosts)
+        );
+        assert_eq!(
+            framing("GET foo HTTP/1.1\r\n\r\n"),
+            Err(HeadError::BadTarget)
+        );
+        assert!(matches!(
+            framing("GARBAGE\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        assert_eq!(
+            request("GET / HTTP/1.1\r\nHost: a\r\n")
+                .unwrap()
+                .map(|_| ()),
+            None
+        );
+        let huge = format!("GET / HTTP/1.1\r\nX-Big: {}", "a".repeat(MAX_HEAD));
+        assert_eq!(request(&huge).err(), Some(HeadError::TooLarge));
+    }
+
+    fn response(
+        raw: &str,
+        to_head: bool,
+        minor: u8,
+        keep: bool,
+    ) -> (Framing, bool, Delivery, String) {
+        let mut f = fields();
+        let r = parse_response(raw.as_bytes(), &mut f, to_head)
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        let delivery = r.write_head(minor, keep, &mut out);
+        (
+            r.framing,
+            r.keep_alive,
+            delivery,
+            String::from_utf8(out).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_response_head_loses_its_hop_by_hop_fields_and_says_how_the_client_connection_goes() {
+        let (framing, upstream_keep, delivery, head) = response(
+            "HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+             Content-Length: 2\r\nServer: t\r\n\r\nok",
+            false,
+            1,
+            true,
+        );
+        assert_eq!(framing, Framing::Length(2));
+        assert!(upstream_keep);
+        assert!(!delivery.close);
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nServer: t\r\n\r\n"
+        );
+
+        let (_, _, delivery, head) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+            false,
+            0,
+            true,
+        );
+        assert!(!delivery.close);
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n";
+        let (framing, keep, delivery, head) = response(chunked, false, 1, true);
+        assert_eq!(
+            (framing, keep, delivery.dechunk, delivery.close),
+            (Framing::Chunked, true, false, false)
+        );
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        // HTTP/1.0 has no chunks: the data, then close.
+        let (_, _, delivery, head) = response(chunked, false, 0, true);
+        assert_eq!((delivery.dechunk, delivery.close), (true, true));
+        assert_eq!(head, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+
+        let (framing, keep, delivery, _) = response("HTTP/1.1 200 OK\r\n\r\n", false, 1, true);
+        assert_eq!(
+            (framing, keep, delivery.close),
+            (Framing::UntilClose, false, true)
+        );
+        for (raw, to_head) in [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", true),
+            ("HTTP/1.1 204 No Content\r\n\r\n", false),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                false,
+            ),
+            ("HTTP/1.1 100 Continue\r\n\r\n", false),
+        ] {
+            assert_eq!(response(raw, to_head, 1, true).0, Framing::Empty, "{raw}");
+        }
+        let (_, keep, _, _) = response(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+            1,
+            true,
+        );
+        assert!(!keep);
+        let (_, keep, _, _) = response(
+            "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+            false,
+            1,
+            true,
+        );
+        assert!(!keep);
+        let mut f = fields();
+        assert!(parse_response(b"NOT HTTP\r\n\r\n", &mut f, false).is_err());
+    }
+
+    /// Feeds `wire` in pieces of `step` bytes, as reads would deliver it.
+    fn pass(wire: &[u8], step: usize, dechunk: bool) -> Result<(Vec<u8>, usize), BodyError> {
+        let mut body = Body::new(Framing::Chunked);
+        let mut out = Vec::new();
+        let mut pending = Vec::new();
+        let mut taken = 0;
+        for piece in wire.chunks(step) {
+            pending.extend_from_slice(piece);
+            let n = body.take(&pending, &mut out, dechunk)?;
+            pending.drain(..n);
+            taken += n;
+            if body.is_done() {
+                break;
+            }
+        }
+        assert!(body.is_done(), "not done after {taken} bytes");
+        Ok((out, taken))
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_their_framing_says_however_they_arrive() {
+        let wire =
+            b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: x\r\n\r\nGET /next";
+        let body_len = wire.len() - b"GET /next".len();
+        for step in [1, 2, 3, 7, 100] {
+            let (raw, taken) = pass(wire, step, false).unwrap();
+            assert_eq!(taken, body_len);
+            assert_eq!(raw, &wire[..body_len]);
+            let (data, _) = pass(wire, step, true).unwrap();
+            assert_eq!(data, b"hello0123456789abcdef");
+        }
+        assert_eq!(pass(b"zz\r\n", 4, false), Err(BodyError::ChunkSize));
+        assert_eq!(pass(b"2\r\nabXY", 8, false), Err(BodyError::ChunkEnd));
+    }
+
+    #[test]
+    fn a_length_body_takes_no_more_than_its_length() {
+        let mut body = Body::new(Framing::Length(5));
+        let mut out = Vec::new();
+        assert_eq!(body.take(b"abc", &mut out, false), Ok(3));
+        assert!(!body.is_done());
+        assert_eq!(body.take(b"deGET", &mut out, false), Ok(2));
+        assert!(body.is_done());
+        assert_eq!(out, b"abcde");
+    }
+}
