@@ -283,24 +283,31 @@ impl Proxy {
     /// `client.buf`.
     fn next(&self, client: &mut Client) -> Option<Next> {
         let mut fields = http1::fields();
-        let req = match http1::parse_request(&client.buf, &mut fields) {
-            Ok(Some(req)) => req,
+        let (next, len) = match http1::parse_request(&client.buf, &mut fields) {
+            Ok(Some(req)) => (self.route(&req, &client.addr, &mut client.out), req.len),
             Ok(None) => return None,
             Err(e) => {
                 debug!(client = %client.addr, error = %e, "bad request");
                 return Some(Next::Local(bad_request(&e)));
             }
         };
+        client.buf.advance(len);
+        Some(next)
+    }
+
+    /// Where `req` goes: to an endpoint, with its head for it written to
+    /// `out`, or nowhere, with the router's answer.
+    fn route(&self, req: &http1::Request<'_, '_>, client: &str, out: &mut Vec<u8>) -> Next {
         // A local answer leaves a request body unread: the connection
         // closes after it rather than read the body as the next head.
         let close = !req.keep_alive || req.framing != Framing::Empty;
         let local = |status, reason, body| {
-            Some(Next::Local(Local {
+            Next::Local(Local {
                 status,
                 reason,
                 body,
                 close,
-            }))
+            })
         };
         let service = {
             let table = self.table.load();
@@ -320,9 +327,9 @@ impl Proxy {
             let body = format!("no healthy endpoint for service {}\n", service.name);
             return local(503, "Service Unavailable", body);
         };
-        client.out.clear();
-        req.write_head(&client.addr, &mut client.out);
-        let exchange = Exchange {
+        out.clear();
+        req.write_head(client, out);
+        Next::Forward(Exchange {
             service,
             backend,
             framing: req.framing,
@@ -330,10 +337,7 @@ impl Proxy {
             minor: req.minor,
             keep_alive: req.keep_alive,
             has_host: req.has_host(),
-        };
-        let len = req.len;
-        client.buf.advance(len);
-        Some(Next::Forward(exchange))
+        })
     }
 
     /// Sends a request to its endpoint, or another if that one cannot be
@@ -507,9 +511,20 @@ impl Proxy {
                 }
             }
         };
-        if uploading || upload_failed {
+        if uploading && done.reusable {
+            // Answered before the body was all sent, by an endpoint that
+            // keeps its connection, so it reads the rest: both connections
+            // can carry the next request once it has.
+            if let Err(e) = upload.await {
+                debug!(error = %e, "request body not sent whole after the response");
+                upload_failed = true;
+            }
+        } else if uploading {
+            upload_failed = true;
+        }
+        if upload_failed {
             // The rest of the request body is still on the client's
-            // connection and was never sent on the endpoint's: neither can
+            // connection, and the endpoint's is mid-message: neither can
             // carry another request.
             done.reusable = false;
             done.close = true;
