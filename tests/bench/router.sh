@@ -10,13 +10,20 @@
 # router gets its routes from a tiny static push source (the wire protocol's
 # snapshot line, held open), so the proxy path is measured alone.
 #
+# The targets are measured in turn, ROUNDS times, and each column is the
+# median over the rounds: on a shared machine a single run mostly measures
+# what else ran at that moment. "CPU per request" is the proxy processes'
+# own CPU time (user + system, from /proc) during the run divided by the
+# requests it served: what a request costs, whatever else loads the machine.
+#
 # Propagation: `cargo bench --bench propagation` (see tests/bench/propagation.rs).
 #
-# Env: DURATION (default 10s), THREADS (2), CONNECTIONS (64).
+# Env: DURATION (default 10s), ROUNDS (3), THREADS (2), CONNECTIONS (64).
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 CORES=$(nproc)
@@ -82,19 +89,51 @@ push_source() { # port backends
   PIDS+=($!)
 }
 
-# wrk → "requests/s p50 p99"
+# CPU time (user + system, in clock ticks) the processes $@ have used.
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+
+# wrk against $1 → "requests/s p50 p99 µs-of-CPU-per-request" for the
+# processes $2... ("-" when none are given).
 measure() {
-  wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "$1" >/dev/null # warm pools
-  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$1" | awk '
+  local url=$1; shift
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "$url" >/dev/null # warm pools
+  local before after
+  before=$(cpu_ticks "$@")
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url" > "$WORK/wrk.txt"
+  after=$(cpu_ticks "$@")
+  awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v procs=$# '
+    /requests in/ { n = $1 }
     /Requests\/sec:/ { rps = $2 }
     /^ +50%/ { p50 = $2 }
     /^ +99%/ { p99 = $2 }
     /Non-2xx/ { bad = $NF }
-    END { if (bad) { print "non-2xx responses: " bad > "/dev/stderr"; exit 1 }; printf "%s %s %s\n", rps, p50, p99 }'
+    END {
+      if (bad) { print "non-2xx responses: " bad > "/dev/stderr"; exit 1 }
+      cpu = procs ? sprintf("%.1f", ticks / hz * 1e6 / n) : "-"
+      printf "%s %s %s %s\n", rps, p50, p99, cpu }' "$WORK/wrk.txt"
+}
+
+# Milliseconds from wrk's "812.00us" / "1.23ms" / "1.01s".
+ms() { awk '{ v = $1 + 0; if ($1 ~ /us$/) v /= 1000; else if ($1 ~ /[0-9]s$/ && $1 !~ /ms$/) v *= 1000; printf "%.2f", v }' <<<"$1"; }
+
+# Median of the lines on stdin.
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# One round: measures target $1 (backends $2) at $3, the CPU of pids $4...
+sample() { # label backends url pids...
+  local label=$1 n=$2 url=$3; shift 3
+  read -r rps p50 p99 cpu <<<"$(measure "$url" "$@")"
+  echo "$rps $(ms "$p50") $(ms "$p99") $cpu" >> "$WORK/rows.$n.$label"
+  echo "done: $label, $n backends: $rps requests/s, p99 $p99, $cpu µs CPU per request" >&2
 }
 
 ROWS=()
-row() { read -r rps p50 p99 <<<"$(measure "$3")"; ROWS+=("| $1 | $2 | $rps | $p50 | $p99 |"); echo "done: $1 $2 backends" >&2; }
+row() { # label backends
+  local f="$WORK/rows.$2.$1" col
+  local -a m
+  for col in 1 2 3 4; do m+=("$(awk -v c=$col '{print $c}' "$f" | median)"); done
+  ROWS+=("| $1 | $2 | ${m[0]} | ${m[1]} ms | ${m[2]} ms | ${m[3]} |")
+}
 
 for n in 2 4; do
   ups=""
@@ -116,17 +155,20 @@ http { access_log off; keepalive_requests 1000000;
   PIDS+=($!); ROUTER_PID=${PIDS[-1]}
   wait_http "http://127.0.0.1:$admin_port/readyz"
 
-  row direct "$n" "http://127.0.0.1:19001/"
-  row nginx "$n" "http://127.0.0.1:$nginx_port/"
-  row "signpost router" "$n" "http://127.0.0.1:$router_port/"
+  for _ in $(seq "$ROUNDS"); do
+    sample direct "$n" "http://127.0.0.1:19001/"
+    sample nginx "$n" "http://127.0.0.1:$nginx_port/" $(pgrep -P "$NGINX_PID")
+    sample "signpost router" "$n" "http://127.0.0.1:$router_port/" "$ROUTER_PID"
+  done
+  row direct "$n"; row nginx "$n"; row "signpost router" "$n"
   kill "$NGINX_PID" "$ROUTER_PID" "$PUSH_PID"
 done
 
 echo
-echo "Proxy: wrk -t$THREADS -c$CONNECTIONS -d$DURATION on loopback, $CORES cores (wrk, proxy and backends share them)"
+echo "Proxy: wrk -t$THREADS -c$CONNECTIONS -d$DURATION on loopback, $CORES cores (wrk, proxy and backends share them); median of $ROUNDS rounds"
 echo
-echo "| target | backends | requests/s | p50 | p99 |"
-echo "| --- | ---: | ---: | ---: | ---: |"
+echo "| target | backends | requests/s | p50 | p99 | CPU per request (µs) |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: |"
 printf '%s\n' "${ROWS[@]}"
 echo
 echo "Propagation: registry change → every subscribed router acked"
