@@ -59,9 +59,13 @@ struct Client {
     stream: TcpStream,
     /// Received and not yet passed on: the next head, or body bytes.
     buf: BytesMut,
-    /// The head for the endpoint (and what of the body came with it); then
-    /// the response, or a part of it, on its way to the client.
-    out: Vec<u8>,
+    /// The request head for the endpoint, and what of the body came with
+    /// it: kept until the exchange is over, to send again if the endpoint
+    /// had closed the connection it went out on.
+    head: Vec<u8>,
+    /// The response, or a part of it, on its way to the client; or the
+    /// router's own answer.
+    back: Vec<u8>,
     /// Request body bytes on their way to the endpoint.
     upload: Vec<u8>,
     /// The client's address as `X-Forwarded-For` shows it.
@@ -229,7 +233,8 @@ impl Proxy {
         let mut client = Client {
             stream,
             buf: BytesMut::with_capacity(READ_SIZE),
-            out: Vec::with_capacity(READ_SIZE),
+            head: Vec::with_capacity(1024),
+            back: Vec::with_capacity(READ_SIZE),
             upload: Vec::new(),
             addr: peer.ip().to_string(),
         };
@@ -279,12 +284,12 @@ impl Proxy {
 
     /// Reads the request head at the start of the client's buffer: `None`
     /// until it is whole. For a request to forward, leaves the endpoint's
-    /// head in `client.out` and the request body's first bytes, if any, in
+    /// head in `client.head` and the request body's first bytes, if any, in
     /// `client.buf`.
     fn next(&self, client: &mut Client) -> Option<Next> {
         let mut fields = http1::fields();
         let (next, len) = match http1::parse_request(&client.buf, &mut fields) {
-            Ok(Some(req)) => (self.route(&req, &client.addr, &mut client.out), req.len),
+            Ok(Some(req)) => (self.route(&req, &client.addr, &mut client.head), req.len),
             Ok(None) => return None,
             Err(e) => {
                 debug!(client = %client.addr, error = %e, "bad request");
@@ -344,7 +349,7 @@ impl Proxy {
     /// reached, and its response to the client; returns whether the client
     /// connection stays open.
     async fn forward(&self, client: &mut Client, ex: Exchange) -> bool {
-        let head_len = client.out.len();
+        let head_len = client.head.len();
         let mut backend = ex.backend.clone();
         let mut retried = false;
         let mut pooled_ok = true;
@@ -381,8 +386,8 @@ impl Proxy {
                     }
                 },
             };
-            client.out.truncate(head_len);
-            http1::finish_head(&mut client.out, (!ex.has_host).then_some(&backend.host));
+            client.head.truncate(head_len);
+            http1::finish_head(&mut client.head, (!ex.has_host).then_some(&backend.host));
             let result = self.exchange(client, &mut conn, &ex, reused).await;
             let now = Instant::now();
             match result {
@@ -455,7 +460,7 @@ impl Proxy {
         // The head, and what has come of the body, in one write.
         let mut body = Body::new(ex.framing);
         let taken = body
-            .take(&client.buf, &mut client.out, false)
+            .take(&client.buf, &mut client.head, false)
             .map_err(Failure::RequestBody)?;
         client.buf.advance(taken);
         let (mut from_client, mut to_client) = client.stream.split();
@@ -465,19 +470,18 @@ impl Proxy {
         // response is due `response_timeout` after the request is sent, not
         // after it began.
         let uploaded = AtomicU64::new(0);
-        if let Err(e) = to_endpoint.write_all(&client.out).await {
+        if let Err(e) = to_endpoint.write_all(&client.head).await {
             return Err(if reused && ex.framing == Framing::Empty {
                 Failure::Stale
             } else {
                 Failure::BeforeResponse(format!("cannot send the request: {e}"))
             });
         }
-        client.out.clear();
         let download = self.download(
             &mut from_endpoint,
             &mut conn.buf,
             &mut to_client,
-            &mut client.out,
+            &mut client.back,
             ex,
             reused,
             (started, &uploaded),
@@ -716,15 +720,15 @@ async fn upload(
 
 /// Writes one of the router's own answers; false if the client is gone.
 async fn write_local(client: &mut Client, local: &Local) -> bool {
-    client.out.clear();
+    client.back.clear();
     http1::write_local(
-        &mut client.out,
+        &mut client.back,
         local.status,
         local.reason,
         &local.body,
         local.close,
     );
-    client.stream.write_all(&client.out).await.is_ok()
+    client.stream.write_all(&client.back).await.is_ok()
 }
 
 fn bad_request(e: &HeadError) -> Local {
@@ -977,6 +981,45 @@ mod tests {
             assert_eq!(body, "ok");
         }
         assert_eq!(accepted.load(Ordering::Relaxed), 10);
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_the_endpoint_closes_as_it_arrives_goes_again_on_a_new_one() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        // Each connection answers one request and closes on reading the
+        // next: the race every kept-alive connection can lose.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    for answered in [false, true] {
+                        let mut head = String::new();
+                        while !head.ends_with("\r\n\r\n") {
+                            if stream.read_line(&mut head).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        if answered || !head.starts_with("GET /x HTTP/1.1\r\n") {
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        stream.get_mut().write_all(ok).await.unwrap();
+                    }
+                });
+            }
+        });
+        let (router, _stop) = router(endpoint).await;
+        for (status, _, body) in get(router, 2).await {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
