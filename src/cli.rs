@@ -61,7 +61,8 @@ struct RouterArgs {
     /// Limit on connecting to an endpoint.
     #[arg(long, env = "SIGNPOST_ROUTER_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration::parse)]
     connect_timeout: Duration,
-    /// Limit on an endpoint's response headers arriving (body streaming is not limited).
+    /// Limit on an endpoint's response head arriving after the request, and on each
+    /// wait for more of its body.
     #[arg(long, env = "SIGNPOST_ROUTER_RESPONSE_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     response_timeout: Duration,
     /// Proxy threads, each with its own event loop; default: one per CPU.
