@@ -885,4 +885,85 @@ mod tests {
         assert!(body.is_done());
         assert_eq!(out, b"abcde");
     }
+
+    #[test]
+    fn smuggling_shaped_request_heads_are_refused() {
+        let framing = |raw: &str| request(raw).map(|r| r.unwrap().0);
+        for bad in [
+            // obs-fold, and whitespace between a name and its colon.
+            "POST / HTTP/1.1\r\nHost: a\r\nX-Pad: 1\r\n Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1 2\r\n\r\n",
+        ] {
+            assert!(framing(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 007\r\n\r\n"),
+            Ok(Framing::Length(7))
+        );
+    }
+
+    #[test]
+    #[ignore = "BUG: an empty chunk-size line is taken as the last chunk (httparse::parse_chunk_size gives 0 for no digits); RFC 9112 §7.1: chunk-size = 1*HEXDIG"]
+    fn an_empty_chunk_size_line_is_refused() {
+        assert_eq!(
+            pass(b"5\r\nhello\r\n\r\n\r\n", 100, false),
+            Err(BodyError::ChunkSize)
+        );
+        assert_eq!(pass(b";ext\r\n\r\n", 100, false), Err(BodyError::ChunkSize));
+    }
+
+    #[test]
+    #[ignore = "BUG: a trailer line with a bare LF is passed on; a recipient ending lines at LF sees the trailers end there and the rest as a request: smuggling"]
+    fn a_bare_lf_in_chunk_framing_is_refused() {
+        let trailer = b"0\r\nX: a\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(pass(trailer, 100, false).is_err());
+        let extension = b"2;\nab\r\nxy\r\n0\r\n\r\n";
+        assert!(pass(extension, 100, false).is_err());
+    }
+
+    #[test]
+    #[ignore = "BUG: `Connection: content-length` in a response drops its Content-Length, while the body is sent and the client connection kept: the client cannot frame it"]
+    fn a_response_keeps_the_framing_a_connection_field_names() {
+        let (framing, _, delivery, head) = response(
+            "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\nok",
+            false,
+            1,
+            true,
+        );
+        assert_eq!(framing, Framing::Length(2));
+        assert!(
+            head.contains("Content-Length: 2\r\n") || delivery.close,
+            "{head}"
+        );
+    }
+
+    #[test]
+    #[ignore = "BUG: `http://host?q` loses its query: the endpoint gets `/` (origin_form), a different resource"]
+    fn an_absolute_form_target_without_a_path_keeps_its_query() {
+        match request("GET http://app?x=1 HTTP/1.1\r\nHost: app\r\n\r\n") {
+            Err(e) => assert_eq!(e, HeadError::BadTarget),
+            Ok(r) => {
+                let (_, _, _, head) = r.unwrap();
+                assert!(head.starts_with("GET /?x=1 HTTP/1.1\r\n"), "{head}");
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "BUG: the answer to a HEAD from an HTTP/1.0 client keeps `Transfer-Encoding: chunked` (RFC 9112 §6.1: not to a request that is not HTTP/1.1)"]
+    fn a_head_answer_to_http_1_0_has_no_transfer_encoding() {
+        let (_, _, _, head) = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            true,
+            0,
+            true,
+        );
+        assert!(!head.contains("Transfer-Encoding"), "{head}");
+    }
 }
