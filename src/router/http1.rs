@@ -90,6 +90,8 @@ struct Known {
     bad_length: bool,
     /// `Transfer-Encoding` fields.
     coding: u128,
+    /// `Host` fields.
+    host_fields: u128,
     /// Whether the last transfer coding named is `chunked`.
     chunked: bool,
     hosts: u8,
@@ -134,6 +136,7 @@ impl Known {
                 4 if is("host") => {
                     known.host = true;
                     known.hosts += 1;
+                    known.host_fields |= bit(i);
                 }
                 14 if is("content-length") => {
                     for element in elements(field.value) {
@@ -174,9 +177,17 @@ impl Known {
                 .flat_map(|f| elements(f.value))
                 .collect();
             for (i, field) in fields.iter().enumerate() {
-                if named
+                let name = field.name;
+                // Not the fields that frame the message or name its target:
+                // dropping `Content-Length` because `Connection` names it
+                // would let the body be read as the next request.
+                let framing = ["content-length", "transfer-encoding", "host"]
                     .iter()
-                    .any(|n| n.eq_ignore_ascii_case(field.name.as_bytes()))
+                    .any(|f| name.eq_ignore_ascii_case(f));
+                if !framing
+                    && named
+                        .iter()
+                        .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
                 {
                     known.drop |= bit(i);
                 }
@@ -200,8 +211,12 @@ fn write_fields(out: &mut Vec<u8>, fields: &[httparse::Header<'_>], drop: u128) 
 /// A client's request head, parsed in place.
 pub struct Request<'h, 'b> {
     pub method: &'b str,
-    /// Path and query, what the endpoint gets (origin form).
-    pub target: &'b str,
+    /// Path and query, what the endpoint gets (origin form), but for a
+    /// leading `/` when `slash`.
+    target: &'b str,
+    slash: bool,
+    /// The host of an absolute-form target, which replaces `Host`.
+    authority: Option<&'b str>,
     /// The path alone, what routes match.
     pub path: &'b str,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
@@ -230,8 +245,13 @@ pub fn parse_request<'h, 'b>(
     };
     let fields: &'h [httparse::Header<'b>] = req.headers;
     let known = Known::of(fields);
-    let target = origin_form(target).ok_or(HeadError::BadTarget)?;
-    let path = target.split(['?', '#']).next().unwrap_or(target);
+    let (authority, target) = origin_form(target).ok_or(HeadError::BadTarget)?;
+    // `http://host?q` has the path `/` and the query `?q`.
+    let slash = !target.starts_with('/');
+    let path = match target.split(['?', '#']).next() {
+        Some(path) if !slash => path,
+        _ => "/",
+    };
     if known.hosts > 1 {
         return Err(HeadError::TwoHosts);
     }
@@ -255,6 +275,8 @@ pub fn parse_request<'h, 'b>(
     Ok(Some(Request {
         method,
         target,
+        slash,
+        authority,
         path,
         minor,
         len,
@@ -265,11 +287,13 @@ pub fn parse_request<'h, 'b>(
     }))
 }
 
-/// The origin form of a request target: itself when it is a path, the
-/// path and query of an absolute `http(s)://` URL (RFC 9112 §3.2.2).
-fn origin_form(target: &str) -> Option<&str> {
+/// The authority (for an absolute-form target) and the origin form of a
+/// request target (RFC 9112 §3.2): a path as it is; for an absolute
+/// `http(s)://` URL its host and what follows it (path and query, either
+/// possibly absent).
+fn origin_form(target: &str) -> Option<(Option<&str>, &str)> {
     if target.starts_with('/') {
-        return Some(target);
+        return Some((None, target));
     }
     let scheme_len = if target.len() > 7 && target[..7].eq_ignore_ascii_case("http://") {
         7
@@ -279,12 +303,13 @@ fn origin_form(target: &str) -> Option<&str> {
         return None;
     };
     let rest = &target[scheme_len..];
-    match rest.find(['/', '?']) {
-        Some(i) if rest.as_bytes()[i] == b'/' => Some(&rest[i..]),
-        // `http://host?q`: the path is `/`; the query cannot be kept without
-        // a copy, and no client sends this.
-        _ => Some("/"),
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    // userinfo@host is deprecated and never meant for the endpoint.
+    if authority.is_empty() || authority.contains('@') {
+        return None;
     }
+    Some((Some(authority), &rest[end..]))
 }
 
 impl Request<'_, '_> {
@@ -300,9 +325,21 @@ impl Request<'_, '_> {
     pub fn write_head(&self, client: &str, out: &mut Vec<u8>) {
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
+        if self.slash {
+            out.push(b'/');
+        }
         out.extend_from_slice(self.target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        write_fields(out, self.fields, self.known.drop);
+        match self.authority {
+            Some(authority) => {
+                // The target's authority replaces `Host` (RFC 9112 §3.2.2).
+                write_fields(out, self.fields, self.known.drop | self.known.host_fields);
+                out.extend_from_slice(b"Host: ");
+                out.extend_from_slice(authority.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            None => write_fields(out, self.fields, self.known.drop),
+        }
         out.extend_from_slice(b"X-Forwarded-For: ");
         for (i, field) in self.fields.iter().enumerate() {
             if self.known.forwarded_for & bit(i) != 0 {
@@ -318,7 +355,16 @@ impl Request<'_, '_> {
     }
 
     pub fn has_host(&self) -> bool {
-        self.known.host
+        self.known.host || self.authority.is_some()
+    }
+
+    /// Whether sending it twice means the same as once (RFC 9110 §9.2.2):
+    /// only such a request may go again after a connection failed under it.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self.method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        )
     }
 }
 
@@ -381,9 +427,11 @@ pub fn parse_response<'h, 'b>(
     } else {
         known.length.map_or(Framing::UntilClose, Framing::Length)
     };
+    // An HTTP/1.0 message with Transfer-Encoding has faulty framing: its
+    // connection closes after it (RFC 9112 §6.1).
     let keep_alive = framing != Framing::UntilClose
         && if minor == 0 {
-            known.keep_alive && !known.close
+            known.keep_alive && !known.close && known.coding == 0
         } else {
             !known.close
         };
@@ -444,7 +492,7 @@ impl Response<'_, '_> {
                 close: false,
             };
         }
-        if self.known.coding != 0 && !dechunk {
+        if self.known.coding != 0 && minor == 1 {
             // The codings as the endpoint listed them: `chunked` stays last.
             for (i, field) in self.fields.iter().enumerate() {
                 if self.known.coding & bit(i) != 0 {
@@ -473,6 +521,8 @@ pub enum BodyError {
     ChunkEnd,
     #[error("chunk size or trailer line longer than {MAX_CHUNK_LINE} bytes")]
     LineTooLong,
+    #[error("chunk size or trailer line not ended by CRLF, or holding a control character")]
+    LineEnd,
 }
 
 /// Where a body being passed on stands.
@@ -556,21 +606,22 @@ impl Chunk {
             let rest = &buf[at..];
             match self {
                 Chunk::Done => return Ok(at),
-                Chunk::Size => match httparse::parse_chunk_size(rest) {
-                    Ok(httparse::Status::Complete((n, 0))) => {
-                        at += n;
-                        *self = Chunk::Trailer;
+                Chunk::Size => {
+                    let Some(n) = framing_line(rest)? else {
+                        return Ok(at);
+                    };
+                    // At least one hex digit: httparse reads none as 0,
+                    // which would end the body early.
+                    if !rest[0].is_ascii_hexdigit() {
+                        return Err(BodyError::ChunkSize);
                     }
-                    Ok(httparse::Status::Complete((n, size))) => {
-                        at += n;
-                        *self = Chunk::Data(size);
+                    match httparse::parse_chunk_size(&rest[..n]) {
+                        Ok(httparse::Status::Complete((_, 0))) => *self = Chunk::Trailer,
+                        Ok(httparse::Status::Complete((_, size))) => *self = Chunk::Data(size),
+                        _ => return Err(BodyError::ChunkSize),
                     }
-                    Ok(httparse::Status::Partial) if rest.len() > MAX_CHUNK_LINE => {
-                        return Err(BodyError::LineTooLong)
-                    }
-                    Ok(httparse::Status::Partial) => return Ok(at),
-                    Err(_) => return Err(BodyError::ChunkSize),
-                },
+                    at += n;
+                }
                 Chunk::Data(left) => {
                     if rest.is_empty() {
                         return Ok(at);
@@ -592,15 +643,12 @@ impl Chunk {
                     _ => return Err(BodyError::ChunkEnd),
                 },
                 Chunk::Trailer => {
-                    if rest.starts_with(b"\r\n") {
-                        at += 2;
-                        *self = Chunk::Done;
-                    } else if let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
-                        at += i + 2;
-                    } else if rest.len() > MAX_CHUNK_LINE {
-                        return Err(BodyError::LineTooLong);
-                    } else {
+                    let Some(n) = framing_line(rest)? else {
                         return Ok(at);
+                    };
+                    at += n;
+                    if n == 2 {
+                        *self = Chunk::Done;
                     }
                 }
             }
@@ -608,21 +656,60 @@ impl Chunk {
     }
 }
 
-/// A response of the router's own, plain text.
-pub fn write_local(out: &mut Vec<u8>, status: u16, reason: &str, body: &str, close: bool) {
-    let mut n = itoa::Buffer::new();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(n.format(status).as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ");
-    out.extend_from_slice(n.format(body.len()).as_bytes());
-    out.extend_from_slice(b"\r\n");
-    if close {
-        out.extend_from_slice(b"Connection: close\r\n");
+/// The length, CRLF included, of the framing line (chunk size or trailer
+/// field) at the start of `rest`, once it has come whole. The line must end
+/// in CRLF and hold no other control character than HTAB: the body passes
+/// on as it came, and a bare LF or CR that the endpoint read as a line end
+/// would let it frame the body differently from the router.
+fn framing_line(rest: &[u8]) -> Result<Option<usize>, BodyError> {
+    let end = rest.iter().position(|b| *b == b'\n');
+    let line = &rest[..end.unwrap_or(rest.len())];
+    if line.len() > MAX_CHUNK_LINE {
+        return Err(BodyError::LineTooLong);
     }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
+    let (content, complete) = match (end, line.split_last()) {
+        (Some(_), Some((b'\r', content))) => (content, true),
+        (Some(_), _) => return Err(BodyError::LineEnd),
+        // A CR at the end of what has come may be the CRLF's first half.
+        (None, Some((b'\r', content))) => (content, false),
+        (None, _) => (line, false),
+    };
+    if content.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
+        return Err(BodyError::LineEnd);
+    }
+    Ok(complete.then_some(line.len() + 1))
+}
+
+/// An answer of the router's own, plain text.
+pub struct Local {
+    pub status: u16,
+    pub reason: &'static str,
+    pub body: String,
+    /// The client's connection closes after it.
+    pub close: bool,
+    /// The client's HTTP/1.x: an HTTP/1.0 connection that stays open must
+    /// be told so.
+    pub minor: u8,
+}
+
+impl Local {
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let mut n = itoa::Buffer::new();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(n.format(self.status).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.reason.as_bytes());
+        out.extend_from_slice(b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ");
+        out.extend_from_slice(n.format(self.body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if self.close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if self.minor == 0 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(self.body.as_bytes());
+    }
 }
 
 #[cfg(test)]
@@ -658,7 +745,7 @@ mod tests {
         assert_eq!(path, "/users/7");
         assert_eq!(
             head,
-            "GET /users/7?x=1 HTTP/1.1\r\nHost: app\r\nx-request-id: abc\r\n\
+            "GET /users/7?x=1 HTTP/1.1\r\nx-request-id: abc\r\nHost: app\r\n\
              X-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nX-Forwarded-Proto: http\r\n\r\n"
         );
     }
@@ -909,7 +996,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "BUG: an empty chunk-size line is taken as the last chunk (httparse::parse_chunk_size gives 0 for no digits); RFC 9112 §7.1: chunk-size = 1*HEXDIG"]
     fn an_empty_chunk_size_line_is_refused() {
         assert_eq!(
             pass(b"5\r\nhello\r\n\r\n\r\n", 100, false),
@@ -919,7 +1005,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "BUG: a trailer line with a bare LF is passed on; a recipient ending lines at LF sees the trailers end there and the rest as a request: smuggling"]
     fn a_bare_lf_in_chunk_framing_is_refused() {
         let trailer = b"0\r\nX: a\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
         assert!(pass(trailer, 100, false).is_err());
@@ -928,7 +1013,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "BUG: `Connection: content-length` in a response drops its Content-Length, while the body is sent and the client connection kept: the client cannot frame it"]
     fn a_response_keeps_the_framing_a_connection_field_names() {
         let (framing, _, delivery, head) = response(
             "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\nok",
@@ -944,7 +1028,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "BUG: `http://host?q` loses its query: the endpoint gets `/` (origin_form), a different resource"]
     fn an_absolute_form_target_without_a_path_keeps_its_query() {
         match request("GET http://app?x=1 HTTP/1.1\r\nHost: app\r\n\r\n") {
             Err(e) => assert_eq!(e, HeadError::BadTarget),
@@ -956,7 +1039,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "BUG: the answer to a HEAD from an HTTP/1.0 client keeps `Transfer-Encoding: chunked` (RFC 9112 §6.1: not to a request that is not HTTP/1.1)"]
     fn a_head_answer_to_http_1_0_has_no_transfer_encoding() {
         let (_, _, _, head) = response(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",

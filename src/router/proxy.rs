@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::balance::Balance;
-use super::http1::{self, Body, BodyError, Framing, HeadError};
+use super::http1::{self, Body, BodyError, Framing, HeadError, Local};
 use super::table::{Backend, Outcome, RouteTable, ServiceEndpoints};
 use super::upstream::{self, Connection};
 
@@ -79,13 +79,6 @@ enum Next {
     Forward(Exchange),
 }
 
-struct Local {
-    status: u16,
-    reason: &'static str,
-    body: String,
-    close: bool,
-}
-
 /// A request on its way to an endpoint: what the rest of the exchange needs
 /// to know of its head, which is gone from the buffer by then.
 struct Exchange {
@@ -96,6 +89,17 @@ struct Exchange {
     minor: u8,
     keep_alive: bool,
     has_host: bool,
+    /// May be sent again after a connection failed under it.
+    idempotent: bool,
+}
+
+impl Exchange {
+    /// Whether the request may go again on a new connection when a
+    /// kept-alive one failed under it: only one without a body (the body
+    /// is gone once sent) whose method makes a second send harmless.
+    fn is_resendable(&self) -> bool {
+        self.framing == Framing::Empty && self.idempotent
+    }
 }
 
 /// How an exchange with an endpoint failed.
@@ -116,6 +120,10 @@ enum Failure {
     /// The client's request body is malformed: it gets a 400.
     #[error("malformed request body: {0}")]
     RequestBody(BodyError),
+    /// The client went away or stalled: nothing is answered, and nothing
+    /// is held against the endpoint.
+    #[error("client: {0}")]
+    Client(String),
 }
 
 /// How an exchange ended, for the connections and passive health.
@@ -312,6 +320,7 @@ impl Proxy {
                 reason,
                 body,
                 close,
+                minor: req.minor,
             })
         };
         let service = {
@@ -342,6 +351,7 @@ impl Proxy {
             minor: req.minor,
             keep_alive: req.keep_alive,
             has_host: req.has_host(),
+            idempotent: req.is_idempotent(),
         })
     }
 
@@ -381,7 +391,7 @@ impl Proxy {
                         }
                         let body = format!("cannot connect to service {}\n", ex.service.name);
                         return self
-                            .answer(client, 502, "Bad Gateway", body, close_on_error)
+                            .answer(client, &ex, (502, "Bad Gateway"), body, close_on_error)
                             .await;
                     }
                 },
@@ -404,9 +414,13 @@ impl Proxy {
                     debug!(instance = %backend.instance, "kept-alive connection was closed; sending again");
                     pooled_ok = false;
                 }
+                Err(Failure::Client(e)) => {
+                    debug!(client = %client.addr, error = %e, "client connection ended mid-exchange");
+                    return false;
+                }
                 Err(Failure::RequestBody(e)) => {
                     return self
-                        .answer(client, 400, "Bad Request", format!("{e}\n"), true)
+                        .answer(client, &ex, (400, "Bad Request"), format!("{e}\n"), true)
                         .await;
                 }
                 Err(Failure::AfterResponse(e)) => {
@@ -418,25 +432,27 @@ impl Proxy {
                     self.record(&backend, Outcome::ServerError, now);
                     let body = format!("service {} {e}\n", ex.service.name);
                     return self
-                        .answer(client, 504, "Gateway Timeout", body, close_on_error)
+                        .answer(client, &ex, (504, "Gateway Timeout"), body, close_on_error)
                         .await;
                 }
                 Err(e) => {
                     self.record(&backend, Outcome::ServerError, now);
                     let body = format!("service {} failed: {e}\n", ex.service.name);
                     return self
-                        .answer(client, 502, "Bad Gateway", body, close_on_error)
+                        .answer(client, &ex, (502, "Bad Gateway"), body, close_on_error)
                         .await;
                 }
             }
         }
     }
 
+    /// Writes the router's own answer to the request `ex`; returns whether
+    /// the client connection stays open.
     async fn answer(
         &self,
         client: &mut Client,
-        status: u16,
-        reason: &'static str,
+        ex: &Exchange,
+        (status, reason): (u16, &'static str),
         body: String,
         close: bool,
     ) -> bool {
@@ -445,6 +461,7 @@ impl Proxy {
             reason,
             body,
             close,
+            minor: ex.minor,
         };
         write_local(client, &local).await && !close
     }
@@ -471,7 +488,7 @@ impl Proxy {
         // after it began.
         let uploaded = AtomicU64::new(0);
         if let Err(e) = to_endpoint.write_all(&client.head).await {
-            return Err(if reused && ex.framing == Framing::Empty {
+            return Err(if reused && ex.is_resendable() {
                 Failure::Stale
             } else {
                 Failure::BeforeResponse(format!("cannot send the request: {e}"))
@@ -506,11 +523,16 @@ impl Proxy {
                 done = &mut download => break done?,
                 sent = &mut upload, if uploading => {
                     uploading = false;
-                    if let Err(e) = sent {
+                    match sent {
+                        Ok(()) => {}
+                        // The client broke the exchange: over at once.
+                        Err(e @ (Failure::Client(_) | Failure::RequestBody(_))) => return Err(e),
                         // The endpoint may still answer (it refused the
                         // body, say): wait for that.
-                        debug!(error = %e, "request body not sent whole");
-                        upload_failed = true;
+                        Err(e) => {
+                            debug!(error = %e, "request body not sent whole");
+                            upload_failed = true;
+                        }
                     }
                 }
             }
@@ -596,10 +618,7 @@ impl Proxy {
                     // Nothing at all on a kept-alive connection: the endpoint
                     // closed it as the request went out.
                     Ok(_) | Err(_)
-                        if reused
-                            && !answered
-                            && buf.is_empty()
-                            && ex.framing == Framing::Empty =>
+                        if reused && !answered && buf.is_empty() && ex.is_resendable() =>
                     {
                         return Err(Failure::Stale)
                     }
@@ -628,7 +647,7 @@ impl Proxy {
                     to_client
                         .write_all(out)
                         .await
-                        .map_err(|e| Failure::AfterResponse(format!("client: {e}")))?;
+                        .map_err(|e| Failure::Client(e.to_string()))?;
                 }
                 continue;
             }
@@ -644,7 +663,7 @@ impl Proxy {
                     to_client
                         .write_all(out)
                         .await
-                        .map_err(|e| Failure::AfterResponse(format!("client: {e}")))?;
+                        .map_err(|e| Failure::Client(e.to_string()))?;
                     out.clear();
                 }
                 if body.is_done() {
@@ -698,12 +717,12 @@ async fn upload(
 ) -> Result<(), Failure> {
     while !body.is_done() {
         buf.reserve(READ_SIZE);
-        let n = from_client
-            .read_buf(buf)
+        let n = tokio::time::timeout(CLIENT_IDLE, from_client.read_buf(buf))
             .await
-            .map_err(|e| Failure::AfterResponse(format!("client: {e}")))?;
+            .map_err(|_| Failure::Client(format!("no request body for {CLIENT_IDLE:?}")))?
+            .map_err(|e| Failure::Client(e.to_string()))?;
         if n == 0 {
-            return Err(Failure::AfterResponse("client closed mid-body".into()));
+            return Err(Failure::Client("closed mid-body".into()));
         }
         out.clear();
         let n = body.take(buf, out, false).map_err(Failure::RequestBody)?;
@@ -721,13 +740,7 @@ async fn upload(
 /// Writes one of the router's own answers; false if the client is gone.
 async fn write_local(client: &mut Client, local: &Local) -> bool {
     client.back.clear();
-    http1::write_local(
-        &mut client.back,
-        local.status,
-        local.reason,
-        &local.body,
-        local.close,
-    );
+    local.write(&mut client.back);
     client.stream.write_all(&client.back).await.is_ok()
 }
 
@@ -738,6 +751,7 @@ fn bad_request(e: &HeadError) -> Local {
         reason,
         body: format!("{e}\n"),
         close: true,
+        minor: 1,
     }
 }
 
