@@ -925,6 +925,13 @@ mod tests {
         answers
     }
 
+    fn all_ok(answers: Vec<(StatusCode, Option<HeaderValue>, Bytes)>) {
+        for (status, _, body) in answers {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body, "ok");
+        }
+    }
+
     #[tokio::test]
     async fn requests_one_after_another_reuse_one_endpoint_connection() {
         let (endpoint, accepted) = endpoint(true).await;
@@ -990,10 +997,7 @@ mod tests {
     async fn an_endpoint_closing_its_connections_costs_no_request() {
         let (endpoint, accepted) = endpoint(false).await;
         let (router, _stop) = router(endpoint).await;
-        for (status, _, body) in get(router, 10).await {
-            assert_eq!(status, StatusCode::OK);
-            assert_eq!(body, "ok");
-        }
+        all_ok(get(router, 10).await);
         assert_eq!(accepted.load(Ordering::Relaxed), 10);
     }
 
@@ -1029,10 +1033,7 @@ mod tests {
             }
         });
         let (router, _stop) = router(endpoint).await;
-        for (status, _, body) in get(router, 2).await {
-            assert_eq!(status, StatusCode::OK);
-            assert_eq!(body, "ok");
-        }
+        all_ok(get(router, 2).await);
         assert_eq!(accepted.load(Ordering::Relaxed), 2);
     }
 
