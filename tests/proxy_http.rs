@@ -43,8 +43,9 @@ struct Router {
     addr: SocketAddr,
     /// Notified when passive health ejects an endpoint.
     ejected: Arc<Notify>,
-    /// Held for the test's length: dropping it stops the router.
-    _stop: watch::Sender<bool>,
+    /// Held for the test's length: dropping it, or sending true, stops the
+    /// router.
+    stop: watch::Sender<bool>,
 }
 
 /// A router sending every path to `endpoints`.
@@ -93,7 +94,7 @@ async fn router_with(route: &str, endpoints: &[SocketAddr], response_timeout: Du
     Router {
         addr,
         ejected,
-        _stop: stop_tx,
+        stop: stop_tx,
     }
 }
 
@@ -1642,22 +1643,37 @@ async fn a_bare_lf_in_a_chunk_size_line_smuggles_no_request() {
     }
 }
 
+/// The first connection answers its first request, then takes the second
+/// and closes before answering: a kept-alive connection the backend gave
+/// up on just as a request arrived (or a crashing process). Later
+/// connections echo.
+async fn closes_on_the_second_request(mut conn: Conn) -> io::Result<()> {
+    if conn.number > 1 {
+        return echo(conn).await;
+    }
+    let Some(request) = conn.request().await? else {
+        return Ok(());
+    };
+    conn.send(ok(request.target().as_bytes())).await?;
+    conn.request().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_get_on_a_connection_the_backend_closes_as_it_arrives_goes_again_on_a_new_one() {
+    let backend = backend(closes_on_the_second_request).await;
+    let router = router(&[backend.addr]).await;
+    let mut client = Client::connect(&router).await;
+    client.get_echo("/warm").await;
+    client.get_echo("/again").await;
+    let sent = backend.seen.requests_for("/again");
+    assert_eq!(sent.len(), 2, "the GET went out once more, whole");
+    assert_eq!(sent[1].connection, 2);
+}
+
 #[tokio::test]
 async fn a_non_idempotent_request_is_never_sent_twice() {
-    let backend = backend(|mut conn: Conn| async move {
-        if conn.number > 1 {
-            return echo(conn).await;
-        }
-        // The first connection answers its first request, then takes the
-        // second and dies before answering, as a crashing process does.
-        let Some(request) = conn.request().await? else {
-            return Ok(());
-        };
-        conn.send(ok(request.target().as_bytes())).await?;
-        conn.request().await?;
-        Ok(())
-    })
-    .await;
+    let backend = backend(closes_on_the_second_request).await;
     let router = router(&[backend.addr]).await;
     let mut client = Client::connect(&router).await;
     client.get_echo("/warm").await;
@@ -1672,6 +1688,50 @@ async fn a_non_idempotent_request_is_never_sent_twice() {
         response.head.raw
     );
     assert_eq!(response.status(), 502, "{}", response.head.raw);
+}
+
+#[tokio::test]
+async fn on_shutdown_new_connections_are_refused_and_a_request_in_flight_is_answered() {
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let released = release.clone();
+    // Holds its answer until released.
+    let backend = backend(move |mut conn: Conn| {
+        let (arrived, released) = (arrived_tx.clone(), released.clone());
+        async move {
+            if let Some(request) = conn.request().await? {
+                let _ = arrived.send(());
+                released.notified().await;
+                conn.send(ok(request.target().as_bytes())).await?;
+            }
+            Ok(())
+        }
+    })
+    .await;
+    let router = router(&[backend.addr]).await;
+    let mut client = Client::connect(&router).await;
+    client.send("GET /slow HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    timeout(DEADLINE, arrived.recv())
+        .await
+        .expect("the request reaches the backend");
+
+    router.stop.send(true).unwrap();
+    timeout(DEADLINE, async {
+        while TcpStream::connect(router.addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the router stops accepting");
+
+    // The request outlasts the start of the shutdown by a clear margin:
+    // without the drain its connection would be gone by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release.notify_one();
+    let response = client.response("GET").await;
+    assert_eq!(response.status(), 200, "{}", response.head.raw);
+    assert_eq!(response.body, b"/slow");
+    client.wire.closed().await;
 }
 
 #[tokio::test]
