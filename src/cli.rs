@@ -10,7 +10,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{duration, Config};
+use signpost_controller::config::{duration, Config};
+use signpost_router::balance::Balance;
 
 #[derive(Parser)]
 #[command(
@@ -57,7 +58,7 @@ struct RouterArgs {
     id: String,
     /// Load balancing: p2c (power of two choices on in-flight requests) or round-robin.
     #[arg(long, env = "SIGNPOST_ROUTER_BALANCE", default_value = "p2c")]
-    balance: crate::router::balance::Balance,
+    balance: Balance,
     /// Limit on connecting to an endpoint.
     #[arg(long, env = "SIGNPOST_ROUTER_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration::parse)]
     connect_timeout: Duration,
@@ -169,27 +170,41 @@ impl Cli {
                 tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()?
-                    .block_on(crate::controller::run(config))
+                    .block_on(signpost_controller::run(config, shutdown_signal()))
             }
             // The proxy threads run their own runtimes; this one only
             // accepts connections and talks to the controller.
             Command::Router(args) => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(crate::router::run(crate::router::Config {
-                    controller: args.controller,
-                    listen: args.listen,
-                    admin_listen: args.admin_listen,
-                    cache: args.cache,
-                    id: args.id,
-                    balance: args.balance,
-                    connect_timeout: args.connect_timeout,
-                    response_timeout: args.response_timeout,
-                    threads: args
-                        .threads
-                        .or_else(|| std::thread::available_parallelism().ok())
-                        .map_or(1, NonZeroUsize::get),
-                })),
+                .block_on(signpost_router::run(
+                    signpost_router::Config {
+                        controller: args.controller,
+                        listen: args.listen,
+                        admin_listen: args.admin_listen,
+                        cache: args.cache,
+                        id: args.id,
+                        balance: args.balance,
+                        connect_timeout: args.connect_timeout,
+                        response_timeout: args.response_timeout,
+                        threads: args
+                            .threads
+                            .or_else(|| std::thread::available_parallelism().ok())
+                            .map_or(1, NonZeroUsize::get),
+                    },
+                    shutdown_signal(),
+                )),
         }
+    }
+}
+
+/// SIGTERM or SIGINT: the one place signals are handled. Components take a
+/// shutdown future instead, so that tests start them in-process.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }

@@ -19,16 +19,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use signpost::push::wire::{Message, Mirror, WireEndpoint, WireService, WireState, PROTOCOL};
-use signpost::router::balance::Balance;
-use signpost::router::proxy::{accept, Proxy};
-use signpost::router::table::RouteTable;
-use signpost::router::upstream;
+use signpost_protocol::{Message, Mirror, WireEndpoint, WireService, WireState, PROTOCOL};
+use signpost_router::balance::Balance;
+use signpost_router::proxy::{accept, Proxy};
+use signpost_router::table::RouteTable;
+use signpost_router::upstream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// How long the client waits for any one answer before calling it a hang.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -45,7 +46,7 @@ struct Router {
     ejected: Arc<Notify>,
     /// Held for the test's length: dropping it, or sending true, stops the
     /// router.
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
 }
 
 /// A router sending every path to `endpoints`.
@@ -86,15 +87,15 @@ async fn router_with(route: &str, endpoints: &[SocketAddr], response_timeout: Du
         response_timeout,
         ejected.clone(),
     ));
-    let (stop_tx, stop) = watch::channel(false);
+    let stop = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let workers = proxy.start(2, &stop).unwrap();
-    tokio::spawn(accept(listener, workers, stop));
+    tokio::spawn(accept(listener, workers, stop.clone()));
     Router {
         addr,
         ejected,
-        stop: stop_tx,
+        stop,
     }
 }
 
@@ -1715,7 +1716,7 @@ async fn on_shutdown_new_connections_are_refused_and_a_request_in_flight_is_answ
         .await
         .expect("the request reaches the backend");
 
-    router.stop.send(true).unwrap();
+    router.stop.cancel();
     timeout(DEADLINE, async {
         while TcpStream::connect(router.addr).await.is_ok() {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 SIGNPOST_MOTO_SERVER="$(bash localstack/emulator.sh bin)"
 export SIGNPOST_MOTO_SERVER
 
-cargo test --locked
+cargo test --workspace --locked
 
 # The emulator's lifecycle-hook extension, tested on its own.
 localstack/tests/run.sh

@@ -16,6 +16,9 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// Bytes read at a time, from clients and from endpoints.
+pub const READ_SIZE: usize = 16 * 1024;
+
 /// An idle connection older than this is closed rather than reused: the
 /// endpoint may have forgotten it (nginx's default keep-alive is 75 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -128,6 +131,6 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, 
     stream.set_nodelay(true).map_err(ConnectError::Io)?;
     Ok(Connection {
         stream,
-        buf: BytesMut::with_capacity(super::proxy::READ_SIZE),
+        buf: BytesMut::with_capacity(READ_SIZE),
     })
 }

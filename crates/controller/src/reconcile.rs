@@ -13,6 +13,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cloud::{AutoScaling, CallCount};
@@ -320,7 +321,7 @@ pub struct Reconciler<C> {
 }
 
 impl<C: AutoScaling> Reconciler<C> {
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: CancellationToken) {
         let retry = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(500))
             .with_max_delay(self.resync_interval)
@@ -338,7 +339,7 @@ impl<C: AutoScaling> Reconciler<C> {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.trigger.notified() => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             }
         }
     }

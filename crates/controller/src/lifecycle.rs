@@ -23,16 +23,17 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::cloud::{ActionCall, AutoScaling, HookResult};
+use crate::cloud::{ActionCall, AutoScaling};
 use crate::config::LifecycleConfig;
 use crate::metrics::Histogram;
 use crate::model::{
-    rfc3339, EndpointState, Fleet, InstanceId, LifecycleAction, Snapshot, Transition,
+    rfc3339, EndpointState, Fleet, HookResult, InstanceId, LifecycleAction, Snapshot, Transition,
 };
-use crate::push::hub::Hub;
 use crate::registry::Registry;
+use crate::routers::Routers;
 
 /// Completed actions kept for `GET /v1/lifecycle`.
 const RECENT: usize = 1000;
@@ -365,7 +366,7 @@ impl LifecycleLog {
 pub struct Lifecycle<C> {
     pub cloud: Arc<C>,
     pub registry: Arc<Registry>,
-    pub hub: Arc<Hub>,
+    pub routers: Arc<Routers>,
     pub config: LifecycleConfig,
     pub log: Arc<LifecycleLog>,
     /// Until this instant no action completes: after a (re)start, routers
@@ -375,11 +376,7 @@ pub struct Lifecycle<C> {
 }
 
 impl<C: AutoScaling> Lifecycle<C> {
-    pub async fn run(
-        self,
-        mut fleets: watch::Receiver<Arc<Fleet>>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    pub async fn run(self, mut fleets: watch::Receiver<Arc<Fleet>>, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let mut tasks: JoinSet<(LifecycleAction, bool)> = JoinSet::new();
         let mut running: HashMap<LifecycleAction, AbortHandle> = HashMap::new();
@@ -425,7 +422,7 @@ impl<C: AutoScaling> Lifecycle<C> {
                         }
                     }
                 }
-                _ = crate::stopped(&mut shutdown) => return,
+                _ = shutdown.cancelled() => return,
             }
         }
     }
@@ -517,7 +514,7 @@ impl<C: AutoScaling> Lifecycle<C> {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
-        if let Err(e) = self.hub.wait_acked(revision, left).await {
+        if let Err(e) = self.routers.wait_acked(revision, left).await {
             // The instance is healthy: a router that lags only sends it no
             // traffic yet, which fails no request. Go on, and say so.
             warn!(group = %action.group, instance = %action.instance, error = %e, "continuing without every router's ack");
@@ -553,7 +550,7 @@ impl<C: AutoScaling> Lifecycle<C> {
         let instance = action.instance.0.as_str();
         let left = deadline.saturating_duration_since(Instant::now());
         let drained = self
-            .hub
+            .routers
             .wait_routers(left, |r| {
                 r.has_acked(revision) && r.in_flight_to(instance) == 0
             })
@@ -602,7 +599,7 @@ mod tests {
         Change, Ec2Instance, Endpoint, HealthCheck, LifecycleHook, ObservedGroup, ObservedInstance,
         Revision, ServiceSettings,
     };
-    use crate::push::wire::Ack;
+    use signpost_protocol::Ack;
     use std::collections::BTreeSet;
     use std::net::SocketAddr;
     use tokio::task::JoinHandle;
@@ -666,13 +663,12 @@ mod tests {
         );
     }
 
-    /// A registry with service `users`, a hub with router `r1`, and the
+    /// A registry with service `users`, router `r1` connected, and the
     /// lifecycle wired to a fake cloud.
     struct World {
         lifecycle: Arc<Lifecycle<FakeAutoScaling>>,
         registry: Arc<Registry>,
-        hub: Arc<Hub>,
-        _stop: watch::Sender<bool>,
+        routers: Arc<Routers>,
     }
 
     fn world(config: LifecycleConfig, grace: Duration) -> World {
@@ -689,18 +685,12 @@ mod tests {
             }],
             SystemTime::now(),
         );
-        let (stop_tx, stop) = watch::channel(false);
-        let hub = Hub::new(
-            registry.subscribe(),
-            Duration::from_secs(5),
-            stop,
-            watch::channel(true).1,
-        );
-        hub.connect(ROUTER, SocketAddr::from(([127, 0, 0, 1], 1)));
+        let routers = Arc::new(Routers::default());
+        routers.connect(ROUTER, SocketAddr::from(([127, 0, 0, 1], 1)));
         let lifecycle = Arc::new(Lifecycle {
             cloud: Arc::new(FakeAutoScaling::default()),
             registry: registry.clone(),
-            hub: hub.clone(),
+            routers: routers.clone(),
             config,
             log: Arc::default(),
             grace_until: Instant::now() + grace,
@@ -708,8 +698,7 @@ mod tests {
         World {
             lifecycle,
             registry,
-            hub,
-            _stop: stop_tx,
+            routers,
         }
     }
 
@@ -744,12 +733,12 @@ mod tests {
         }
     }
 
-    fn ack(hub: &Hub, revision: Revision, in_flight: &[(&str, u64)]) {
+    fn ack(routers: &Routers, revision: Revision, in_flight: &[(&str, u64)]) {
         let in_flight = in_flight
             .iter()
             .map(|(id, n)| ("users".to_string(), BTreeMap::from([(id.to_string(), *n)])))
             .collect();
-        assert!(hub.acked(
+        assert!(routers.acked(
             ROUTER,
             Ack {
                 revision,
@@ -803,10 +792,10 @@ mod tests {
         let healthy = set(&w.registry, state("i-1", EndpointState::Healthy));
         settle().await;
         assert!(completed(&w).is_empty(), "healthy but not acked");
-        ack(&w.hub, healthy - 1, &[]);
+        ack(&w.routers, healthy - 1, &[]);
         settle().await;
         assert!(completed(&w).is_empty(), "an older revision acked");
-        ack(&w.hub, healthy, &[]);
+        ack(&w.routers, healthy, &[]);
         assert!(task.await.unwrap());
         assert_eq!(completed(&w), [("i-1".into(), HookResult::Continue)]);
         let (active, recent) = w.lifecycle.log.actions();
@@ -856,10 +845,10 @@ mod tests {
         let draining = set(&w.registry, state("i-1", EndpointState::Draining));
         let task = spawn_action(&w, "i-1", Transition::Terminating);
         settle().await;
-        ack(&w.hub, draining, &[("i-1", 2)]);
+        ack(&w.routers, draining, &[("i-1", 2)]);
         settle().await;
         assert!(completed(&w).is_empty(), "two requests still in flight");
-        ack(&w.hub, draining, &[]);
+        ack(&w.routers, draining, &[]);
         assert!(task.await.unwrap());
         assert_eq!(completed(&w), [("i-1".into(), HookResult::Continue)]);
         assert!(w.lifecycle.log.metrics().timeouts.is_empty());
@@ -893,7 +882,7 @@ mod tests {
     async fn nothing_completes_before_the_grace_after_a_start() {
         let w = world(LifecycleConfig::default(), Duration::from_secs(10));
         let started = Instant::now();
-        w.hub.disconnect(ROUTER, 1);
+        w.routers.disconnect(ROUTER, 1);
         assert!(
             w.lifecycle
                 .handle(waiting(
@@ -909,7 +898,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_completion_is_not_counted_done() {
         let w = world(LifecycleConfig::default(), Duration::ZERO);
-        w.hub.disconnect(ROUTER, 1);
+        w.routers.disconnect(ROUTER, 1);
         *w.lifecycle.cloud.action_error.lock().unwrap() = Some("Throttling: Rate exceeded".into());
         assert!(
             !w.lifecycle

@@ -16,7 +16,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cloud::Hints;
@@ -197,7 +198,7 @@ pub struct EventQueue {
 }
 
 impl EventQueue {
-    pub async fn run(self, trigger: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, trigger: Arc<Notify>, shutdown: CancellationToken) {
         let redrive = self.has_redrive_policy().await;
         info!(queue = %self.queue_url, redrive, "listening for Auto Scaling events");
         let retry = ExponentialBuilder::default()
@@ -216,7 +217,7 @@ impl EventQueue {
                 .send();
             let received = tokio::select! {
                 r = receive => r,
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             };
             let messages = match received {
                 Ok(out) => {
@@ -229,7 +230,7 @@ impl EventQueue {
                     warn!(queue = %self.queue_url, error = %aws_sdk_sqs::error::DisplayErrorContext(&e), ?delay, "ReceiveMessage failed; resync still runs");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
-                        _ = shutdown.changed() => return,
+                        _ = shutdown.cancelled() => return,
                     }
                 }
             };

@@ -17,9 +17,9 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::{HealthConfig, HealthSettings};
@@ -188,7 +188,7 @@ impl<P: Probe> HealthScheduler<P> {
         }
     }
 
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut snapshots = self.registry.subscribe();
         let snapshot = snapshots.borrow_and_update().clone();
         self.sync_targets(&snapshot);
@@ -220,7 +220,7 @@ impl<P: Probe> HealthScheduler<P> {
                         self.registry.apply(&changes, SystemTime::now());
                     }
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             }
         }
     }
@@ -344,18 +344,21 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 /// A probe whose answers tests set per address.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Clone, Default)]
 pub struct FakeProbe {
     pub healthy: Arc<std::sync::Mutex<HashMap<IpAddr, bool>>>,
     pub probes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl FakeProbe {
     pub fn set(&self, address: IpAddr, healthy: bool) {
         self.healthy.lock().unwrap().insert(address, healthy);
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Probe for FakeProbe {
     async fn probe(&self, target: &Target) -> Result<(), ProbeError> {
         self.probes
@@ -479,7 +482,7 @@ mod tests {
         let probe = FakeProbe::default();
         probe.set([127, 42, 1, 4].into(), true);
         let config = HealthConfig::default();
-        let (_stop, shutdown) = watch::channel(false);
+        let shutdown = CancellationToken::new();
         tokio::spawn(HealthScheduler::new(probe.clone(), registry.clone(), config).run(shutdown));
 
         // Two passes, 5 s apart: healthy after one interval, not before.
@@ -516,7 +519,7 @@ mod tests {
     async fn removed_endpoints_stop_being_probed() {
         let registry = registry_with(&[[127, 42, 1, 4]]);
         let probe = FakeProbe::default();
-        let (_stop, shutdown) = watch::channel(false);
+        let shutdown = CancellationToken::new();
         tokio::spawn(
             HealthScheduler::new(probe.clone(), registry.clone(), HealthConfig::default())
                 .run(shutdown),

@@ -1,10 +1,15 @@
-//! The push protocol's messages, shared by the controller (which writes
-//! them) and every subscriber (which reads them).
+//! signpost's push protocol: the messages the controller writes and every
+//! subscriber reads, the acks subscribers send back, and the revision that
+//! orders them. Depends on nothing else of signpost's: the controller and
+//! the data plane both depend on it, never on each other.
 //!
 //! One JSON object per line. A stream starts with a `snapshot`, then carries
 //! `delta`s and `ping`s. A delta names the revision it applies to (`base`):
 //! a subscriber whose revision differs must not guess, it reconnects for a
 //! fresh snapshot. That makes a lost or reordered message harmless.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,7 +17,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::model::{self, Revision, Snapshot};
+/// The registry revision: bumped by one for every change a reader can see.
+pub type Revision = u64;
 
 /// The protocol version this build speaks. Bumped on any change a peer of
 /// the previous version would misread.
@@ -57,7 +63,7 @@ pub struct WireEndpoint {
     pub state: WireState,
 }
 
-/// The wire's own copy of `model::EndpointState`, so that a change to the
+/// The wire's own copy of the registry's endpoint state, so that a change to the
 /// registry's model is a deliberate protocol change, not an accident.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -100,59 +106,7 @@ pub enum WireChange {
     },
 }
 
-impl From<model::EndpointState> for WireState {
-    fn from(s: model::EndpointState) -> Self {
-        match s {
-            model::EndpointState::Starting => WireState::Starting,
-            model::EndpointState::Healthy => WireState::Healthy,
-            model::EndpointState::Unhealthy => WireState::Unhealthy,
-            model::EndpointState::Draining => WireState::Draining,
-        }
-    }
-}
-
-impl From<&model::Endpoint> for WireEndpoint {
-    fn from(e: &model::Endpoint) -> Self {
-        WireEndpoint {
-            instance: e.instance_id.0.clone(),
-            address: e.address,
-            port: e.port,
-            zone: e.zone.clone(),
-            state: e.state.into(),
-        }
-    }
-}
-
 impl Message {
-    pub fn snapshot(snap: &Snapshot) -> Message {
-        Message::Snapshot {
-            protocol: PROTOCOL,
-            revision: snap.revision,
-            services: snap
-                .services
-                .values()
-                .map(|s| WireService {
-                    name: s.name.clone(),
-                    route: s.settings.route.clone(),
-                    endpoints: s.endpoints.values().map(WireEndpoint::from).collect(),
-                })
-                .collect(),
-        }
-    }
-
-    /// The delta from `old` to `new`, or `None` when a snapshot would be
-    /// smaller (a subscriber far behind, or most of the registry changed).
-    pub fn delta(old: &Snapshot, new: &Snapshot) -> Option<Message> {
-        let changes = diff(old, new);
-        let size: usize = new.services.values().map(|s| 1 + s.endpoints.len()).sum();
-        (changes.len() <= size).then_some(Message::Delta {
-            protocol: PROTOCOL,
-            revision: new.revision,
-            base: old.revision,
-            changes,
-        })
-    }
-
     /// The line to write: JSON and a newline.
     pub fn to_line(&self) -> Vec<u8> {
         let mut line = serde_json::to_vec(self).expect("wire messages serialize");
@@ -166,50 +120,6 @@ impl Message {
             line: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
         })
     }
-}
-
-/// The changes that turn `old` into `new`. Services that are the same `Arc`
-/// in both (the registry shares unchanged services) cost nothing.
-pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<WireChange> {
-    let mut changes = Vec::new();
-    for (name, service) in &new.services {
-        let before = old.services.get(name);
-        if before.is_some_and(|b| std::sync::Arc::ptr_eq(b, service)) {
-            continue;
-        }
-        if before.is_none_or(|b| b.settings.route != service.settings.route) {
-            changes.push(WireChange::PutService {
-                name: name.clone(),
-                route: service.settings.route.clone(),
-            });
-        }
-        for (id, endpoint) in &service.endpoints {
-            let was = before.and_then(|b| b.endpoints.get(id));
-            let now = WireEndpoint::from(endpoint);
-            if was.is_none_or(|w| WireEndpoint::from(w) != now) {
-                changes.push(WireChange::PutEndpoint {
-                    service: name.clone(),
-                    endpoint: now,
-                });
-            }
-        }
-        if let Some(before) = before {
-            for id in before.endpoints.keys() {
-                if !service.endpoints.contains_key(id) {
-                    changes.push(WireChange::RemoveEndpoint {
-                        service: name.clone(),
-                        instance: id.0.clone(),
-                    });
-                }
-            }
-        }
-    }
-    for name in old.services.keys() {
-        if !new.services.contains_key(name) {
-            changes.push(WireChange::RemoveService { name: name.clone() });
-        }
-    }
-    changes
 }
 
 /// Why a subscriber refused a message. Every one of them means: keep what
@@ -384,213 +294,6 @@ pub struct Ejection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, EndpointState, HealthCheck, Service, ServiceSettings};
-    use crate::registry::Registry;
-    use std::collections::BTreeSet;
-    use std::sync::Arc;
-    use std::time::SystemTime;
-
-    fn endpoint(id: &str, last: u8, state: EndpointState) -> Endpoint {
-        Endpoint {
-            instance_id: id.into(),
-            address: [127, 42, 1, last].into(),
-            port: 8080,
-            zone: "a".into(),
-            group: "g".into(),
-            state,
-            since: SystemTime::UNIX_EPOCH,
-        }
-    }
-
-    fn service(name: &str, endpoints: &[Endpoint]) -> Arc<Service> {
-        Arc::new(Service {
-            name: name.into(),
-            settings: ServiceSettings {
-                route: format!("/{name}"),
-                port: 8080,
-                health: HealthCheck::Tcp,
-            },
-            groups: BTreeSet::from(["g".to_string()]),
-            endpoints: endpoints
-                .iter()
-                .map(|e| (e.instance_id.clone(), e.clone()))
-                .collect(),
-        })
-    }
-
-    fn snapshot(revision: Revision, services: &[Arc<Service>]) -> Snapshot {
-        Snapshot {
-            revision,
-            services: services
-                .iter()
-                .map(|s| (s.name.clone(), s.clone()))
-                .collect(),
-            problems: Default::default(),
-        }
-    }
-
-    #[test]
-    fn messages_round_trip_through_one_line_each() {
-        let snap = snapshot(
-            7,
-            &[service(
-                "users",
-                &[endpoint("i-1", 4, EndpointState::Healthy)],
-            )],
-        );
-        let messages = [
-            Message::snapshot(&snap),
-            Message::Delta {
-                protocol: PROTOCOL,
-                revision: 8,
-                base: 7,
-                changes: vec![
-                    WireChange::PutService {
-                        name: "orders".into(),
-                        route: "/orders".into(),
-                    },
-                    WireChange::PutEndpoint {
-                        service: "users".into(),
-                        endpoint: (&endpoint("i-2", 5, EndpointState::Starting)).into(),
-                    },
-                    WireChange::RemoveEndpoint {
-                        service: "users".into(),
-                        instance: "i-1".into(),
-                    },
-                    WireChange::RemoveService {
-                        name: "billing".into(),
-                    },
-                ],
-            },
-            Message::Ping { revision: 8 },
-        ];
-        for m in messages {
-            let line = m.to_line();
-            assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
-            assert_eq!(*line.last().unwrap(), b'\n');
-            assert_eq!(Message::from_line(&line[..line.len() - 1]).unwrap(), m);
-        }
-        // The documented shape, which curl users and other implementations read.
-        let line = String::from_utf8(Message::Ping { revision: 3 }.to_line()).unwrap();
-        assert_eq!(line, "{\"type\":\"ping\",\"revision\":3}\n");
-    }
-
-    #[test]
-    fn a_delta_carries_only_the_changed_endpoint() {
-        let others: Vec<Endpoint> = (10..60)
-            .map(|n| endpoint(&format!("i-{n}"), n, EndpointState::Healthy))
-            .collect();
-        let orders = service("orders", &others);
-        let old = snapshot(
-            1,
-            &[
-                service(
-                    "users",
-                    &[
-                        endpoint("i-1", 4, EndpointState::Healthy),
-                        endpoint("i-2", 5, EndpointState::Healthy),
-                    ],
-                ),
-                orders.clone(),
-            ],
-        );
-        let new = snapshot(
-            2,
-            &[
-                service(
-                    "users",
-                    &[
-                        endpoint("i-1", 4, EndpointState::Unhealthy),
-                        endpoint("i-2", 5, EndpointState::Healthy),
-                    ],
-                ),
-                orders,
-            ],
-        );
-        let Some(Message::Delta {
-            revision,
-            base,
-            changes,
-            ..
-        }) = Message::delta(&old, &new)
-        else {
-            panic!("a one-endpoint change is a delta");
-        };
-        assert_eq!((revision, base), (2, 1));
-        assert_eq!(
-            changes,
-            vec![WireChange::PutEndpoint {
-                service: "users".into(),
-                endpoint: (&endpoint("i-1", 4, EndpointState::Unhealthy)).into(),
-            }]
-        );
-        let delta_bytes = Message::delta(&old, &new).unwrap().to_line().len();
-        let snapshot_bytes = Message::snapshot(&new).to_line().len();
-        assert!(
-            delta_bytes * 20 < snapshot_bytes,
-            "{delta_bytes} vs {snapshot_bytes}"
-        );
-    }
-
-    #[test]
-    fn applying_every_delta_rebuilds_the_registry() {
-        // Walk the registry through adds, state changes, removals and a
-        // removed service; a mirror fed deltas must equal one fed snapshots.
-        let registry = Registry::new();
-        let now = SystemTime::now();
-        let put = |name: &str| crate::model::Change::PutService {
-            name: name.into(),
-            settings: ServiceSettings {
-                route: format!("/{name}"),
-                port: 8080,
-                health: HealthCheck::Tcp,
-            },
-            groups: BTreeSet::from(["g".to_string()]),
-        };
-        let add = |s: &str, id: &str, n: u8| crate::model::Change::AddEndpoint {
-            service: s.into(),
-            endpoint: endpoint(id, n, EndpointState::Starting),
-        };
-        let batches = vec![
-            vec![put("users"), add("users", "i-1", 4), put("orders")],
-            vec![add("users", "i-2", 5), add("orders", "i-3", 6)],
-            vec![crate::model::Change::SetState {
-                service: "users".into(),
-                instance: "i-1".into(),
-                address: [127, 42, 1, 4].into(),
-                port: 8080,
-                state: EndpointState::Healthy,
-            }],
-            vec![crate::model::Change::RemoveEndpoint {
-                service: "users".into(),
-                instance: "i-2".into(),
-                reason: "test",
-            }],
-            vec![crate::model::Change::RemoveEndpoint {
-                service: "orders".into(),
-                instance: "i-3".into(),
-                reason: "test",
-            }],
-            vec![crate::model::Change::RemoveService {
-                name: "orders".into(),
-            }],
-        ];
-        let mut mirror = Mirror::default();
-        mirror
-            .apply(Message::snapshot(&registry.snapshot()))
-            .unwrap();
-        for batch in batches {
-            let old = registry.snapshot();
-            registry
-                .apply(&batch, now)
-                .expect("batch changes something");
-            let new = registry.snapshot();
-            mirror.apply(Message::delta(&old, &new).unwrap()).unwrap();
-            let mut fresh = Mirror::default();
-            fresh.apply(Message::snapshot(&new)).unwrap();
-            assert_eq!(mirror, fresh);
-        }
-    }
 
     #[test]
     fn apply_rejects_a_base_mismatch_and_keeps_what_it_had() {
@@ -611,14 +314,22 @@ mod tests {
             }),
             "a delta before any snapshot"
         );
-        let snap = snapshot(
-            5,
-            &[service(
-                "users",
-                &[endpoint("i-1", 4, EndpointState::Healthy)],
-            )],
-        );
-        mirror.apply(Message::snapshot(&snap)).unwrap();
+        let snapshot = Message::Snapshot {
+            protocol: PROTOCOL,
+            revision: 5,
+            services: vec![WireService {
+                name: "users".into(),
+                route: "/users".into(),
+                endpoints: vec![WireEndpoint {
+                    instance: "i-1".into(),
+                    address: [127, 42, 1, 4].into(),
+                    port: 8080,
+                    zone: "a".into(),
+                    state: WireState::Healthy,
+                }],
+            }],
+        };
+        mirror.apply(snapshot).unwrap();
         let before = mirror.clone();
         assert_eq!(
             mirror.apply(delta(4, 6)),

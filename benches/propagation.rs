@@ -18,13 +18,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use signpost::model::{Change, Endpoint, EndpointState, HealthCheck, ServiceSettings};
-use signpost::push::hub::{Hub, PING_INTERVAL};
-use signpost::push::wire::{Ack, Message, Mirror, PROTOCOL};
-use signpost::registry::Registry;
+use signpost_controller::model::{Change, Endpoint, EndpointState, HealthCheck, ServiceSettings};
+use signpost_controller::push::hub::{Hub, PING_INTERVAL};
+use signpost_controller::registry::Registry;
+use signpost_controller::routers::Routers;
+use signpost_protocol::{Ack, Message, Mirror, PROTOCOL};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 const ENDPOINTS: u8 = 20;
 
@@ -70,12 +71,14 @@ async fn run(routers: usize, changes: usize) {
     }
     registry.apply(&seed, now);
 
-    let (stop_tx, stop) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let routers_set = Arc::new(Routers::default());
     let hub = Hub::new(
         registry.subscribe(),
+        routers_set.clone(),
         PING_INTERVAL,
-        stop,
-        watch::channel(true).1,
+        stop.clone(),
+        tokio::sync::watch::channel(true).1,
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -95,13 +98,14 @@ async fn run(routers: usize, changes: usize) {
         .collect();
     let current = registry.snapshot().revision;
     tokio::time::timeout(Duration::from_secs(60), async {
-        while hub.routers().len() < routers {
+        while routers_set.list().len() < routers {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
     .expect("every subscriber connects");
-    hub.wait_acked(current, Duration::from_secs(60))
+    routers_set
+        .wait_acked(current, Duration::from_secs(60))
         .await
         .expect("every subscriber acks the snapshot");
 
@@ -124,7 +128,8 @@ async fn run(routers: usize, changes: usize) {
         let revision = registry
             .apply(&[change], SystemTime::now())
             .expect("every change changes something");
-        hub.wait_acked(revision, Duration::from_secs(60))
+        routers_set
+            .wait_acked(revision, Duration::from_secs(60))
             .await
             .expect("every router acks");
         samples.push(start.elapsed());
@@ -138,7 +143,7 @@ async fn run(routers: usize, changes: usize) {
         ms(at(0.99)),
         ms(*samples.last().unwrap())
     );
-    let _ = stop_tx.send(true);
+    stop.cancel();
     for s in subscribers {
         s.abort();
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::cloud::HookResult;
+use crate::model::HookResult;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {

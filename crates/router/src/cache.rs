@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{Applied, Source};
-use crate::push::wire::{Message, Mirror, WireError};
+use signpost_protocol::{Message, Mirror, WireError};
 
 #[derive(Debug, Error)]
 pub enum CacheError {
@@ -92,7 +92,7 @@ pub async fn keep(path: PathBuf, mut applied: watch::Receiver<Applied>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::push::wire::PROTOCOL;
+    use signpost_protocol::PROTOCOL;
 
     #[tokio::test]
     async fn a_stored_mirror_loads_back_and_garbage_is_refused() {

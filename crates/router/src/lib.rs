@@ -13,6 +13,9 @@
 //! the controller, and a router started while the controller is away routes
 //! from its cache file.
 
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
 pub mod balance;
 pub mod cache;
 pub mod client;
@@ -21,7 +24,7 @@ pub mod proxy;
 pub mod table;
 pub mod upstream;
 
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,10 +42,11 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::push::wire::Mirror;
 use balance::Balance;
+use signpost_protocol::Mirror;
 use table::RouteTable;
 
 /// How long the router waits for any line (the controller pings every
@@ -102,7 +106,10 @@ impl RouterState {
     }
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the router until `shutdown` resolves, then refuses new connections,
+/// finishes the requests in flight and returns. The caller owns signals (the
+/// binary) or time (tests).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
@@ -120,7 +127,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     upstream::set_shards(config.threads);
     let state = RouterState::new();
-    let (stop_tx, stop) = watch::channel(false);
+    let stop = CancellationToken::new();
 
     let proxy = Arc::new(proxy::Proxy::new(
         state.table.clone(),
@@ -134,9 +141,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("cannot start the proxy threads")?;
     let proxy = tokio::spawn(proxy::accept(listener, workers, stop.clone()));
     let admin = tokio::spawn({
-        let mut stop = stop.clone();
         axum::serve(admin, admin_routes(state.clone()))
-            .with_graceful_shutdown(async move { crate::stopped(&mut stop).await })
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future()
     });
     let subscriber = client::Subscriber {
@@ -161,9 +167,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         background.push(tokio::spawn(cache::keep(path, state.applied.subscribe())));
     }
 
-    crate::controller::shutdown_signal().await;
+    shutdown.await;
     info!("shutting down: finishing open requests");
-    let _ = stop_tx.send(true);
+    stop.cancel();
     let _ = proxy.await;
     let _ = admin.await;
     for task in background {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::{AwsConfig, Config};
 use crate::model::{
-    Ec2Instance, Fleet, InstanceId, LifecycleAction, LifecycleHook, ObservedGroup,
+    Ec2Instance, Fleet, HookResult, InstanceId, LifecycleAction, LifecycleHook, ObservedGroup,
     ObservedInstance, Transition,
 };
 use crate::tags;
@@ -129,26 +129,6 @@ pub struct CallCount {
 impl CallCount {
     pub fn total(&self) -> u32 {
         self.describe_auto_scaling_groups + self.describe_instances + self.describe_lifecycle_hooks
-    }
-}
-
-/// How a lifecycle action ends (CompleteLifecycleAction's `LifecycleActionResult`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HookResult {
-    /// The instance goes on: into service, or on to termination.
-    Continue,
-    /// On launch, the instance is terminated (and replaced); on terminate,
-    /// the same as `Continue`.
-    Abandon,
-}
-
-impl HookResult {
-    pub fn as_aws(self) -> &'static str {
-        match self {
-            HookResult::Continue => "CONTINUE",
-            HookResult::Abandon => "ABANDON",
-        }
     }
 }
 
@@ -610,6 +590,7 @@ impl CallBudget {
 
 /// An in-memory fleet for unit tests: answers what it was last given, and
 /// records the lifecycle calls made to it.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Default)]
 pub struct FakeAutoScaling {
     pub answer: Mutex<Option<Result<Fleet, String>>>,
@@ -621,6 +602,7 @@ pub struct FakeAutoScaling {
     pub action_error: Mutex<Option<String>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl FakeAutoScaling {
     pub fn set(&self, answer: Result<Fleet, String>) {
         *self.answer.lock().unwrap() = Some(answer);
@@ -634,6 +616,7 @@ impl FakeAutoScaling {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl AutoScaling for FakeAutoScaling {
     async fn complete_action(
         &self,

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// An EC2 instance id (`i-0123...`). A newtype so that ids, group names and
 /// service names cannot be swapped by accident.
@@ -27,8 +27,7 @@ impl From<&str> for InstanceId {
     }
 }
 
-/// The registry revision: bumped by one for every change a reader can see.
-pub type Revision = u64;
+pub use signpost_protocol::Revision;
 
 /// How an endpoint is health-checked, from the `signpost:health` tag.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -106,6 +105,26 @@ impl Transition {
 }
 
 /// One instance waiting on one hook: what CompleteLifecycleAction names.
+/// How a lifecycle action ends (CompleteLifecycleAction's `LifecycleActionResult`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookResult {
+    /// The instance goes on: into service, or on to termination.
+    Continue,
+    /// On launch, the instance is terminated (and replaced); on terminate,
+    /// the same as `Continue`.
+    Abandon,
+}
+
+impl HookResult {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            HookResult::Continue => "CONTINUE",
+            HookResult::Abandon => "ABANDON",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LifecycleAction {
     pub group: String,

@@ -13,13 +13,13 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::table::{Backend, RouteTable};
 use super::{cache, RouterState, Source};
-use crate::push::wire::{Ack, Message, Mirror, WireError, PROTOCOL};
+use signpost_protocol::{Ack, Message, Mirror, WireError, PROTOCOL};
 
 /// A line longer than this is not a registry, it is a broken peer.
 const MAX_LINE: usize = 256 << 20;
@@ -57,7 +57,7 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: CancellationToken) {
         let http: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build(connector(self.connect_timeout));
         let backoff = ExponentialBuilder::default()
@@ -73,7 +73,7 @@ impl Subscriber {
             let mut got_snapshot = false;
             let ended = tokio::select! {
                 e = self.session(&http, &mut mirror, &mut known, &mut got_snapshot) => e,
-                _ = crate::stopped(&mut stop) => return,
+                _ = stop.cancelled() => return,
             };
             self.state.connected.store(false, Ordering::Relaxed);
             match &ended {
@@ -94,7 +94,7 @@ impl Subscriber {
             let delay = delays.next().unwrap_or(Duration::from_secs(5));
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = crate::stopped(&mut stop) => return,
+                _ = stop.cancelled() => return,
             }
         }
     }
@@ -243,7 +243,7 @@ pub async fn report(
     id: String,
     state: Arc<RouterState>,
     connect_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let http: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector(connect_timeout));
@@ -258,7 +258,7 @@ pub async fn report(
             _ = applied.changed() => true,
             _ = state.ejected.notified() => true,
             _ = tick.tick() => false,
-            _ = crate::stopped(&mut stop) => return,
+            _ = stop.cancelled() => return,
         };
         if applied.borrow_and_update().source != Some(Source::Controller) {
             continue;

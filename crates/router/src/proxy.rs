@@ -23,22 +23,21 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::balance::Balance;
 use super::http1::{self, Body, BodyError, Framing, HeadError, Local};
 use super::table::{Backend, Outcome, RouteTable, ServiceEndpoints};
-use super::upstream::{self, Connection};
+use super::upstream::{self, Connection, READ_SIZE};
 
 /// How long in-flight requests may finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
 /// How long a client connection may wait for its next request (nginx's
 /// `keepalive_timeout` is 75 s); also bounds a head that never completes.
 const CLIENT_IDLE: Duration = Duration::from_secs(75);
-/// Bytes read at a time, from clients and from endpoints.
-pub const READ_SIZE: usize = 16 * 1024;
 
 pub struct Proxy {
     table: Arc<ArcSwap<RouteTable>>,
@@ -163,7 +162,7 @@ impl Proxy {
     pub fn start(
         self: Arc<Self>,
         threads: usize,
-        stop: &watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) -> std::io::Result<Workers> {
         let mut workers = Workers {
             accepted: Vec::with_capacity(threads),
@@ -195,7 +194,7 @@ impl Proxy {
     async fn serve_connections(
         self: Arc<Self>,
         mut accepted: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) {
         // Every connection task holds a sender; `recv` returns `None` once
         // the last has ended.
@@ -206,7 +205,7 @@ impl Proxy {
                     Some(next) => next,
                     None => break,
                 },
-                _ = crate::stopped(&mut stop) => break,
+                _ = stop.cancelled() => break,
             };
             let stream = match TcpStream::from_std(stream) {
                 Ok(stream) => stream,
@@ -235,7 +234,7 @@ impl Proxy {
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
         _open: mpsc::Sender<()>,
     ) {
         let mut client = Client {
@@ -250,7 +249,7 @@ impl Proxy {
         // cheaper than a timer per request.
         let idle = tokio::time::sleep(CLIENT_IDLE);
         tokio::pin!(idle);
-        let stopped = crate::stopped(&mut stop);
+        let stopped = stop.cancelled();
         tokio::pin!(stopped);
         let mut active = Instant::now();
         loop {
@@ -765,7 +764,7 @@ pub struct Workers {
 /// Accepts connections until `stop` and hands them out to the proxy
 /// threads in turn; returns once every thread has let its open requests
 /// finish.
-pub async fn accept(listener: TcpListener, workers: Workers, mut stop: watch::Receiver<bool>) {
+pub async fn accept(listener: TcpListener, workers: Workers, stop: CancellationToken) {
     let mut next = 0;
     loop {
         let (stream, peer) = tokio::select! {
@@ -779,7 +778,7 @@ pub async fn accept(listener: TcpListener, workers: Workers, mut stop: watch::Re
                     continue;
                 }
             },
-            _ = crate::stopped(&mut stop) => break,
+            _ = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
         match stream.into_std() {
@@ -816,13 +815,13 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::push::wire::{Message, Mirror, WireEndpoint, WireService, WireState, PROTOCOL};
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper::body::{Frame, Incoming};
     use hyper::header::{HeaderValue, HOST};
     use hyper::{Request, Response, StatusCode};
     use hyper_util::rt::TokioIo;
+    use signpost_protocol::{Message, Mirror, WireEndpoint, WireService, WireState, PROTOCOL};
     use std::collections::HashMap;
     use std::convert::Infallible;
     use std::pin::Pin;
@@ -866,7 +865,7 @@ mod tests {
     }
 
     /// A router on two proxy threads with one route, `/`, to `endpoint`.
-    async fn router(endpoint: SocketAddr) -> (SocketAddr, watch::Sender<bool>) {
+    async fn router(endpoint: SocketAddr) -> (SocketAddr, CancellationToken) {
         upstream::set_shards(2);
         let mut mirror = Mirror::default();
         mirror
@@ -894,12 +893,12 @@ mod tests {
             Duration::from_secs(5),
             Arc::new(Notify::new()),
         ));
-        let (stop_tx, stop) = watch::channel(false);
+        let stop = CancellationToken::new();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let workers = proxy.start(2, &stop).unwrap();
-        tokio::spawn(accept(listener, workers, stop));
-        (addr, stop_tx)
+        tokio::spawn(accept(listener, workers, stop.clone()));
+        (addr, stop)
     }
 
     /// Sends `n` requests one after another on one client connection.

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::upstream;
-use crate::model::Revision;
-use crate::push::wire::{Ejection, Mirror};
+use signpost_protocol::Revision;
+use signpost_protocol::{Ejection, Mirror};
 
 /// Consecutive failures (connect errors, 5xx, timeouts) that eject an endpoint.
 pub const EJECT_AFTER: u32 = 3;
@@ -219,7 +219,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::push::wire::{Message, WireEndpoint, WireService, WireState, PROTOCOL};
+    use signpost_protocol::{Message, WireEndpoint, WireService, WireState, PROTOCOL};
 
     type Spec<'a> = (&'a str, &'a str, &'a [(&'a str, u8, WireState)]);
 

@@ -1,6 +1,7 @@
 //! `signpost controller`: wires the fleet, the registry, health checks and
-//! the API together, and shuts them down cleanly on SIGTERM or SIGINT.
+//! the API together, and shuts them down cleanly when told to.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use anyhow::Context;
 use aws_config::timeout::TimeoutConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::{self, ApiState};
@@ -20,8 +22,15 @@ use crate::lifecycle::{Lifecycle, LifecycleLog};
 use crate::push::hub::{Hub, PING_INTERVAL};
 use crate::reconcile::{self, Reconciler, SyncStatus};
 use crate::registry::Registry;
+use crate::routers::Routers;
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the controller until `shutdown` resolves, then stops serving, lets
+/// every task finish and returns. The caller owns signals (the binary) or
+/// time (tests).
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (config key listen)", config.listen))?;
@@ -29,7 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let registry = Arc::new(Registry::new());
     let (status_tx, status_rx) = watch::channel(SyncStatus::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
 
     let aws = cloud::sdk_config(&config.aws).await;
     let hints = Arc::new(Hints::default());
@@ -46,8 +55,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let health = HealthScheduler::new(NetProbe::default(), registry.clone(), config.health.clone());
     let mut tasks = vec![
-        tokio::spawn(reconciler.run(stop_rx.clone())),
-        tokio::spawn(health.run(stop_rx.clone())),
+        tokio::spawn(reconciler.run(stop.clone())),
+        tokio::spawn(health.run(stop.clone())),
     ];
     let event_counts = Arc::new(EventCounts::default());
     let lifecycle_log = Arc::new(LifecycleLog::default());
@@ -60,7 +69,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             lifecycle: lifecycle_log.clone(),
             hints,
         };
-        tasks.push(tokio::spawn(queue.run(trigger, stop_rx.clone())));
+        tasks.push(tokio::spawn(queue.run(trigger, stop.clone())));
     }
 
     // Routers are served once the registry has warmed up: first listing
@@ -71,7 +80,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let warm_limit = checks.interval * checks.healthy_threshold + checks.timeout;
     tasks.push(tokio::spawn({
         let warmed = reconcile::warmed_up(status_rx.clone(), registry.subscribe(), warm_limit);
-        let mut stop = stop_rx.clone();
+        let stop = stop.clone();
         async move {
             tokio::select! {
                 _ = warmed => {
@@ -80,37 +89,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
                 // Stopping before the first listing (AWS unreachable, say)
                 // must not leave shutdown waiting on this task.
-                _ = crate::stopped(&mut stop) => {}
+                _ = stop.cancelled() => {}
             }
         }
     }));
+    let routers = Arc::new(Routers::default());
     let hub = Hub::new(
         registry.subscribe(),
+        routers.clone(),
         PING_INTERVAL,
-        stop_rx.clone(),
+        stop.clone(),
         ready_rx,
     );
 
     let lifecycle = Lifecycle {
         cloud,
         registry: registry.clone(),
-        hub: hub.clone(),
+        routers: routers.clone(),
         config: config.lifecycle.clone(),
         log: lifecycle_log.clone(),
         grace_until: tokio::time::Instant::now() + config.lifecycle.router_grace,
     };
-    tasks.push(tokio::spawn(lifecycle.run(fleet_rx, stop_rx.clone())));
+    tasks.push(tokio::spawn(lifecycle.run(fleet_rx, stop.clone())));
 
     let app = api::router(ApiState {
         registry: registry.subscribe(),
         sync: status_rx,
         resync_interval: config.resync_interval,
         events: event_counts,
-        routers: hub.clone(),
+        routers,
         lifecycle: lifecycle_log,
     })
     .merge(hub.routes());
-    let stop_tx = Arc::new(stop_tx);
     let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -118,15 +128,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .with_graceful_shutdown({
         // Watch streams never end on their own: stop them before the server
         // waits for open connections.
-        let stop_tx = stop_tx.clone();
+        let stop = stop.clone();
         async move {
-            shutdown_signal().await;
+            shutdown.await;
             info!("shutting down");
-            let _ = stop_tx.send(true);
+            stop.cancel();
         }
     })
     .await;
-    let _ = stop_tx.send(true);
+    stop.cancel();
     served.context("API server failed")?;
     for task in tasks {
         let _ = task.await;
@@ -147,13 +157,4 @@ fn event_client(aws: &aws_config::SdkConfig, config: &Config) -> aws_sdk_sqs::Cl
         .timeout_config(timeouts)
         .build();
     aws_sdk_sqs::Client::from_conf(sqs)
-}
-
-pub(crate) async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

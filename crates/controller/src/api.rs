@@ -17,8 +17,8 @@ use crate::lifecycle::LifecycleLog;
 use crate::model::{
     Endpoint, EndpointState, GroupProblem, Revision, Service, ServiceSettings, Snapshot,
 };
-use crate::push::hub::Hub;
 use crate::reconcile::SyncStatus;
+use crate::routers::Routers;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -26,7 +26,7 @@ pub struct ApiState {
     pub sync: watch::Receiver<SyncStatus>,
     pub resync_interval: Duration,
     pub events: Arc<EventCounts>,
-    pub routers: Arc<Hub>,
+    pub routers: Arc<Routers>,
     pub lifecycle: Arc<LifecycleLog>,
 }
 
@@ -272,7 +272,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         ],
     );
 
-    let routers = state.routers.routers();
+    let routers = state.routers.list();
     let connected: Vec<_> = routers.iter().filter(|r| r.connected).collect();
     family(
         "signpost_routers_connected",

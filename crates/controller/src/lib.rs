@@ -1,0 +1,41 @@
+//! signpost's controller: watches Auto Scaling groups, keeps the registry,
+//! health-checks endpoints, pushes endpoint sets to routers and completes
+//! lifecycle hooks once every router has confirmed a change. No agent runs
+//! on the instances.
+//!
+//! ```text
+//!  AWS Auto Scaling + EC2 ──poll (resync)──► cloud:: complete fleet listing
+//!  SQS (hooks, EventBridge) ──► events:: hints ──┘    ▼
+//!                            reconcile:: plan(fleet, snapshot) -> changes
+//!                                                 ▼
+//!                health:: probes ──verdicts──► registry:: services → endpoints, revision
+//!                                                 ▼ watch (immutable snapshots)
+//!                 api:: /v1/services, /readyz     push:: hub ──NDJSON stream──► routers
+//!                                                      │                          │
+//!                                   routers:: what each router applied ◄── acks ──┘
+//!                                                      ▼
+//!  lifecycle:: completes launch/terminate hooks once every client has acked (and drained)
+//! ```
+//!
+//! This crate uses the protocol crate and nothing else of signpost's; the
+//! data plane (`signpost-router`) never uses this crate.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod api;
+pub mod cloud;
+pub mod config;
+pub mod events;
+pub mod health;
+pub mod lifecycle;
+pub mod metrics;
+pub mod model;
+pub mod push;
+pub mod reconcile;
+pub mod registry;
+pub mod routers;
+mod run;
+pub mod tags;
+
+pub use config::Config;
+pub use run::run;

@@ -1,0 +1,267 @@
+//! The routers: every data-plane client the controller serves, whatever its
+//! kind, with the revision it has applied and the requests it has in flight
+//! to each endpoint. Lifecycle hooks wait on this set; the push servers feed
+//! it (the NDJSON hub today; an xDS server or a proxy agent the same way), so
+//! that completion logic lives in one place whatever the router kind.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use signpost_protocol::{Ack, Ejection, Revision};
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use crate::model::rfc3339;
+
+/// How long a disconnected router stays listed, so that an operator can see
+/// that it went away and when.
+const DISCONNECTED_KEPT: Duration = Duration::from_secs(15 * 60);
+
+pub struct Routers {
+    /// Only acks, connects and disconnects take this lock, never a stream
+    /// write, so it is held for microseconds.
+    records: Mutex<BTreeMap<String, RouterRecord>>,
+    /// Bumped on every change to `records`, for `wait_routers`.
+    changed: watch::Sender<u64>,
+    next_connection: AtomicU64,
+}
+
+impl Default for Routers {
+    fn default() -> Self {
+        Routers {
+            records: Mutex::default(),
+            changed: watch::Sender::new(0),
+            next_connection: AtomicU64::new(1),
+        }
+    }
+}
+
+/// One router as the controller knows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouterRecord {
+    pub id: String,
+    /// The router's address as seen on its watch connection.
+    pub address: SocketAddr,
+    pub connected: bool,
+    #[serde(serialize_with = "rfc3339")]
+    pub connected_since: SystemTime,
+    /// The newest revision written to its stream.
+    pub sent_revision: Option<Revision>,
+    /// The newest revision it says it routes with.
+    pub acked_revision: Option<Revision>,
+    /// Its last ack, or its connection if it has not acked yet.
+    #[serde(serialize_with = "rfc3339")]
+    pub last_seen: SystemTime,
+    /// Requests in flight: service → instance → count, from its last ack.
+    pub in_flight: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Endpoints it ejected on its own (passive health), from its last ack.
+    pub ejected: Vec<Ejection>,
+    /// Tells this connection from a newer one of the same router id.
+    #[serde(skip)]
+    connection: u64,
+    #[serde(skip)]
+    disconnected_at: Option<SystemTime>,
+}
+
+impl RouterRecord {
+    pub fn has_acked(&self, revision: Revision) -> bool {
+        self.acked_revision.is_some_and(|a| a >= revision)
+    }
+
+    /// Requests it reported in flight to `instance`, in any service.
+    pub fn in_flight_to(&self, instance: &str) -> u64 {
+        self.in_flight
+            .values()
+            .filter_map(|by_instance| by_instance.get(instance))
+            .sum()
+    }
+}
+
+/// Routers that had not acked a revision when the wait ended.
+#[derive(Debug, Error, PartialEq)]
+#[error("routers {routers:?} have not acked revision {revision}")]
+pub struct NotAcked {
+    pub revision: Revision,
+    pub routers: Vec<String>,
+}
+
+impl Routers {
+    /// Every router, sorted by id.
+    pub fn list(&self) -> Vec<RouterRecord> {
+        self.records.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Connected routers for which `done` is false.
+    pub fn pending(&self, done: impl Fn(&RouterRecord) -> bool) -> Vec<String> {
+        self.records
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| r.connected && !done(r))
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    /// Waits until `done` holds for every connected router, checked again
+    /// on every ack, connect and disconnect; or until `limit` passes, then
+    /// returns the routers still pending. A router that disconnects stops
+    /// counting: it gets a fresh snapshot when it comes back.
+    pub async fn wait_routers(
+        &self,
+        limit: Duration,
+        done: impl Fn(&RouterRecord) -> bool,
+    ) -> Result<(), Vec<String>> {
+        let mut changed = self.changed.subscribe();
+        let all_done = || {
+            let routers = self.records.lock().unwrap();
+            routers.values().all(|r| !r.connected || done(r))
+        };
+        let wait = async {
+            loop {
+                changed.borrow_and_update();
+                if all_done() || changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        match tokio::time::timeout(limit, wait).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.pending(&done)),
+        }
+    }
+
+    /// Waits until every connected router has acked `revision` (or a later
+    /// one), or `limit` passes.
+    pub async fn wait_acked(&self, revision: Revision, limit: Duration) -> Result<(), NotAcked> {
+        self.wait_routers(limit, |r| r.has_acked(revision))
+            .await
+            .map_err(|routers| NotAcked { revision, routers })
+    }
+
+    /// Records a router's ack; false when no such router is subscribed.
+    pub fn acked(&self, id: &str, ack: Ack) -> bool {
+        let mut routers = self.records.lock().unwrap();
+        let Some(r) = routers.get_mut(id) else {
+            return false;
+        };
+        if r.acked_revision != Some(ack.revision) {
+            debug!(router = %id, revision = ack.revision, "router acked");
+        }
+        r.acked_revision = Some(ack.revision);
+        r.last_seen = SystemTime::now();
+        r.in_flight = ack.in_flight;
+        r.ejected = ack.ejected;
+        drop(routers);
+        self.bump();
+        true
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    pub fn connect(&self, id: &str, address: SocketAddr) -> u64 {
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now();
+        let mut routers = self.records.lock().unwrap();
+        routers.retain(|_, r| {
+            r.disconnected_at
+                .is_none_or(|t| now.duration_since(t).unwrap_or_default() < DISCONNECTED_KEPT)
+        });
+        routers.insert(
+            id.to_owned(),
+            RouterRecord {
+                id: id.to_owned(),
+                address,
+                connected: true,
+                connected_since: now,
+                sent_revision: None,
+                acked_revision: None,
+                last_seen: now,
+                in_flight: BTreeMap::new(),
+                ejected: Vec::new(),
+                connection,
+                disconnected_at: None,
+            },
+        );
+        drop(routers);
+        self.bump();
+        connection
+    }
+
+    pub fn sent(&self, id: &str, connection: u64, revision: Revision) {
+        if let Some(r) = self.records.lock().unwrap().get_mut(id) {
+            if r.connection == connection {
+                r.sent_revision = Some(revision);
+            }
+        }
+    }
+
+    pub fn disconnect(&self, id: &str, connection: u64) {
+        let mut routers = self.records.lock().unwrap();
+        // A newer connection of the same router replaced this one: leave it.
+        if let Some(r) = routers.get_mut(id).filter(|r| r.connection == connection) {
+            r.connected = false;
+            r.disconnected_at = Some(SystemTime::now());
+            drop(routers);
+            info!(router = %id, "router disconnected");
+            self.bump();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn acked(hub: &Routers, id: &str, revision: Revision) {
+        let mut routers = hub.records.lock().unwrap();
+        routers.get_mut(id).unwrap().acked_revision = Some(revision);
+        drop(routers);
+        hub.bump();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_acked_waits_for_every_connected_router() {
+        let hub = Arc::new(Routers::default());
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        hub.connect("a", address);
+        let b = hub.connect("b", address);
+        let waiter = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.wait_acked(3, Duration::from_secs(10)).await }
+        });
+        acked(&hub, "a", 3);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "b has not acked");
+        acked(&hub, "b", 2);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "b acked an older revision");
+        hub.disconnect("b", b);
+        assert_eq!(
+            waiter.await.unwrap(),
+            Ok(()),
+            "a disconnected router stops counting"
+        );
+
+        hub.connect("b", address);
+        let err = hub.wait_acked(3, Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(err.routers, vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn an_old_connection_going_away_does_not_disconnect_the_new_one() {
+        let hub = Arc::new(Routers::default());
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let old = hub.connect("a", address);
+        let _new = hub.connect("a", address);
+        hub.disconnect("a", old);
+        assert!(hub.list()[0].connected);
+    }
+}
