@@ -22,7 +22,7 @@ use signpost_controller::model::{Change, Endpoint, EndpointState, HealthCheck, S
 use signpost_controller::push::hub::{Hub, PING_INTERVAL};
 use signpost_controller::registry::Registry;
 use signpost_controller::routers::Routers;
-use signpost_protocol::{Ack, Message, Mirror, PROTOCOL};
+use signpost_protocol::{Ack, Epoch, Message, Mirror, PROTOCOL};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -72,13 +72,13 @@ async fn run(routers: usize, changes: usize) {
     registry.apply(&seed, now);
 
     let stop = CancellationToken::new();
-    let routers_set = Arc::new(Routers::default());
+    let routers_set = Arc::new(Routers::new(Epoch::from_bits(1)));
     let hub = Hub::new(
         registry.subscribe(),
         routers_set.clone(),
         PING_INTERVAL,
         stop.clone(),
-        tokio::sync::watch::channel(true).1,
+        tokio::sync::watch::channel(Some(tokio::time::Instant::now())).1,
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -174,8 +174,10 @@ async fn subscriber(http: Http, base: String, id: String) {
             let message = Message::from_line(&line[..pos]).expect("well-formed");
             if mirror.apply(message).expect("applies") {
                 let ack = Ack {
+                    epoch: mirror.epoch.unwrap(),
                     revision: mirror.revision.unwrap(),
-                    ..Ack::default()
+                    in_flight: Default::default(),
+                    ejected: Vec::new(),
                 };
                 let request = Request::builder()
                     .method(Method::POST)

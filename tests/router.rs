@@ -403,7 +403,8 @@ async fn routers_keep_routing_without_the_controller_and_restart_from_the_cache(
 struct FakeController {
     url: String,
     watches: Arc<AtomicUsize>,
-    acks: Arc<Mutex<Vec<u64>>>,
+    /// (epoch, revision) of every ack.
+    acks: Arc<Mutex<Vec<(u64, u64)>>>,
     release: Arc<AtomicBool>,
 }
 
@@ -423,7 +424,10 @@ impl FakeController {
                 if request.starts_with("POST") {
                     let body = request.split("\r\n\r\n").nth(1).unwrap_or_default();
                     let ack: serde_json::Value = serde_json::from_str(body).unwrap();
-                    a.lock().unwrap().push(ack["revision"].as_u64().unwrap());
+                    a.lock().unwrap().push((
+                        ack["epoch"].as_u64().unwrap(),
+                        ack["revision"].as_u64().unwrap(),
+                    ));
                     let _ = stream
                         .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
                         .await;
@@ -489,32 +493,36 @@ async fn a_malformed_push_or_protocol_mismatch_keeps_the_snapshot_and_reconnects
     let ip: IpAddr = [127, 42, 250, 4].into();
     let mut backends = Backends::new(PORT);
     backends.start("i-fake", ip).await;
-    let snapshot = |protocol: u32, revision: u64| {
+    let snapshot = |protocol: u32, epoch: u64, revision: u64| {
         format!(
-            "{{\"type\":\"snapshot\",\"protocol\":{protocol},\"revision\":{revision},\"services\":[{{\"name\":\"users\",\"route\":\"/users\",\"endpoints\":[{{\"instance\":\"i-fake\",\"address\":\"{ip}\",\"port\":{PORT},\"zone\":\"a\",\"state\":\"healthy\"}}]}}]}}\n"
+            "{{\"type\":\"snapshot\",\"protocol\":{protocol},\"epoch\":{epoch},\"revision\":{revision},\"services\":[{{\"name\":\"users\",\"route\":\"/users\",\"endpoints\":[{{\"instance\":\"i-fake\",\"address\":\"{ip}\",\"port\":{PORT},\"zone\":\"a\",\"state\":\"healthy\"}}]}}]}}\n"
         )
     };
     let remove_all = |base: u64| {
         format!(
-            "{{\"type\":\"delta\",\"protocol\":1,\"revision\":{},\"base\":{base},\"changes\":[{{\"op\":\"remove_service\",\"name\":\"users\"}}]}}\n",
+            "{{\"type\":\"delta\",\"protocol\":2,\"epoch\":9,\"revision\":{},\"base\":{base},\"changes\":[{{\"op\":\"remove_service\",\"name\":\"users\"}}]}}\n",
             base + 1
         )
     };
     let script = vec![
         // A good snapshot, then garbage.
-        snapshot(1, 5) + "{\"type\":\"delta\",\"protoc\n",
+        snapshot(2, 9, 5) + "{\"type\":\"delta\",\"protoc\n",
         // A snapshot of a protocol this router does not speak.
-        snapshot(2, 6),
+        snapshot(3, 9, 6),
         // A delta for a revision the router does not have.
         remove_all(99),
+        // The same controller lifetime going backwards.
+        snapshot(2, 9, 4),
     ];
-    let fake = FakeController::start(script, snapshot(1, 7)).await;
+    // After the release: a restarted controller (new epoch), whose
+    // revisions start again from 1.
+    let fake = FakeController::start(script, snapshot(2, 10, 1)).await;
     let router = Router::start(&fake.url, "r1", &cache_file("fake"), &[]).await;
 
     wait_for(
         "the router to reconnect after each bad stream",
         Duration::from_secs(20),
-        || async { (fake.watches.load(Ordering::SeqCst) >= 4).then_some(()) },
+        || async { (fake.watches.load(Ordering::SeqCst) >= 5).then_some(()) },
     )
     .await;
     let (_, ready) = router.admin("/readyz").await;
@@ -526,23 +534,30 @@ async fn a_malformed_push_or_protocol_mismatch_keeps_the_snapshot_and_reconnects
     assert_eq!(answered.get("i-fake"), Some(&5));
     let log = router.log();
     assert!(log.contains("malformed message"), "{log}");
-    assert!(log.contains("protocol version 2 not supported"), "{log}");
+    assert!(log.contains("protocol version 3 not supported"), "{log}");
     assert!(log.contains("delta for revision 99"), "{log}");
+    assert!(
+        log.contains("revision went backwards within epoch 9: 4 after 5"),
+        "{log}"
+    );
 
     fake.release.store(true, Ordering::SeqCst);
     wait_for(
-        "the router to apply the next good snapshot",
+        "the router to apply the new controller lifetime's snapshot",
         Duration::from_secs(20),
-        || async { (router.admin("/readyz").await.1["revision"] == 7).then_some(()) },
+        || async { (router.admin("/readyz").await.1["revision"] == 1).then_some(()) },
     )
     .await;
-    wait_for("the ack of revision 7", Duration::from_secs(10), || async {
-        fake.acks.lock().unwrap().contains(&7).then_some(())
-    })
+    wait_for(
+        "the ack of epoch 10's revision 1",
+        Duration::from_secs(10),
+        || async { fake.acks.lock().unwrap().contains(&(10, 1)).then_some(()) },
+    )
     .await;
     let acks = fake.acks.lock().unwrap().clone();
     assert!(
-        acks.iter().all(|r| *r == 5 || *r == 7),
-        "only applied revisions are acked: {acks:?}"
+        acks.iter().all(|a| *a == (9, 5) || *a == (10, 1)),
+        "only applied revisions are acked, each with its epoch: {acks:?}"
     );
+    assert!(router.log().contains("a new controller lifetime"));
 }

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 port, n = int(sys.argv[1]), int(sys.argv[2])
 first = int(sys.argv[3]) if len(sys.argv) > 3 else 19001
-snapshot = {"type": "snapshot", "protocol": 1, "revision": 1, "services": [{
+snapshot = {"type": "snapshot", "protocol": 2, "epoch": 1, "revision": 1, "services": [{
     "name": "app", "route": "/", "endpoints": [
         {"instance": f"i-{i}", "address": "127.0.0.1", "port": first + i,
          "zone": "a", "state": "healthy"} for i in range(n)]}]}

@@ -296,6 +296,26 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         "Registry revision minus the router's acked revision.",
         &lag,
     );
+    let ignored = &state.routers.ignored;
+    family(
+        "signpost_acks_ignored_total",
+        "counter",
+        "Router acks that did not count: of another controller epoch, for a revision never sent on the router's connection, or from a router not subscribed.",
+        &[
+            (
+                "{reason=\"other_epoch\"}".into(),
+                ignored.other_epoch.load(Relaxed) as f64,
+            ),
+            (
+                "{reason=\"never_sent\"}".into(),
+                ignored.never_sent.load(Relaxed) as f64,
+            ),
+            (
+                "{reason=\"not_subscribed\"}".into(),
+                ignored.not_subscribed.load(Relaxed) as f64,
+            ),
+        ],
+    );
 
     let lifecycle = state.lifecycle.metrics();
     let results: Vec<(String, f64)> = lifecycle

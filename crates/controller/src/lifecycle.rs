@@ -369,10 +369,13 @@ pub struct Lifecycle<C> {
     pub routers: Arc<Routers>,
     pub config: LifecycleConfig,
     pub log: Arc<LifecycleLog>,
-    /// Until this instant no action completes: after a (re)start, routers
-    /// that were connected to the previous controller have not all
-    /// reconnected yet, and a router the hub does not know cannot be waited for.
-    pub grace_until: Instant,
+    /// Since when routers are served (`None`: not yet, the registry is
+    /// warming up). No action completes until `router_grace` after that:
+    /// routers that were connected to a previous controller (or leader)
+    /// reconnect only once they are served, and a router this controller
+    /// does not know cannot be waited for. Counting from the process start
+    /// instead let a slow first listing eat the whole grace.
+    pub serving: watch::Receiver<Option<Instant>>,
 }
 
 impl<C: AutoScaling> Lifecycle<C> {
@@ -468,9 +471,20 @@ impl<C: AutoScaling> Lifecycle<C> {
         outcome.is_ok()
     }
 
+    /// Resolves `router_grace` after routers are first served.
+    async fn router_grace_over(&self) {
+        let mut serving = self.serving.clone();
+        let since = serving.wait_for(Option::is_some).await.map(|s| *s);
+        // Err: the controller is stopping, nothing is served any more.
+        let Ok(Some(since)) = since else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(since + self.config.router_grace).await;
+    }
+
     /// The result the action should be completed with, once it is time.
     async fn decide(&self, action: &LifecycleAction) -> HookResult {
-        tokio::time::sleep_until(self.grace_until).await;
+        self.router_grace_over().await;
         match action.transition {
             Transition::Launching => self.launch(action).await,
             Transition::Terminating => {
@@ -599,7 +613,7 @@ mod tests {
         Change, Ec2Instance, Endpoint, HealthCheck, LifecycleHook, ObservedGroup, ObservedInstance,
         Revision, ServiceSettings,
     };
-    use signpost_protocol::Ack;
+    use signpost_protocol::{Ack, Epoch};
     use std::collections::BTreeSet;
     use std::net::SocketAddr;
     use tokio::task::JoinHandle;
@@ -669,7 +683,10 @@ mod tests {
         lifecycle: Arc<Lifecycle<FakeAutoScaling>>,
         registry: Arc<Registry>,
         routers: Arc<Routers>,
+        serving: watch::Sender<Option<Instant>>,
     }
+
+    const EPOCH: Epoch = Epoch::from_bits(7);
 
     fn world(config: LifecycleConfig, grace: Duration) -> World {
         let registry = Arc::new(Registry::new());
@@ -685,20 +702,25 @@ mod tests {
             }],
             SystemTime::now(),
         );
-        let routers = Arc::new(Routers::default());
+        let routers = Arc::new(Routers::new(EPOCH));
         routers.connect(ROUTER, SocketAddr::from(([127, 0, 0, 1], 1)));
+        let (serving_tx, serving) = watch::channel(Some(Instant::now()));
         let lifecycle = Arc::new(Lifecycle {
             cloud: Arc::new(FakeAutoScaling::default()),
             registry: registry.clone(),
             routers: routers.clone(),
-            config,
+            config: LifecycleConfig {
+                router_grace: grace,
+                ..config
+            },
             log: Arc::default(),
-            grace_until: Instant::now() + grace,
+            serving,
         });
         World {
             lifecycle,
             registry,
             routers,
+            serving: serving_tx,
         }
     }
 
@@ -738,14 +760,18 @@ mod tests {
             .iter()
             .map(|(id, n)| ("users".to_string(), BTreeMap::from([(id.to_string(), *n)])))
             .collect();
-        assert!(routers.acked(
-            ROUTER,
-            Ack {
-                revision,
-                in_flight,
-                ejected: vec![],
-            }
-        ));
+        routers.sent(ROUTER, 1, revision);
+        routers
+            .acked(
+                ROUTER,
+                Ack {
+                    epoch: EPOCH,
+                    revision,
+                    in_flight,
+                    ejected: vec![],
+                },
+            )
+            .expect("the ack counts");
     }
 
     fn waiting(id: &str, transition: Transition, heartbeat: Duration) -> Waiting {
@@ -893,6 +919,32 @@ mod tests {
                 .await
         );
         assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_router_grace_counts_from_when_routers_are_served_not_from_the_start() {
+        // A restarted controller whose first listing takes 30 s (AWS slow or
+        // away): the routers of the previous one reconnect only once they
+        // are served, so the grace must start then.
+        let w = world(LifecycleConfig::default(), Duration::from_secs(10));
+        w.serving.send_replace(None);
+        w.routers.disconnect(ROUTER, 1);
+        let started = Instant::now();
+        let serving = w.serving.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            serving.send_replace(Some(Instant::now()));
+        });
+        assert!(
+            w.lifecycle
+                .handle(waiting(
+                    "i-9",
+                    Transition::Terminating,
+                    Duration::from_secs(300)
+                ))
+                .await
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(40));
     }
 
     #[tokio::test(start_paused = true)]

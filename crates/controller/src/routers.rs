@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use signpost_protocol::{Ack, Ejection, Revision};
+use signpost_protocol::{Ack, Ejection, Epoch, Revision};
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -23,6 +23,10 @@ use crate::model::rfc3339;
 const DISCONNECTED_KEPT: Duration = Duration::from_secs(15 * 60);
 
 pub struct Routers {
+    /// This controller's lifetime: acks of any other are ignored.
+    epoch: Epoch,
+    /// Acks ignored, by why: for `/metrics`.
+    pub ignored: IgnoredAcks,
     /// Only acks, connects and disconnects take this lock, never a stream
     /// write, so it is held for microseconds.
     records: Mutex<BTreeMap<String, RouterRecord>>,
@@ -31,13 +35,44 @@ pub struct Routers {
     next_connection: AtomicU64,
 }
 
-impl Default for Routers {
-    fn default() -> Self {
+/// Acks that did not count, by reason.
+#[derive(Debug, Default)]
+pub struct IgnoredAcks {
+    pub other_epoch: AtomicU64,
+    pub never_sent: AtomicU64,
+    pub not_subscribed: AtomicU64,
+}
+
+/// Why an ack did not count. Each means that the router does not have (from
+/// this controller, on its current connection) what it claims to, so
+/// counting it could complete a lifecycle hook early.
+#[derive(Debug, Error, PartialEq)]
+pub enum AckRefused {
+    #[error("router {router:?} is not subscribed")]
+    NotSubscribed { router: String },
+    #[error("ack for controller epoch {got}; this controller's epoch is {ours} (a restarted controller counts only its own revisions)")]
+    OtherEpoch { got: Epoch, ours: Epoch },
+    #[error("router {router:?} acked revision {revision}, which was never sent on its current connection (newest sent: {sent:?})")]
+    NeverSent {
+        router: String,
+        revision: Revision,
+        sent: Option<Revision>,
+    },
+}
+
+impl Routers {
+    pub fn new(epoch: Epoch) -> Routers {
         Routers {
+            epoch,
+            ignored: IgnoredAcks::default(),
             records: Mutex::default(),
             changed: watch::Sender::new(0),
             next_connection: AtomicU64::new(1),
         }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
     }
 }
 
@@ -144,10 +179,24 @@ impl Routers {
     }
 
     /// Records a router's ack; false when no such router is subscribed.
-    pub fn acked(&self, id: &str, ack: Ack) -> bool {
+    /// Records a router's ack, if it counts: of this controller's epoch, for
+    /// a revision sent on the router's current connection. An ack that does
+    /// not count changes nothing; it is logged at debug and counted.
+    pub fn acked(&self, id: &str, ack: Ack) -> Result<(), AckRefused> {
+        let refused = self.check(id, &ack);
+        if let Err(why) = &refused {
+            let counter = match why {
+                AckRefused::NotSubscribed { .. } => &self.ignored.not_subscribed,
+                AckRefused::OtherEpoch { .. } => &self.ignored.other_epoch,
+                AckRefused::NeverSent { .. } => &self.ignored.never_sent,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            debug!(router = %id, error = %why, "ack ignored");
+            return refused;
+        }
         let mut routers = self.records.lock().unwrap();
         let Some(r) = routers.get_mut(id) else {
-            return false;
+            return Err(AckRefused::NotSubscribed { router: id.into() });
         };
         if r.acked_revision != Some(ack.revision) {
             debug!(router = %id, revision = ack.revision, "router acked");
@@ -158,7 +207,28 @@ impl Routers {
         r.ejected = ack.ejected;
         drop(routers);
         self.bump();
-        true
+        Ok(())
+    }
+
+    fn check(&self, id: &str, ack: &Ack) -> Result<(), AckRefused> {
+        if ack.epoch != self.epoch {
+            return Err(AckRefused::OtherEpoch {
+                got: ack.epoch,
+                ours: self.epoch,
+            });
+        }
+        let routers = self.records.lock().unwrap();
+        let Some(r) = routers.get(id).filter(|r| r.connected) else {
+            return Err(AckRefused::NotSubscribed { router: id.into() });
+        };
+        if r.sent_revision.is_none_or(|sent| ack.revision > sent) {
+            return Err(AckRefused::NeverSent {
+                router: id.into(),
+                revision: ack.revision,
+                sent: r.sent_revision,
+            });
+        }
+        Ok(())
     }
 
     fn bump(&self) {
@@ -229,7 +299,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn wait_acked_waits_for_every_connected_router() {
-        let hub = Arc::new(Routers::default());
+        let hub = Arc::new(Routers::new(Epoch::from_bits(1)));
         let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
         hub.connect("a", address);
         let b = hub.connect("b", address);
@@ -257,11 +327,78 @@ mod tests {
 
     #[test]
     fn an_old_connection_going_away_does_not_disconnect_the_new_one() {
-        let hub = Arc::new(Routers::default());
+        let hub = Arc::new(Routers::new(Epoch::from_bits(1)));
         let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let old = hub.connect("a", address);
         let _new = hub.connect("a", address);
         hub.disconnect("a", old);
         assert!(hub.list()[0].connected);
+    }
+
+    fn ack(epoch: Epoch, revision: Revision) -> Ack {
+        Ack {
+            epoch,
+            revision,
+            in_flight: BTreeMap::new(),
+            ejected: vec![],
+        }
+    }
+
+    #[test]
+    fn an_ack_for_a_revision_never_sent_is_ignored() {
+        // A router still acking what a previous controller sent it (its
+        // revision 20) must not count for this controller's revision 1.
+        let ours = Epoch::from_bits(1);
+        let routers = Routers::new(ours);
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let c = routers.connect("a", address);
+        assert_eq!(
+            routers.acked("a", ack(ours, 20)),
+            Err(AckRefused::NeverSent {
+                router: "a".into(),
+                revision: 20,
+                sent: None
+            })
+        );
+        routers.sent("a", c, 1);
+        assert!(routers.acked("a", ack(ours, 2)).is_err(), "2 was not sent");
+        assert_eq!(routers.list()[0].acked_revision, None);
+        assert_eq!(routers.ignored.never_sent.load(Ordering::Relaxed), 2);
+        assert_eq!(routers.acked("a", ack(ours, 1)), Ok(()));
+        assert!(routers.list()[0].has_acked(1));
+    }
+
+    #[test]
+    fn an_ack_of_another_controller_epoch_is_ignored() {
+        let ours = Epoch::from_bits(1);
+        let theirs = Epoch::from_bits(2);
+        let routers = Routers::new(ours);
+        let c = routers.connect("a", "127.0.0.1:1".parse().unwrap());
+        routers.sent("a", c, 5);
+        assert_eq!(
+            routers.acked("a", ack(theirs, 5)),
+            Err(AckRefused::OtherEpoch { got: theirs, ours })
+        );
+        assert_eq!(routers.list()[0].acked_revision, None);
+        assert_eq!(routers.ignored.other_epoch.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn an_ack_after_the_connection_closed_is_ignored() {
+        let ours = Epoch::from_bits(1);
+        let routers = Routers::new(ours);
+        let c = routers.connect("a", "127.0.0.1:1".parse().unwrap());
+        routers.sent("a", c, 5);
+        routers.disconnect("a", c);
+        assert!(matches!(
+            routers.acked("a", ack(ours, 5)),
+            Err(AckRefused::NotSubscribed { .. })
+        ));
+        // A new connection starts with nothing sent.
+        routers.connect("a", "127.0.0.1:1".parse().unwrap());
+        assert!(matches!(
+            routers.acked("a", ack(ours, 5)),
+            Err(AckRefused::NeverSent { sent: None, .. })
+        ));
     }
 }

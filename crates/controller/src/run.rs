@@ -13,6 +13,8 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use signpost_protocol::Epoch;
+
 use crate::api::{self, ApiState};
 use crate::cloud::{self, AwsFleet, Hints};
 use crate::config::Config;
@@ -75,7 +77,7 @@ pub async fn run(
     // Routers are served once the registry has warmed up: first listing
     // applied, first health verdicts in. Long enough for a healthy endpoint
     // to pass its checks.
-    let (ready_tx, ready_rx) = watch::channel(false);
+    let (serving_tx, serving) = watch::channel(None);
     let checks = config.health.defaults();
     let warm_limit = checks.interval * checks.healthy_threshold + checks.timeout;
     tasks.push(tokio::spawn({
@@ -85,7 +87,7 @@ pub async fn run(
             tokio::select! {
                 _ = warmed => {
                     info!("registry warmed up; serving routers");
-                    let _ = ready_tx.send(true);
+                    let _ = serving_tx.send(Some(tokio::time::Instant::now()));
                 }
                 // Stopping before the first listing (AWS unreachable, say)
                 // must not leave shutdown waiting on this task.
@@ -93,13 +95,15 @@ pub async fn run(
             }
         }
     }));
-    let routers = Arc::new(Routers::default());
+    let epoch = new_epoch();
+    info!(%epoch, "controller epoch");
+    let routers = Arc::new(Routers::new(epoch));
     let hub = Hub::new(
         registry.subscribe(),
         routers.clone(),
         PING_INTERVAL,
         stop.clone(),
-        ready_rx,
+        serving.clone(),
     );
 
     let lifecycle = Lifecycle {
@@ -108,7 +112,7 @@ pub async fn run(
         routers: routers.clone(),
         config: config.lifecycle.clone(),
         log: lifecycle_log.clone(),
-        grace_until: tokio::time::Instant::now() + config.lifecycle.router_grace,
+        serving,
     };
     tasks.push(tokio::spawn(lifecycle.run(fleet_rx, stop.clone())));
 
@@ -157,4 +161,17 @@ fn event_client(aws: &aws_config::SdkConfig, config: &Config) -> aws_sdk_sqs::Cl
         .timeout_config(timeouts)
         .build();
     aws_sdk_sqs::Client::from_conf(sqs)
+}
+
+/// A fresh epoch for this controller lifetime: std's per-process random
+/// hasher keys (from the OS), mixed with the time and the process id.
+fn new_epoch() -> Epoch {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.write_u128(now.as_nanos());
+    h.write_u32(std::process::id());
+    Epoch::from_bits(h.finish())
 }

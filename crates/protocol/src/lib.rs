@@ -7,6 +7,12 @@
 //! `delta`s and `ping`s. A delta names the revision it applies to (`base`):
 //! a subscriber whose revision differs must not guess, it reconnects for a
 //! fresh snapshot. That makes a lost or reordered message harmless.
+//!
+//! Revisions count from 1 again whenever a controller starts, so every
+//! snapshot, delta and ack also carries the controller's `Epoch`, chosen at
+//! random when it starts: an ack only counts for the controller lifetime
+//! that sent what it acknowledges, and a subscriber takes a snapshot of a
+//! new epoch even when its revision went backwards.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -20,9 +26,40 @@ use thiserror::Error;
 /// The registry revision: bumped by one for every change a reader can see.
 pub type Revision = u64;
 
+/// One controller lifetime: chosen at random when a controller starts, so
+/// that revision 20 of one lifetime is never taken for revision 20 of
+/// another. At most 2^53 - 1, so that JSON readers in any language (some
+/// parse numbers as doubles) read it exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Epoch(u64);
+
+impl Epoch {
+    /// Largest epoch a double holds exactly.
+    const MAX: u64 = (1 << 53) - 1;
+
+    /// The epoch for `bits`, keeping the low 53 (never 0, so that a
+    /// default-filled number is never a real epoch).
+    pub const fn from_bits(bits: u64) -> Epoch {
+        let bits = bits & Self::MAX;
+        Epoch(if bits == 0 { 1 } else { bits })
+    }
+
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// The protocol version this build speaks. Bumped on any change a peer of
-/// the previous version would misread.
-pub const PROTOCOL: u32 = 1;
+/// the previous version would misread. 2: epochs in snapshots, deltas and
+/// acks.
+pub const PROTOCOL: u32 = 2;
 
 /// One line of the stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,12 +68,15 @@ pub enum Message {
     /// Everything routable-to-be: replaces whatever the subscriber had.
     Snapshot {
         protocol: u32,
+        epoch: Epoch,
         revision: Revision,
         services: Vec<WireService>,
     },
-    /// The changes that turn revision `base` into `revision`.
+    /// The changes that turn revision `base` into `revision`, both of
+    /// `epoch`.
     Delta {
         protocol: u32,
+        epoch: Epoch,
         revision: Revision,
         base: Revision,
         changes: Vec<WireChange>,
@@ -135,6 +175,14 @@ pub enum WireError {
         base: Revision,
         have: Option<Revision>,
     },
+    #[error("delta of controller epoch {got} but this subscriber's snapshot is of epoch {have:?}")]
+    EpochMismatch { got: Epoch, have: Option<Epoch> },
+    #[error("revision went backwards within epoch {epoch}: {got} after {have}")]
+    RevisionBackwards {
+        epoch: Epoch,
+        got: Revision,
+        have: Revision,
+    },
     #[error("delta names unknown service {service:?}")]
     UnknownService { service: String },
 }
@@ -142,6 +190,9 @@ pub enum WireError {
 /// A subscriber's copy of the registry, built from messages.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Mirror {
+    /// The controller lifetime the revision belongs to; `None` until the
+    /// first snapshot.
+    pub epoch: Option<Epoch>,
     /// `None` until the first snapshot.
     pub revision: Option<Revision>,
     pub services: BTreeMap<String, MirrorService>,
@@ -161,10 +212,23 @@ impl Mirror {
             Message::Ping { .. } => Ok(false),
             Message::Snapshot {
                 protocol,
+                epoch,
                 revision,
                 services,
             } => {
                 check_protocol(protocol)?;
+                // A new epoch is a restarted controller: its revisions start
+                // again, so only within one epoch must they move forwards.
+                if let (Some(have), true) = (self.revision, self.epoch == Some(epoch)) {
+                    if revision < have {
+                        return Err(WireError::RevisionBackwards {
+                            epoch,
+                            got: revision,
+                            have,
+                        });
+                    }
+                }
+                self.epoch = Some(epoch);
                 self.revision = Some(revision);
                 self.services = services
                     .into_iter()
@@ -185,11 +249,25 @@ impl Mirror {
             }
             Message::Delta {
                 protocol,
+                epoch,
                 revision,
                 base,
                 changes,
             } => {
                 check_protocol(protocol)?;
+                if revision <= base {
+                    return Err(WireError::RevisionBackwards {
+                        epoch,
+                        got: revision,
+                        have: base,
+                    });
+                }
+                if self.epoch != Some(epoch) {
+                    return Err(WireError::EpochMismatch {
+                        got: epoch,
+                        have: self.epoch,
+                    });
+                }
                 if self.revision != Some(base) {
                     return Err(WireError::BaseMismatch {
                         base,
@@ -212,6 +290,7 @@ impl Mirror {
     pub fn to_snapshot(&self) -> Option<Message> {
         Some(Message::Snapshot {
             protocol: PROTOCOL,
+            epoch: self.epoch?,
             revision: self.revision?,
             services: self
                 .services
@@ -269,8 +348,10 @@ fn apply_change(
 
 /// What a router reports after applying a revision, and every second while
 /// it has requests in flight.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Ack {
+    /// The controller lifetime of `revision`.
+    pub epoch: Epoch,
     /// The revision the router routes with now.
     pub revision: Revision,
     /// Requests in flight: service → instance → count. Zero counts omitted.
@@ -295,28 +376,14 @@ pub struct Ejection {
 mod tests {
     use super::*;
 
-    #[test]
-    fn apply_rejects_a_base_mismatch_and_keeps_what_it_had() {
-        let mut mirror = Mirror::default();
-        let delta = |base, revision| Message::Delta {
+    const E1: Epoch = Epoch(11);
+    const E2: Epoch = Epoch(22);
+
+    fn users_snapshot(epoch: Epoch, revision: Revision) -> Message {
+        Message::Snapshot {
             protocol: PROTOCOL,
+            epoch,
             revision,
-            base,
-            changes: vec![WireChange::RemoveService {
-                name: "users".into(),
-            }],
-        };
-        assert_eq!(
-            mirror.apply(delta(0, 1)),
-            Err(WireError::BaseMismatch {
-                base: 0,
-                have: None
-            }),
-            "a delta before any snapshot"
-        );
-        let snapshot = Message::Snapshot {
-            protocol: PROTOCOL,
-            revision: 5,
             services: vec![WireService {
                 name: "users".into(),
                 route: "/users".into(),
@@ -328,11 +395,36 @@ mod tests {
                     state: WireState::Healthy,
                 }],
             }],
-        };
-        mirror.apply(snapshot).unwrap();
+        }
+    }
+
+    fn remove_users(epoch: Epoch, base: Revision, revision: Revision) -> Message {
+        Message::Delta {
+            protocol: PROTOCOL,
+            epoch,
+            revision,
+            base,
+            changes: vec![WireChange::RemoveService {
+                name: "users".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn apply_rejects_a_base_mismatch_and_keeps_what_it_had() {
+        let mut mirror = Mirror::default();
+        assert_eq!(
+            mirror.apply(remove_users(E1, 0, 1)),
+            Err(WireError::EpochMismatch {
+                got: E1,
+                have: None
+            }),
+            "a delta before any snapshot"
+        );
+        mirror.apply(users_snapshot(E1, 5)).unwrap();
         let before = mirror.clone();
         assert_eq!(
-            mirror.apply(delta(4, 6)),
+            mirror.apply(remove_users(E1, 4, 6)),
             Err(WireError::BaseMismatch {
                 base: 4,
                 have: Some(5)
@@ -341,6 +433,7 @@ mod tests {
         assert_eq!(mirror, before);
         let bad = Message::Delta {
             protocol: PROTOCOL,
+            epoch: E1,
             revision: 6,
             base: 5,
             changes: vec![
@@ -358,18 +451,84 @@ mod tests {
             Err(WireError::UnknownService { .. })
         ));
         assert_eq!(mirror, before, "a half-applied delta is not kept");
-        assert_eq!(mirror.apply(delta(5, 6)), Ok(true));
+        assert_eq!(mirror.apply(remove_users(E1, 5, 6)), Ok(true));
         assert!(mirror.services.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_of_a_new_epoch_replaces_the_table_even_when_its_revision_is_lower() {
+        let mut mirror = Mirror::default();
+        mirror.apply(users_snapshot(E1, 20)).unwrap();
+        assert_eq!(mirror.apply(users_snapshot(E2, 1)), Ok(true));
+        assert_eq!((mirror.epoch, mirror.revision), (Some(E2), Some(1)));
+    }
+
+    #[test]
+    fn within_one_epoch_a_backwards_revision_is_a_protocol_error() {
+        let mut mirror = Mirror::default();
+        mirror.apply(users_snapshot(E1, 20)).unwrap();
+        let before = mirror.clone();
+        assert_eq!(
+            mirror.apply(users_snapshot(E1, 19)),
+            Err(WireError::RevisionBackwards {
+                epoch: E1,
+                got: 19,
+                have: 20
+            })
+        );
+        assert_eq!(
+            mirror.apply(remove_users(E1, 20, 20)),
+            Err(WireError::RevisionBackwards {
+                epoch: E1,
+                got: 20,
+                have: 20
+            }),
+            "a delta must move forwards"
+        );
+        assert_eq!(mirror, before);
+        assert_eq!(mirror.apply(users_snapshot(E1, 20)), Ok(true), "a resend");
+    }
+
+    #[test]
+    fn a_delta_of_another_epoch_is_refused() {
+        let mut mirror = Mirror::default();
+        mirror.apply(users_snapshot(E1, 5)).unwrap();
+        let before = mirror.clone();
+        assert_eq!(
+            mirror.apply(remove_users(E2, 5, 6)),
+            Err(WireError::EpochMismatch {
+                got: E2,
+                have: Some(E1)
+            })
+        );
+        assert_eq!(mirror, before);
+    }
+
+    #[test]
+    fn epochs_fit_a_double_and_are_never_zero() {
+        assert_eq!(Epoch::from_bits(u64::MAX).get(), (1 << 53) - 1);
+        assert_eq!(Epoch::from_bits(1 << 53).get(), 1);
+        let line = serde_json::to_string(&Ack {
+            epoch: Epoch::from_bits(7),
+            revision: 3,
+            in_flight: BTreeMap::new(),
+            ejected: vec![],
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"epoch":7,"revision":3,"in_flight":{},"ejected":[]}"#
+        );
     }
 
     #[test]
     fn another_protocol_version_is_refused() {
         let mut mirror = Mirror::default();
-        let line = br#"{"type":"snapshot","protocol":2,"revision":1,"services":[]}"#;
+        let line = br#"{"type":"snapshot","protocol":1,"epoch":1,"revision":1,"services":[]}"#;
         let message = Message::from_line(line).unwrap();
         assert_eq!(
             mirror.apply(message),
-            Err(WireError::ProtocolMismatch { got: 2 })
+            Err(WireError::ProtocolMismatch { got: 1 })
         );
         assert_eq!(mirror.revision, None);
         assert!(matches!(

@@ -101,7 +101,7 @@ mod tests {
         let path = dir.join("routes.json");
         let mut mirror = Mirror::default();
         let line = format!(
-            r#"{{"type":"snapshot","protocol":{PROTOCOL},"revision":9,"services":[{{"name":"users","route":"/users","endpoints":[{{"instance":"i-1","address":"127.0.0.1","port":80,"zone":"a","state":"healthy"}}]}}]}}"#
+            r#"{{"type":"snapshot","protocol":{PROTOCOL},"epoch":3,"revision":9,"services":[{{"name":"users","route":"/users","endpoints":[{{"instance":"i-1","address":"127.0.0.1","port":80,"zone":"a","state":"healthy"}}]}}]}}"#
         );
         mirror
             .apply(Message::from_line(line.as_bytes()).unwrap())

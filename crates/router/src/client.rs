@@ -1,6 +1,6 @@
 //! The router's side of push: subscribe, apply, acknowledge, reconnect.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -167,8 +167,12 @@ impl Subscriber {
                     Err(e) => return e.into(),
                 };
                 let is_snapshot = matches!(message, Message::Snapshot { .. });
+                let epoch = mirror.epoch;
                 match mirror.apply(message) {
                     Ok(true) => {
+                        if epoch.is_some() && epoch != mirror.epoch {
+                            info!(epoch = ?mirror.epoch, was = ?epoch, revision = ?mirror.revision, "a new controller lifetime: its snapshot replaces the table");
+                        }
                         *got_snapshot |= is_snapshot;
                         self.state.publish(mirror, known, Source::Controller);
                         debug!(revision = ?mirror.revision, "applied");
@@ -205,12 +209,15 @@ impl RouterState {
         });
     }
 
-    /// In-flight counts and current ejections, from the table in use.
-    fn report(&self, now: Instant) -> Ack {
+    /// In-flight counts and current ejections, from the table in use;
+    /// `None` before the router has a table.
+    fn report(&self, now: Instant) -> Option<Ack> {
         let table = self.table.load();
         let mut ack = Ack {
-            revision: table.revision.unwrap_or(0),
-            ..Ack::default()
+            epoch: table.epoch?,
+            revision: table.revision?,
+            in_flight: BTreeMap::new(),
+            ejected: Vec::new(),
         };
         let routable = table.services().flat_map(|s| s.endpoints.iter());
         for b in routable.chain(&table.retiring) {
@@ -223,7 +230,7 @@ impl RouterState {
             }
             ack.ejected.extend(b.ejection(now));
         }
-        ack
+        Some(ack)
     }
 }
 
@@ -263,7 +270,9 @@ pub async fn report(
         if applied.borrow_and_update().source != Some(Source::Controller) {
             continue;
         }
-        let ack = state.report(Instant::now());
+        let Some(ack) = state.report(Instant::now()) else {
+            continue;
+        };
         let busy = !ack.in_flight.is_empty() || !ack.ejected.is_empty();
         if !(fresh || busy || was_busy || pending) {
             continue;

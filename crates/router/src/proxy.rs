@@ -821,7 +821,9 @@ mod tests {
     use hyper::header::{HeaderValue, HOST};
     use hyper::{Request, Response, StatusCode};
     use hyper_util::rt::TokioIo;
-    use signpost_protocol::{Message, Mirror, WireEndpoint, WireService, WireState, PROTOCOL};
+    use signpost_protocol::{
+        Epoch, Message, Mirror, WireEndpoint, WireService, WireState, PROTOCOL,
+    };
     use std::collections::HashMap;
     use std::convert::Infallible;
     use std::pin::Pin;
@@ -871,6 +873,7 @@ mod tests {
         mirror
             .apply(Message::Snapshot {
                 protocol: PROTOCOL,
+                epoch: Epoch::from_bits(1),
                 revision: 1,
                 services: vec![WireService {
                     name: "app".into(),

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::upstream;
-use signpost_protocol::Revision;
 use signpost_protocol::{Ejection, Mirror};
+use signpost_protocol::{Epoch, Revision};
 
 /// Consecutive failures (connect errors, 5xx, timeouts) that eject an endpoint.
 pub const EJECT_AFTER: u32 = 3;
@@ -26,6 +26,8 @@ pub const EJECT_MAX: Duration = Duration::from_secs(60);
 pub struct RouteTable {
     /// `None` until the router has a snapshot, from the controller or its cache.
     pub revision: Option<Revision>,
+    /// The controller lifetime `revision` belongs to.
+    pub epoch: Option<Epoch>,
     routes: Vec<Route>,
     /// Endpoints no longer routable with requests to them still in flight.
     /// Kept so that the router goes on reporting those requests: the
@@ -189,6 +191,7 @@ impl RouteTable {
         *known = next_known;
         RouteTable {
             revision: mirror.revision,
+            epoch: mirror.epoch,
             routes,
             retiring,
         }
@@ -219,7 +222,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use signpost_protocol::{Message, WireEndpoint, WireService, WireState, PROTOCOL};
+    use signpost_protocol::{Epoch, Message, WireEndpoint, WireService, WireState, PROTOCOL};
 
     type Spec<'a> = (&'a str, &'a str, &'a [(&'a str, u8, WireState)]);
 
@@ -227,6 +230,7 @@ mod tests {
         let mut m = Mirror::default();
         m.apply(Message::Snapshot {
             protocol: PROTOCOL,
+            epoch: Epoch::from_bits(1),
             revision: 1,
             services: services
                 .iter()

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use signpost_protocol::{Message, Mirror, WireEndpoint, WireService, WireState, PROTOCOL};
+use signpost_protocol::{Epoch, Message, Mirror, WireEndpoint, WireService, WireState, PROTOCOL};
 use signpost_router::balance::Balance;
 use signpost_router::proxy::{accept, Proxy};
 use signpost_router::table::RouteTable;
@@ -60,6 +60,7 @@ async fn router_with(route: &str, endpoints: &[SocketAddr], response_timeout: Du
     mirror
         .apply(Message::Snapshot {
             protocol: PROTOCOL,
+            epoch: Epoch::from_bits(1),
             revision: 1,
             services: vec![WireService {
                 name: "app".into(),

@@ -1,6 +1,8 @@
 //! The registry's snapshots as push protocol messages: what the hub sends.
 
-use signpost_protocol::{Message, WireChange, WireEndpoint, WireService, WireState, PROTOCOL};
+use signpost_protocol::{
+    Epoch, Message, WireChange, WireEndpoint, WireService, WireState, PROTOCOL,
+};
 
 use crate::model::{self, Snapshot};
 
@@ -27,9 +29,10 @@ impl From<&model::Endpoint> for WireEndpoint {
     }
 }
 
-pub fn snapshot(snap: &Snapshot) -> Message {
+pub fn snapshot(epoch: Epoch, snap: &Snapshot) -> Message {
     Message::Snapshot {
         protocol: PROTOCOL,
+        epoch,
         revision: snap.revision,
         services: snap
             .services
@@ -45,11 +48,12 @@ pub fn snapshot(snap: &Snapshot) -> Message {
 
 /// The delta from `old` to `new`, or `None` when a snapshot would be
 /// smaller (a subscriber far behind, or most of the registry changed).
-pub fn delta(old: &Snapshot, new: &Snapshot) -> Option<Message> {
+pub fn delta(epoch: Epoch, old: &Snapshot, new: &Snapshot) -> Option<Message> {
     let changes = diff(old, new);
     let size: usize = new.services.values().map(|s| 1 + s.endpoints.len()).sum();
     (changes.len() <= size).then_some(Message::Delta {
         protocol: PROTOCOL,
+        epoch,
         revision: new.revision,
         base: old.revision,
         changes,
@@ -105,6 +109,8 @@ mod tests {
     use crate::model::{Endpoint, EndpointState, HealthCheck, Revision, Service, ServiceSettings};
     use crate::registry::Registry;
     use signpost_protocol::Mirror;
+
+    const E: Epoch = Epoch::from_bits(5);
     use std::collections::BTreeSet;
     use std::sync::Arc;
     use std::time::SystemTime;
@@ -158,9 +164,10 @@ mod tests {
             )],
         );
         let messages = [
-            snapshot(&snap),
+            snapshot(E, &snap),
             Message::Delta {
                 protocol: PROTOCOL,
+                epoch: E,
                 revision: 8,
                 base: 7,
                 changes: vec![
@@ -231,7 +238,7 @@ mod tests {
             base,
             changes,
             ..
-        }) = delta(&old, &new)
+        }) = delta(E, &old, &new)
         else {
             panic!("a one-endpoint change is a delta");
         };
@@ -243,8 +250,8 @@ mod tests {
                 endpoint: (&endpoint("i-1", 4, EndpointState::Unhealthy)).into(),
             }]
         );
-        let delta_bytes = delta(&old, &new).unwrap().to_line().len();
-        let snapshot_bytes = snapshot(&new).to_line().len();
+        let delta_bytes = delta(E, &old, &new).unwrap().to_line().len();
+        let snapshot_bytes = snapshot(E, &new).to_line().len();
         assert!(
             delta_bytes * 20 < snapshot_bytes,
             "{delta_bytes} vs {snapshot_bytes}"
@@ -295,16 +302,16 @@ mod tests {
             }],
         ];
         let mut mirror = Mirror::default();
-        mirror.apply(snapshot(&registry.snapshot())).unwrap();
+        mirror.apply(snapshot(E, &registry.snapshot())).unwrap();
         for batch in batches {
             let old = registry.snapshot();
             registry
                 .apply(&batch, now)
                 .expect("batch changes something");
             let new = registry.snapshot();
-            mirror.apply(delta(&old, &new).unwrap()).unwrap();
+            mirror.apply(delta(E, &old, &new).unwrap()).unwrap();
             let mut fresh = Mirror::default();
-            fresh.apply(snapshot(&new)).unwrap();
+            fresh.apply(snapshot(E, &new)).unwrap();
             assert_eq!(mirror, fresh);
         }
     }

@@ -19,6 +19,7 @@ use hyper::body::Frame;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -26,7 +27,7 @@ use signpost_protocol::{Ack, Message, Revision, PROTOCOL};
 
 use super::encode;
 use crate::model::Snapshot;
-use crate::routers::{RouterRecord, Routers};
+use crate::routers::{AckRefused, RouterRecord, Routers};
 
 /// How often an idle stream carries a ping. Routers give up on a stream
 /// silent for three times this.
@@ -47,7 +48,7 @@ pub struct Hub {
     /// `reconcile::warmed_up`). Until then a subscriber is listed but sent
     /// nothing, and keeps routing on what it has: a router reconnecting to a
     /// restarted controller must not swap its table for an empty one.
-    ready: watch::Receiver<bool>,
+    ready: watch::Receiver<Option<Instant>>,
 }
 
 #[derive(Deserialize)]
@@ -62,7 +63,7 @@ impl Hub {
         routers: Arc<Routers>,
         ping_interval: Duration,
         stop: CancellationToken,
-        ready: watch::Receiver<bool>,
+        ready: watch::Receiver<Option<Instant>>,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             registry,
@@ -89,7 +90,7 @@ impl Hub {
         let stop = self.stop.clone();
         let mut ready = self.ready.clone();
         let warmed = tokio::select! {
-            r = ready.wait_for(|r| *r) => r.is_ok(),
+            r = ready.wait_for(Option::is_some) => r.is_ok(),
             _ = tx.closed() => false,
             _ = stop.cancelled() => false,
         };
@@ -102,7 +103,11 @@ impl Hub {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         if tx
-            .send(encode::snapshot(&sent).to_line().into())
+            .send(
+                encode::snapshot(self.routers.epoch(), &sent)
+                    .to_line()
+                    .into(),
+            )
             .await
             .is_ok()
         {
@@ -114,8 +119,8 @@ impl Hub {
                             break;
                         }
                         let newest = registry.borrow_and_update().clone();
-                        let message = encode::delta(&sent, &newest)
-                            .unwrap_or_else(|| encode::snapshot(&newest));
+                        let message = encode::delta(self.routers.epoch(), &sent, &newest)
+                            .unwrap_or_else(|| encode::snapshot(self.routers.epoch(), &newest));
                         sent = newest;
                         message.to_line()
                     }
@@ -186,11 +191,18 @@ async fn ack(
     Path(id): Path<String>,
     Json(ack): Json<Ack>,
 ) -> Response {
-    if !hub.routers.acked(&id, ack) {
-        let error = format!("router {id:?} is not subscribed");
-        return (StatusCode::NOT_FOUND, Json(json!({ "error": error }))).into_response();
+    match hub.routers.acked(&id, ack) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(refused) => {
+            let status = match refused {
+                AckRefused::NotSubscribed { .. } => StatusCode::NOT_FOUND,
+                AckRefused::OtherEpoch { .. } | AckRefused::NeverSent { .. } => {
+                    StatusCode::CONFLICT
+                }
+            };
+            (status, Json(json!({ "error": refused.to_string() }))).into_response()
+        }
     }
-    StatusCode::NO_CONTENT.into_response()
 }
 
 /// A router as `GET /v1/routers` shows it: the record plus its lag.
@@ -214,5 +226,6 @@ async fn list_routers(State(hub): State<Arc<Hub>>) -> Response {
             record,
         })
         .collect();
-    Json(json!({ "revision": revision, "routers": routers })).into_response()
+    let epoch = hub.routers.epoch();
+    Json(json!({ "epoch": epoch, "revision": revision, "routers": routers })).into_response()
 }
