@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::{wait_for, Backends, Cloud, Controller, Emulator};
 
-const PORT: u16 = 19080;
+const PORT: u16 = common::BACKEND_PORT;
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
@@ -81,7 +81,7 @@ async fn create_fleet(cloud: &Cloud, n: i32) -> Vec<(String, std::net::IpAddr)> 
         cloud
             .create_group(
                 &name,
-                &[("signpost:service", "bench"), ("signpost:port", "19080")],
+                &[("signpost:service", "bench"), ("signpost:port", "18080")],
                 size,
             )
             .await;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::{wait_for, Backends, Cloud, Controller, Emulator, FollowedGroup, Router};
 
-const PORT: u16 = 19180;
+const PORT: u16 = common::BACKEND_PORT;
 /// `SIGNPOST_BENCH_SCALE_OUTS` overrides, for a quick look.
 const SCALE_OUTS: usize = 100;
 const ROUTERS: usize = 3;
@@ -49,7 +49,7 @@ async fn run() {
     let queue_arn = "arn:aws:sqs:us-east-1:123456789012:signpost-bench";
     let tags = [
         ("signpost:service", "web"),
-        ("signpost:port", "19180"),
+        ("signpost:port", "18080"),
         ("signpost:route", "/"),
     ];
     cloud.create_group("bench", &tags, 1).await;

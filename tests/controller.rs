@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{ids, wait_for, Backends, Cloud, Controller, Emulator, Scene};
 
-const PORT: u16 = 18080;
+const PORT: u16 = common::BACKEND_PORT;
 
 fn users_tags() -> Vec<(&'static str, &'static str)> {
     vec![("signpost:service", "users"), ("signpost:port", "18080")]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{ids, wait_for, Backends, Cloud, Controller, Emulator};
 
-const PORT: u16 = 18280;
+const PORT: u16 = common::BACKEND_PORT;
 
 async fn queue(cloud: &Cloud) -> String {
     cloud
@@ -66,7 +66,7 @@ async fn events_trigger_a_reconcile_long_before_the_resync() {
     let cloud = Cloud::new(&emulator).await;
     let queue = queue(&cloud).await;
     let mut backends = Backends::new(PORT);
-    let tags = [("signpost:service", "users"), ("signpost:port", "18280")];
+    let tags = [("signpost:service", "users"), ("signpost:port", "18080")];
     cloud.create_group("users-a", &tags, 1).await;
     backends.follow(&cloud.instances("users-a").await).await;
 

@@ -12,9 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use common::{wait_for, Cloud, Controller, FollowedGroup, Load, Router, Scene};
 
-/// Backend port for this file's tests (other test files use other ports on
-/// the same subnets).
-const PORT: u16 = 18380;
+const PORT: u16 = common::BACKEND_PORT;
 
 /// Short waits so the tests run in seconds; the router grace covers the
 /// routers' reconnect after a controller restart.
@@ -32,7 +30,7 @@ static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn tags(service: &str) -> Vec<(&str, &str)> {
     vec![
         ("signpost:service", service),
-        ("signpost:port", "18380"),
+        ("signpost:port", "18080"),
         ("signpost:route", "/"),
     ]
 }

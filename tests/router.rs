@@ -15,14 +15,12 @@ use common::{ids, wait_for, Backends, Cloud, Controller, Emulator, Router, Scene
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// Backend port for this file's tests (tests/controller.rs uses 18080 with
-/// the same subnets, in another process).
-const PORT: u16 = 18180;
+const PORT: u16 = common::BACKEND_PORT;
 
 fn tags<'a>(service: &'a str, route: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("signpost:service", service),
-        ("signpost:port", "18180"),
+        ("signpost:port", "18080"),
         ("signpost:route", route),
     ]
 }
@@ -490,7 +488,8 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_push_or_protocol_mismatch_keeps_the_snapshot_and_reconnects() {
-    let ip: IpAddr = [127, 42, 250, 4].into();
+    let subnet = common::Subnet::reserve();
+    let ip = subnet.ip(4);
     let mut backends = Backends::new(PORT);
     backends.start("i-fake", ip).await;
     let snapshot = |protocol: u32, epoch: u64, revision: u64| {

@@ -1,8 +1,10 @@
 //! Test harness: a real AWS emulator (moto), real HTTP backends at the
 //! instances' own 127.42.x.y addresses, and the real `signpost` binary.
 //!
-//! Every test gets its own emulator and its own subnet (127.42.N.0/24), so
-//! tests run in parallel without sharing addresses.
+//! Every test gets its own emulator and its own subnet (127.42.N.0/24,
+//! reserved machine-wide by `Subnet`), so tests run in parallel, in one
+//! process or several, without sharing addresses; every backend listens on
+//! `BACKEND_PORT`.
 
 #![allow(dead_code)]
 
@@ -125,7 +127,55 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
+/// The port every test backend listens on. Backends of different tests
+/// never collide because each test has addresses of its own (`Subnet`).
+pub const BACKEND_PORT: u16 = 18080;
+
+/// A port no backend uses, on which a subnet's `.1` address is held to
+/// reserve the subnet.
+const RESERVATION_PORT: u16 = 18999;
+
+/// 127.42.16.0/20 is the wide subnet of the benchmarks.
+const WIDE: u8 = 16;
+
 static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
+
+/// A /24 of 127.42.0.0/16 that is this test's alone, across every test
+/// process on the machine (cargo test's binaries, nextest's parallel
+/// processes, a benchmark): it is reserved by listening on its `.1` address
+/// for as long as this value lives. The one allocator of test addresses, so
+/// that no two files have to agree on ports or subnets by comment.
+pub struct Subnet {
+    pub n: u8,
+    _held: std::net::TcpListener,
+}
+
+impl Subnet {
+    pub fn reserve() -> Arc<Subnet> {
+        for _ in 0..254 {
+            let n = NEXT_SUBNET.fetch_add(1, Ordering::SeqCst).max(1);
+            if (WIDE..WIDE + 16).contains(&n) {
+                continue;
+            }
+            if let Some(subnet) = Subnet::hold(n) {
+                return subnet;
+            }
+        }
+        panic!("no free test subnet in 127.42.0.0/16");
+    }
+
+    fn hold(n: u8) -> Option<Arc<Subnet>> {
+        let held =
+            std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 42, n, 1), RESERVATION_PORT))
+                .ok()?;
+        Some(Arc::new(Subnet { n, _held: held }))
+    }
+
+    /// The address of host `host` (4 and up are the emulator's instances).
+    pub fn ip(&self, host: u8) -> IpAddr {
+        [127, 42, self.n, host].into()
+    }
+}
 
 /// AWS clients on the emulator, with a VPC and a subnet of the test's own.
 #[derive(Clone)]
@@ -134,21 +184,25 @@ pub struct Cloud {
     pub autoscaling: aws_sdk_autoscaling::Client,
     pub sqs: aws_sdk_sqs::Client,
     pub subnet: String,
+    /// Held for as long as any clone of this `Cloud` lives.
+    pub addresses: Arc<Subnet>,
 }
 
 impl Cloud {
     /// A subnet of the test's own: its instances get 127.42.N.4, ...
     pub async fn new(emulator: &Emulator) -> Cloud {
-        let n = NEXT_SUBNET.fetch_add(1, Ordering::SeqCst);
-        Cloud::with_subnet(emulator, &format!("127.42.{n}.0/24")).await
+        let addresses = Subnet::reserve();
+        let cidr = format!("127.42.{}.0/24", addresses.n);
+        Cloud::with_subnet(emulator, &cidr, addresses).await
     }
 
     /// A /20 for fleets of more than 250 instances (benchmarks).
     pub async fn new_wide(emulator: &Emulator) -> Cloud {
-        Cloud::with_subnet(emulator, "127.42.16.0/20").await
+        let addresses = Subnet::hold(WIDE).expect("the wide subnet is free");
+        Cloud::with_subnet(emulator, "127.42.16.0/20", addresses).await
     }
 
-    async fn with_subnet(emulator: &Emulator, cidr: &str) -> Cloud {
+    async fn with_subnet(emulator: &Emulator, cidr: &str, addresses: Arc<Subnet>) -> Cloud {
         let creds = aws_sdk_ec2::config::Credentials::new("test", "test", None, None, "test");
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new("us-east-1"))
@@ -197,6 +251,7 @@ impl Cloud {
             autoscaling,
             sqs,
             subnet,
+            addresses,
         }
     }
 
