@@ -1,16 +1,25 @@
-# signpost: one static-ish binary (controller and router) on a distroless,
-# non-root base. Build: docker build -t signpost:0.1.0 .
+# signpost: one binary (controller, router) on a distroless, non-root base.
+# Build: docker build -t signpost:0.1.0 .
+# The binary is stripped (profile.release); for a crash report's symbols,
+# build the same commit with `--profile release-debug` (README, Packaging).
 FROM rust:1-bookworm AS build
 WORKDIR /src
-# Dependencies first, so source edits do not rebuild the AWS SDK crates.
-# (benches/ only because Cargo.toml declares a bench target; it is not built.)
+# Dependencies first, so source edits do not rebuild the AWS SDK crates:
+# the workspace's manifests with empty sources, built once.
+# (benches/ only because Cargo.toml declares bench targets; not built.)
 COPY Cargo.toml Cargo.lock ./
+COPY crates/protocol/Cargo.toml crates/protocol/
+COPY crates/controller/Cargo.toml crates/controller/
+COPY crates/router/Cargo.toml crates/router/
 COPY benches ./benches
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked \
-    && rm -rf src
+RUN mkdir -p src crates/protocol/src crates/controller/src crates/router/src \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch crates/protocol/src/lib.rs crates/controller/src/lib.rs crates/router/src/lib.rs \
+    && cargo build --release --locked -p signpost \
+    && rm -rf src crates/*/src
 COPY src ./src
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked \
+COPY crates ./crates
+RUN touch src/main.rs crates/*/src/lib.rs && cargo build --release --locked -p signpost \
     && install -D target/release/signpost /out/signpost
 
 # glibc + libgcc, no shell, no package manager; uid/gid 65532 ("nonroot").
