@@ -6,7 +6,7 @@
 //! speak the wire protocol (stream, apply to a `Mirror`, POST the ack), so
 //! what is measured is the controller's fan-out and ack handling.
 //!
-//! Run: `cargo bench --bench propagation` (tests/bench/router.sh runs it).
+//! Run: `cargo bench --bench propagation` (benches/router.sh runs it).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Instructions per proxied request, signpost router beside nginx, under
 # callgrind: a cost that background load does not change, unlike
-# requests/s (tests/bench/router.sh).
+# requests/s (benches/router.sh).
 #
-#   tests/bench/router-instructions.sh      # about 2 minutes after the build
+#   benches/router-instructions.sh      # about 2 minutes after the build
 #
 # Each proxy runs alone under `valgrind --tool=callgrind` with 2 backends
 # (one nginx worker answering a static "ok"): wrk warms it for 5 s, the
@@ -12,7 +12,7 @@
 # same upstream set-up as in router.sh, with one worker and no master.
 set -euo pipefail
 
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 SECONDS_RUN=${SECONDS_RUN:-20}
 CONNECTIONS=${CONNECTIONS:-64}
 
@@ -75,7 +75,7 @@ wait_url http://127.0.0.1:19001/
 wait_url http://127.0.0.1:19002/
 
 # The routes, from a static push source (as in router.sh).
-python3 tests/bench/push_source.py 19090 2 &
+python3 benches/push_source.py 19090 2 &
 PIDS+=($!)
 
 ROWS=()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Proxy and propagation benchmarks for `signpost router`.
 #
-#   tests/bench/router.sh            # everything, about 3 minutes after the build
+#   benches/router.sh            # everything, about 3 minutes after the build
 #
 # Proxy: wrk on loopback against (a) one backend directly, (b) nginx with an
 # upstream block and keep-alive to the backends, (c) signpost router, with 2
@@ -16,12 +16,12 @@
 # own CPU time (user + system, from /proc) during the run divided by the
 # requests it served: what a request costs, whatever else loads the machine.
 #
-# Propagation: `cargo bench --bench propagation` (see tests/bench/propagation.rs).
+# Propagation: `cargo bench --bench propagation` (see benches/propagation.rs).
 #
 # Env: DURATION (default 10s), ROUNDS (3), THREADS (2), CONNECTIONS (64).
 set -euo pipefail
 
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
@@ -85,7 +85,7 @@ for p in "${BACKEND_PORTS[@]}"; do wait_http "http://127.0.0.1:$p/"; done
 
 # A static push source (push_source.py): one snapshot, pings, acks taken.
 push_source() { # port backends
-  python3 tests/bench/push_source.py "$1" "$2" &
+  python3 benches/push_source.py "$1" "$2" &
   PIDS+=($!)
 }
 
