@@ -414,3 +414,109 @@ async fn zero_failed_requests_with_the_controller_killed_during_each_scale_in() 
         failures.len()
     );
 }
+
+/// A controller restarted while AWS is away for longer than the router grace,
+/// during a scale-in the old controller never pushed (it was frozen first):
+/// the routers still route to the terminating instances, and keep acking
+/// the previous controller's revisions (they have requests in flight). The
+/// new controller must count none of those acks and must not start the
+/// grace before it serves routers; a CONTINUE before both routers have the
+/// draining revision of the new epoch fails requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_failed_requests_when_a_controller_restarts_while_aws_is_away_during_a_scale_in() {
+    let _alone = HEAVY.lock().await;
+    let group = "web-epoch";
+    let scene = Scene::start_with_health(PORT, group, &tags("web"), 2, LIFECYCLE, HEALTH).await;
+    let Scene {
+        emulator,
+        cloud,
+        backends,
+        controller,
+        ..
+    } = scene;
+    cloud
+        .put_hook(group, "signpost-launch", "launching", 600, "ABANDON")
+        .await;
+    cloud
+        .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
+        .await;
+    let routers = [
+        Router::start(&controller.url(""), "r1", &cache_file("epoch-r1"), &[]).await,
+        Router::start(&controller.url(""), "r2", &cache_file("epoch-r2"), &[]).await,
+    ];
+    let _followed = FollowedGroup::start(&cloud, group, backends);
+    cloud.set_desired(group, 6).await;
+    let six = wait_in_service(&cloud, group, 6, Duration::from_secs(30)).await;
+    controller.wait_endpoints("web", "healthy", &six).await;
+    for router in &routers {
+        controller.wait_in_sync(router).await;
+    }
+    // Quick requests, and slow ones that keep every router reporting (and
+    // so acking) every second.
+    let loads: Vec<Load> = routers
+        .iter()
+        .flat_map(|r| {
+            [
+                Load::start(format!("http://127.0.0.1:{}/", r.port), 50),
+                Load::start(format!("http://127.0.0.1:{}/slow/300", r.port), 10),
+            ]
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The old controller never sees the scale-in.
+    signal(controller.pid(), "-STOP");
+    cloud.set_desired(group, 2).await;
+    wait_one_in(&cloud, group, "Terminating:Wait").await;
+    emulator.pause();
+    let port = controller.port;
+    controller.kill().await;
+    let controller = Controller::start_at(&emulator, port, LIFECYCLE, HEALTH.0, HEALTH.1).await;
+    wait_for(
+        "both routers to subscribe to the new controller",
+        Duration::from_secs(20),
+        || async {
+            let (_, body) = controller.get("/v1/routers").await;
+            let connected = body["routers"]
+                .as_array()?
+                .iter()
+                .filter(|r| r["connected"] == true)
+                .count();
+            (connected == 2).then_some(())
+        },
+    )
+    .await;
+    // AWS stays away well past the router grace (3 s): the fault itself, not
+    // a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    emulator.resume();
+
+    let two = wait_in_service(&cloud, group, 2, Duration::from_secs(60)).await;
+    controller.wait_endpoints("web", "healthy", &two).await;
+    let mut sent = 0;
+    let mut failures = Vec::new();
+    for load in loads {
+        let (n, failed) = load.finish().await;
+        sent += n;
+        failures.extend(failed);
+    }
+    let rate = sent as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "{group}: {sent} requests at {rate:.0}/s, {} failed",
+        failures.len()
+    );
+    assert!(rate >= 50.0, "at least 50 requests/s: {rate:.0}/s");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:#?}",
+        failures.len()
+    );
+    let ignored = controller
+        .metric("signpost_acks_ignored_total{reason=\"other_epoch\"}")
+        .await;
+    assert!(
+        ignored >= Some(1.0),
+        "the routers did ack the previous controller's revisions: {ignored:?}"
+    );
+}
