@@ -296,3 +296,71 @@ fn bad_config_exits_non_zero_naming_the_key() {
     assert!(ok, "{out}");
     assert!(out.contains("resync_interval = \"10s\""), "{out}");
 }
+
+/// A `signpost:service` tag removed by mistake takes the group out of the
+/// listing without AWS saying a word about its instances: the mass-removal
+/// guard keeps the endpoints, says so, and applies the removal only once
+/// three listings agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_tag_removed_by_mistake_holds_the_removal_until_listings_agree() {
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        backends: _backends,
+        controller,
+        instances,
+    } = Scene::start(
+        PORT,
+        "users-a",
+        &users_tags(),
+        3,
+        "resync_interval = \"2s\"",
+    )
+    .await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&instances))
+        .await;
+    let tag = aws_sdk_autoscaling::types::Tag::builder()
+        .resource_id("users-a")
+        .resource_type("auto-scaling-group")
+        .key("signpost:service")
+        .build();
+    cloud
+        .autoscaling
+        .delete_tags()
+        .tags(tag)
+        .send()
+        .await
+        .unwrap();
+
+    let problem = wait_for(
+        "the removal to be held",
+        Duration::from_secs(20),
+        || async {
+            let (_, body) = controller.get("/v1/services/users").await;
+            let problem = body["problems"].as_array()?.first()?.clone();
+            let listed = body["endpoints"].as_array()?.len();
+            (listed == 3).then_some(problem)
+        },
+    )
+    .await;
+    let reason = problem["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("removal of 3 of 3 endpoints held"),
+        "{reason}"
+    );
+    assert_eq!(controller.metric("signpost_removals_held").await, Some(3.0));
+    let (_, ready) = controller.get("/readyz").await;
+    assert_eq!(ready["sync"]["held_removals"][0]["service"], "users");
+
+    wait_for(
+        "the removal to be applied once three listings agree",
+        Duration::from_secs(30),
+        || async {
+            let (status, _) = controller.get("/v1/services/users").await;
+            (status == 404).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(controller.metric("signpost_removals_held").await, Some(0.0));
+}

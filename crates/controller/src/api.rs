@@ -178,11 +178,22 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         "Endpoints by service and state.",
         &endpoints,
     );
+    let held: Vec<_> = sync.held_removals.iter().collect();
     family(
         "signpost_misconfigured_groups",
         "gauge",
         "Groups whose tags cannot be used.",
-        &one(snapshot.problems.len() as f64),
+        &one(snapshot
+            .problems
+            .keys()
+            .filter(|k| !crate::guard::is_guard_problem(k))
+            .count() as f64),
+    );
+    family(
+        "signpost_removals_held",
+        "gauge",
+        "Endpoints a complete listing would remove that the mass-removal guard holds (AWS has not said their instances are leaving).",
+        &one(held.iter().map(|h| h.instances.len()).sum::<usize>() as f64),
     );
 
     let ready = sync

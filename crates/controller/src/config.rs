@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::guard::GuardConfig;
 use crate::model::HookResult;
 
 #[derive(Debug, Error)]
@@ -50,6 +51,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub events: EventsConfig,
     pub lifecycle: LifecycleConfig,
+    pub removal_guard: GuardConfig,
 }
 
 /// Lifecycle hooks that signpost completes (see `lifecycle`).
@@ -186,6 +188,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             events: EventsConfig::default(),
             lifecycle: LifecycleConfig::default(),
+            removal_guard: GuardConfig::default(),
         }
     }
 }
@@ -296,6 +299,19 @@ impl Config {
                 "events.wait_time",
                 "must be whole seconds from 0s to 20s (the SQS limit)",
             ));
+        }
+        let guard = &self.removal_guard;
+        if !(guard.max_share >= 0.0 && guard.max_share < 1.0) {
+            return Err(invalid(
+                "removal_guard.max_share",
+                "must be a share from 0 to below 1 (0.5: more than half)",
+            ));
+        }
+        if guard.min_endpoints == 0 {
+            return Err(invalid("removal_guard.min_endpoints", "must be at least 1"));
+        }
+        if guard.listings == 0 {
+            return Err(invalid("removal_guard.listings", "must be at least 1"));
         }
         if self.events.queue_url.as_deref() == Some("") {
             return Err(invalid(

@@ -26,6 +26,7 @@ pub mod api;
 pub mod cloud;
 pub mod config;
 pub mod events;
+pub mod guard;
 pub mod health;
 pub mod lifecycle;
 pub mod metrics;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cloud::{AutoScaling, CallCount};
+use crate::guard::{HeldRemoval, RemovalGuard};
 use crate::model::{
     rfc3339, Change, Endpoint, EndpointState, Fleet, GroupProblem, InstanceId, ObservedGroup,
     ObservedInstance, ServiceSettings, Snapshot,
@@ -248,6 +249,8 @@ pub struct SyncStatus {
     pub calls_total: CallCount,
     pub syncs_total: u64,
     pub failures_total: BTreeMap<String, u64>,
+    /// Removals the mass-removal guard holds after the last listing.
+    pub held_removals: Vec<HeldRemoval>,
 }
 
 fn opt_rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -318,6 +321,8 @@ pub struct Reconciler<C> {
     pub resync_interval: Duration,
     /// Asks for a reconcile now (events, tests). Extra wake-ups are harmless.
     pub trigger: Arc<Notify>,
+    /// Holds suspicious mass removals (see `guard`). Only this loop uses it.
+    pub guard: std::sync::Mutex<RemovalGuard>,
 }
 
 impl<C: AutoScaling> Reconciler<C> {
@@ -349,7 +354,11 @@ impl<C: AutoScaling> Reconciler<C> {
         let started = Instant::now();
         match self.cloud.describe_fleet().await {
             Ok((fleet, calls)) => {
-                let changes = plan(&fleet, &self.registry.snapshot());
+                let current = self.registry.snapshot();
+                let mut guard = self.guard.lock().unwrap();
+                let changes = guard.filter(&fleet, &current, plan(&fleet, &current));
+                let held = guard.held();
+                drop(guard);
                 let now = SystemTime::now();
                 if let Some(revision) = self.registry.apply(&changes, now) {
                     info!(revision, changes = changes.len(), "registry updated");
@@ -373,6 +382,7 @@ impl<C: AutoScaling> Reconciler<C> {
                     s.syncs_total += 1;
                     s.groups = groups;
                     s.instances = instances;
+                    s.held_removals = held;
                 });
                 tracing::debug!(groups, instances, ?elapsed, ?calls, "resync complete");
                 Ok(())
@@ -714,6 +724,7 @@ mod tests {
             fleet: watch::Sender::new(Arc::default()),
             resync_interval: Duration::from_secs(30),
             trigger: Arc::new(Notify::new()),
+            guard: Default::default(),
         };
         reconciler.sync_once().await.unwrap();
         let before = reconciler.registry.snapshot();
@@ -733,10 +744,13 @@ mod tests {
         assert!(s.failing_since.is_some() && s.last_success.is_some());
 
         reconciler.cloud.set(Ok(Fleet::default()));
-        reconciler.sync_once().await.unwrap();
+        // Three agreeing listings: the mass-removal guard's default.
+        for _ in 0..3 {
+            reconciler.sync_once().await.unwrap();
+        }
         assert!(
             reconciler.registry.snapshot().services.is_empty(),
-            "a complete empty listing does remove"
+            "complete empty listings do remove"
         );
         assert!(status_rx.borrow().failing_since.is_none());
     }

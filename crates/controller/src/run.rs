@@ -19,6 +19,7 @@ use crate::api::{self, ApiState};
 use crate::cloud::{self, AwsFleet, Hints};
 use crate::config::Config;
 use crate::events::{EventCounts, EventQueue};
+use crate::guard::RemovalGuard;
 use crate::health::{HealthScheduler, NetProbe};
 use crate::lifecycle::{Lifecycle, LifecycleLog};
 use crate::push::hub::{Hub, PING_INTERVAL};
@@ -54,6 +55,7 @@ pub async fn run(
         fleet: fleet_tx,
         resync_interval: config.resync_interval,
         trigger: trigger.clone(),
+        guard: std::sync::Mutex::new(RemovalGuard::new(config.removal_guard.clone())),
     };
     let health = HealthScheduler::new(NetProbe::default(), registry.clone(), config.health.clone());
     let mut tasks = vec![
