@@ -330,6 +330,18 @@ async fn scale_in_drains_requests_in_flight_then_continues() {
     );
 }
 
+/// signpost's launch and terminate hooks on `group`, with long heartbeat
+/// timeouts: completing by timeout would take minutes, so every completion
+/// within a test's waits is signpost's.
+async fn hold_launches_and_terminations(cloud: &Cloud, group: &str) {
+    cloud
+        .put_hook(group, "signpost-launch", "launching", 600, "ABANDON")
+        .await;
+    cloud
+        .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
+        .await;
+}
+
 /// Cycles the group 2 → 6 → 2 `cycles` times under load through a router
 /// and returns (requests sent, failures). With `kill_during_scale_in`, the
 /// controller is SIGKILLed as the first instance of every scale-in starts to
@@ -348,14 +360,7 @@ async fn cycle_under_load(
         mut controller,
         ..
     } = scene;
-    // Long heartbeat timeouts: completing by timeout would take minutes, so
-    // every completion within the waits below is signpost's.
-    cloud
-        .put_hook(group, "signpost-launch", "launching", 600, "ABANDON")
-        .await;
-    cloud
-        .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
-        .await;
+    hold_launches_and_terminations(&cloud, group).await;
     let router = Router::start(&controller.url(""), "r1", &cache_file(group), &[]).await;
     router.wait_ready().await;
     controller.wait_in_sync(&router).await;
@@ -434,12 +439,7 @@ async fn zero_failed_requests_when_a_controller_restarts_while_aws_is_away_durin
         controller,
         ..
     } = scene;
-    cloud
-        .put_hook(group, "signpost-launch", "launching", 600, "ABANDON")
-        .await;
-    cloud
-        .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
-        .await;
+    hold_launches_and_terminations(&cloud, group).await;
     let routers = [
         Router::start(&controller.url(""), "r1", &cache_file("epoch-r1"), &[]).await,
         Router::start(&controller.url(""), "r2", &cache_file("epoch-r2"), &[]).await,
