@@ -67,6 +67,10 @@ impl HeadError {
 
 fn parsed(result: httparse::Result<usize>, len: usize) -> Result<Option<usize>, HeadError> {
     match result {
+        // The limit holds however the head arrived: one that completes in
+        // the read that takes it past `MAX_HEAD` is as large as one that
+        // does not.
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => Err(HeadError::TooLarge),
         Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
         Ok(httparse::Status::Partial) if len >= MAX_HEAD => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
@@ -820,6 +824,12 @@ mod tests {
         );
         let huge = format!("GET / HTTP/1.1\r\nX-Big: {}", "a".repeat(MAX_HEAD));
         assert_eq!(request(&huge).err(), Some(HeadError::TooLarge));
+        // Whole at once, yet over the limit.
+        let whole = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        assert_eq!(request(&whole).err(), Some(HeadError::TooLarge));
     }
 
     fn response(
