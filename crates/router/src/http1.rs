@@ -610,15 +610,9 @@ impl Chunk {
                     let Some(n) = framing_line(rest)? else {
                         return Ok(at);
                     };
-                    // At least one hex digit: httparse reads none as 0,
-                    // which would end the body early.
-                    if !rest[0].is_ascii_hexdigit() {
-                        return Err(BodyError::ChunkSize);
-                    }
-                    match httparse::parse_chunk_size(&rest[..n]) {
-                        Ok(httparse::Status::Complete((_, 0))) => *self = Chunk::Trailer,
-                        Ok(httparse::Status::Complete((_, size))) => *self = Chunk::Data(size),
-                        _ => return Err(BodyError::ChunkSize),
+                    match chunk_size(&rest[..n - 2])? {
+                        0 => *self = Chunk::Trailer,
+                        size => *self = Chunk::Data(size),
                     }
                     at += n;
                 }
@@ -654,6 +648,93 @@ impl Chunk {
             }
         }
     }
+}
+
+/// The size a chunk-size line (CRLF excluded) gives, if the line is what
+/// RFC 9112 §7.1.1 allows and nothing else:
+///
+/// ```text
+/// chunk-size [ chunk-ext ]    chunk-size = 1*HEXDIG
+/// chunk-ext  = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+/// chunk-ext-name = token      chunk-ext-val = token / quoted-string
+/// ```
+///
+/// The line passes on as it came, so whatever an endpoint might read
+/// otherwise (whitespace after the size with no extension, no digit at all,
+/// a quoted value left open) is refused rather than forwarded.
+pub fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(BodyError::ChunkSize);
+    }
+    let mut size: u64 = 0;
+    for &b in &line[..digits] {
+        let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(digit))
+            .ok_or(BodyError::ChunkSize)?;
+    }
+    let mut rest = &line[digits..];
+    while !rest.is_empty() {
+        rest = skip_bws(rest);
+        rest = rest.strip_prefix(b";").ok_or(BodyError::ChunkSize)?;
+        rest = skip_bws(rest);
+        let name = token_len(rest);
+        if name == 0 {
+            return Err(BodyError::ChunkSize);
+        }
+        rest = &rest[name..];
+        let after_name = skip_bws(rest);
+        if let Some(value) = after_name.strip_prefix(b"=") {
+            let value = skip_bws(value);
+            let len = match value.first() {
+                Some(b'"') => quoted_string_len(value).ok_or(BodyError::ChunkSize)?,
+                _ => token_len(value),
+            };
+            if len == 0 {
+                return Err(BodyError::ChunkSize);
+            }
+            rest = &value[len..];
+        }
+    }
+    Ok(size)
+}
+
+/// RFC 9110 §5.6.1: optional whitespace.
+fn skip_bws(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+    &s[n..]
+}
+
+/// RFC 9110 §5.6.2: `tchar`.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn token_len(s: &[u8]) -> usize {
+    s.iter().take_while(|b| is_tchar(**b)).count()
+}
+
+/// The length of the quoted-string (RFC 9110 §5.6.4) at the start of `s`,
+/// quotes included; `None` if it is not closed.
+fn quoted_string_len(s: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    while i < s.len() {
+        match s[i] {
+            b'"' => return Some(i + 1),
+            b'\\' => {
+                let escaped = *s.get(i + 1)?;
+                if escaped.is_ascii_control() && escaped != b'\t' {
+                    return None;
+                }
+                i += 2;
+            }
+            b if b.is_ascii_control() && b != b'\t' => return None,
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// The length, CRLF included, of the framing line (chunk size or trailer
@@ -999,6 +1080,44 @@ mod tests {
             framing("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 007\r\n\r\n"),
             Ok(Framing::Length(7))
         );
+    }
+
+    #[test]
+    fn a_chunk_size_line_is_what_rfc_9112_allows_and_nothing_else() {
+        for (line, size) in [
+            ("5", 5),
+            ("00ff", 255),
+            ("5;a", 5),
+            ("5 ; a = b", 5),
+            ("5;a=\"x;\\\"y\";b;c=d", 5),
+            ("ffffffffffffffff", u64::MAX),
+        ] {
+            assert_eq!(chunk_size(line.as_bytes()), Ok(size), "{line:?}");
+        }
+        for line in [
+            "",
+            "5 ",
+            "5\t",
+            " 5",
+            "x",
+            "5;",
+            "5;a=",
+            "5;a=\"b",
+            "5;a b",
+            "5;=b",
+            "5;a=b c",
+            "5;a=\"b\"c",
+            "5 a",
+            "10000000000000000",
+            "0x5",
+            "+5",
+        ] {
+            assert_eq!(
+                chunk_size(line.as_bytes()),
+                Err(BodyError::ChunkSize),
+                "{line:?}"
+            );
+        }
     }
 
     #[test]

@@ -1979,3 +1979,48 @@ async fn a_response_head_over_64_kib_gets_a_bad_gateway_when_it_ends_in_a_later_
     assert_eq!(response.status(), 502, "{}", response.head.raw);
     client.get_echo("/after").await;
 }
+
+/// Sends a chunked POST to `target` with `body` in one write and returns
+/// the status the client got.
+async fn post_chunked(router: &Router, target: &str, body: &str) -> u16 {
+    let mut client = Client::connect(router).await;
+    client
+        .send(format!(
+            "POST {target} HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        ))
+        .await;
+    client.response("POST").await.status()
+}
+
+#[tokio::test]
+async fn chunk_size_lines_outside_the_grammar_are_refused_not_forwarded() {
+    let backend = backend(echo).await;
+    let router = router(&[backend.addr]).await;
+    for (target, body) in [
+        // Whitespace after the size, with no extension after it.
+        ("/size-space", "5 \r\nhello\r\n0\r\n\r\n"),
+        ("/size-tab", "5\t\r\nhello\r\n0\r\n\r\n"),
+        // A quoted extension value left open: a reader that lets a quoted
+        // string run past the line end frames the rest otherwise.
+        ("/open-quote", "5;a=\"b\r\nhello\r\n0\r\n\r\n"),
+        ("/no-name", "5;\r\nhello\r\n0\r\n\r\n"),
+        ("/no-value", "5;a=\r\nhello\r\n0\r\n\r\n"),
+    ] {
+        let status = post_chunked(&router, target, body).await;
+        assert_eq!(status, 400, "{body:?}");
+        assert!(
+            backend.seen.requests_for(target).is_empty(),
+            "{body:?} reached the backend"
+        );
+    }
+    // What the grammar allows goes through: whitespace around `;` and `=`,
+    // and a quoted value holding `;` and an escaped quote.
+    let status = post_chunked(
+        &router,
+        "/ext",
+        "5 ; a = \"x;\\\"y\" ;b\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(backend.seen.requests_for("/ext")[0].body, b"hello");
+}
