@@ -523,6 +523,8 @@ pub enum BodyError {
     LineTooLong,
     #[error("chunk size or trailer line not ended by CRLF, or holding a control character")]
     LineEnd,
+    #[error("trailer line that is not a field line")]
+    TrailerField,
 }
 
 /// Where a body being passed on stands.
@@ -640,10 +642,12 @@ impl Chunk {
                     let Some(n) = framing_line(rest)? else {
                         return Ok(at);
                     };
-                    at += n;
                     if n == 2 {
                         *self = Chunk::Done;
+                    } else if !is_field_line(&rest[..n - 2]) {
+                        return Err(BodyError::TrailerField);
                     }
+                    at += n;
                 }
             }
         }
@@ -699,6 +703,17 @@ pub fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
         }
     }
     Ok(size)
+}
+
+/// Whether a trailer line (CRLF excluded) is a field line, `field-name ":"
+/// OWS field-value OWS` (RFC 9112 §5, §7.1.2). Anything else in a trailer
+/// section (a request line, a status line, a name with whitespace before
+/// its colon) is a message riding in a body for whoever reads trailers
+/// more loosely; control characters are already refused by
+/// `framing_line`.
+pub fn is_field_line(line: &[u8]) -> bool {
+    let name = token_len(line);
+    name > 0 && line.get(name) == Some(&b':')
 }
 
 /// RFC 9110 §5.6.1: optional whitespace.
@@ -1116,6 +1131,25 @@ mod tests {
                 chunk_size(line.as_bytes()),
                 Err(BodyError::ChunkSize),
                 "{line:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_trailer_line_must_be_a_field_line() {
+        let ok = b"0\r\nX-Sum: 1\r\nEmpty:\r\n\r\n";
+        assert_eq!(pass(ok, 3, false).map(|(_, n)| n), Ok(ok.len()));
+        for bad in [
+            "0\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+            "0\r\nHTTP/1.1 200 OK\r\n\r\n",
+            "0\r\nX-Sum : 1\r\n\r\n",
+            "0\r\n: 1\r\n\r\n",
+            "0\r\n no-colon\r\n\r\n",
+        ] {
+            assert_eq!(
+                pass(bad.as_bytes(), 100, false),
+                Err(BodyError::TrailerField),
+                "{bad:?}"
             );
         }
     }

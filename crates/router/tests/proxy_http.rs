@@ -2024,3 +2024,62 @@ async fn chunk_size_lines_outside_the_grammar_are_refused_not_forwarded() {
     assert_eq!(status, 200);
     assert_eq!(backend.seen.requests_for("/ext")[0].body, b"hello");
 }
+
+#[tokio::test]
+async fn a_request_line_in_a_request_trailer_is_refused_not_forwarded() {
+    let backend = backend(echo).await;
+    let router = router(&[backend.addr]).await;
+    for (target, trailer) in [
+        ("/request-line", "GET /smuggled HTTP/1.1\r\nHost: app\r\n"),
+        ("/space-before-colon", "X-Sum : 1\r\n"),
+    ] {
+        let body = format!("5\r\nhello\r\n0\r\n{trailer}\r\n");
+        let status = post_chunked(&router, target, &body).await;
+        assert_eq!(status, 400, "{trailer:?}");
+        assert!(
+            backend.seen.requests_for(target).is_empty(),
+            "{trailer:?} reached the backend"
+        );
+    }
+    // A field line is a trailer and passes.
+    let status = post_chunked(&router, "/trailer", "5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n").await;
+    assert_eq!(status, 200);
+    assert_eq!(backend.seen.requests_for("/trailer")[0].body, b"hello");
+}
+
+#[tokio::test]
+async fn a_status_line_in_a_response_trailer_never_reaches_the_client() {
+    let backend = backend(|mut conn: Conn| async move {
+        while let Some(request) = conn.request().await? {
+            let trailer = match request.target() {
+                "/split" => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n",
+                _ => "X-Sum: 1\r\n",
+            };
+            conn.send(format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n{trailer}\r\n"
+            ))
+            .await?;
+        }
+        Ok(())
+    })
+    .await;
+    let router = router(&[backend.addr]).await;
+    let mut client = Client::connect(&router).await;
+    client.send("GET /fine HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    let response = client.response("GET").await;
+    assert_eq!(response.body, b"ok");
+    client
+        .send("GET /split HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await;
+    // The router cannot take back what it has sent: the client gets the
+    // response cut short (or nothing), and no status line in a trailer.
+    let rest = timeout(DEADLINE, client.wire.rest())
+        .await
+        .expect("the router closes the connection")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        !rest.contains("HTTP/1.1 200 OK\r\nContent-Length: 4"),
+        "the trailer's status line reached the client: {rest:?}"
+    );
+}
