@@ -91,6 +91,11 @@ struct Known {
     forwarded_for: u128,
     length: Option<u64>,
     bad_length: bool,
+    /// `Content-Length` fields.
+    length_fields: u128,
+    /// Whether the length came as one field of the plain decimal number;
+    /// otherwise it is passed on as one (RFC 9110 §8.6).
+    length_plain: bool,
     /// `Transfer-Encoding` fields.
     coding: u128,
     /// `Host` fields.
@@ -139,6 +144,7 @@ impl Known {
                     known.host_fields |= bit(i);
                 }
                 14 if is("content-length") => {
+                    known.length_fields |= bit(i);
                     for element in elements(field.value) {
                         let n = std::str::from_utf8(element)
                             .ok()
@@ -168,6 +174,13 @@ impl Known {
                 _ => {}
             }
         }
+        if let Some(n) = known.length {
+            known.length_plain = known.length_fields.count_ones() == 1
+                && fields.iter().enumerate().any(|(i, f)| {
+                    known.length_fields & bit(i) != 0
+                        && f.value == itoa::Buffer::new().format(n).as_bytes()
+                })
+        }
         // `Connection: x-session` makes `X-Session` hop-by-hop too (RFC 9110
         // §7.6.1); rare, so only then a second pass.
         if names_others {
@@ -194,6 +207,27 @@ impl Known {
             }
         }
         known
+    }
+}
+
+impl Known {
+    /// A length that came as a list (`5, 5`), in several fields or with
+    /// leading zeros is passed on as one field of its number, so that no
+    /// reader downstream can make another length of it (RFC 9110 §8.6:
+    /// reject, or replace with one value). Its fields are dropped, and the
+    /// number returned for `write_length`.
+    fn replace_length(&mut self) -> Option<u64> {
+        let n = self.length.filter(|_| !self.length_plain)?;
+        self.drop |= self.length_fields;
+        Some(n)
+    }
+}
+
+fn write_length(out: &mut Vec<u8>, length: Option<u64>) {
+    if let Some(n) = length {
+        out.extend_from_slice(b"Content-Length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -228,6 +262,8 @@ pub struct Request<'h, 'b> {
     pub keep_alive: bool,
     fields: &'h [httparse::Header<'b>],
     known: Known,
+    /// The one `Content-Length` written in place of those received.
+    length: Option<u64>,
 }
 
 /// Parses the request head at the start of `buf`: `None` until it is
@@ -244,7 +280,7 @@ pub fn parse_request<'h, 'b>(
         return Err(HeadError::Malformed(httparse::Error::Token));
     };
     let fields: &'h [httparse::Header<'b>] = req.headers;
-    let known = Known::of(fields);
+    let mut known = Known::of(fields);
     let (authority, target) = origin_form(target).ok_or(HeadError::BadTarget)?;
     // `http://host?q` has the path `/` and the query `?q`.
     let slash = !target.starts_with('/');
@@ -272,6 +308,7 @@ pub fn parse_request<'h, 'b>(
     } else {
         !known.close
     };
+    let length = known.replace_length();
     Ok(Some(Request {
         method,
         target,
@@ -284,6 +321,7 @@ pub fn parse_request<'h, 'b>(
         keep_alive,
         fields,
         known,
+        length,
     }))
 }
 
@@ -340,6 +378,7 @@ impl Request<'_, '_> {
             }
             None => write_fields(out, self.fields, self.known.drop),
         }
+        write_length(out, self.length);
         out.extend_from_slice(b"X-Forwarded-For: ");
         for (i, field) in self.fields.iter().enumerate() {
             if self.known.forwarded_for & bit(i) != 0 {
@@ -389,6 +428,8 @@ pub struct Response<'h, 'b> {
     pub keep_alive: bool,
     fields: &'h [httparse::Header<'b>],
     known: Known,
+    /// The one `Content-Length` written in place of those received.
+    length: Option<u64>,
 }
 
 /// Parses the response head at the start of `buf`: `None` until it is
@@ -445,6 +486,11 @@ pub fn parse_response<'h, 'b>(
             }
         }
     }
+    let length = if known.coding != 0 {
+        None
+    } else {
+        known.replace_length()
+    };
     // Not ours to rewrite in a response: an `X-Forwarded-For` goes through.
     known.drop &= !known.forwarded_for;
     Ok(Some(Response {
@@ -455,6 +501,7 @@ pub fn parse_response<'h, 'b>(
         keep_alive,
         fields,
         known,
+        length,
     }))
 }
 
@@ -485,6 +532,7 @@ impl Response<'_, '_> {
         out.extend_from_slice(self.reason.as_bytes());
         out.extend_from_slice(b"\r\n");
         write_fields(out, self.fields, self.known.drop);
+        write_length(out, self.length);
         if self.is_interim() {
             out.extend_from_slice(b"\r\n");
             return Delivery {
@@ -873,10 +921,14 @@ mod tests {
             framing("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n"),
             Ok(Framing::Length(12))
         );
-        assert_eq!(
-            framing("POST / HTTP/1.1\r\nContent-Length: 12, 12\r\nContent-Length: 12\r\n\r\n"),
-            Ok(Framing::Length(12))
-        );
+        let (framing_, _, _, head) = request(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12, 12\r\nContent-Length: 12\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(framing_, Framing::Length(12));
+        assert_eq!(head.matches("Content-Length").count(), 1, "{head}");
+        assert!(head.contains("\r\nContent-Length: 12\r\n"), "{head}");
         assert_eq!(
             framing("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Ok(Framing::Chunked)

@@ -2083,3 +2083,51 @@ async fn a_status_line_in_a_response_trailer_never_reaches_the_client() {
         "the trailer's status line reached the client: {rest:?}"
     );
 }
+
+#[tokio::test]
+async fn a_length_sent_as_a_list_or_twice_goes_on_as_one_value_both_ways() {
+    let lengths = [
+        ("/list", "Content-Length: 5, 5\r\n"),
+        ("/twice", "Content-Length: 5\r\nContent-Length: 5\r\n"),
+        ("/both", "Content-Length: 5,5\r\ncontent-length: 5\r\n"),
+        ("/zeros", "Content-Length: 005\r\n"),
+    ];
+    let backend = backend(move |mut conn: Conn| async move {
+        while let Some(request) = conn.request().await? {
+            let (_, length) = lengths
+                .iter()
+                .find(|(target, _)| *target == request.target())
+                .copied()
+                .unwrap_or(("", "Content-Length: 5\r\n"));
+            conn.send(format!("HTTP/1.1 200 OK\r\n{length}\r\nhello"))
+                .await?;
+        }
+        Ok(())
+    })
+    .await;
+    let router = router(&[backend.addr]).await;
+    let mut client = Client::connect(&router).await;
+    for (target, length) in lengths {
+        client
+            .send(format!(
+                "POST {target} HTTP/1.1\r\nHost: app\r\n{length}\r\nhello"
+            ))
+            .await;
+        let response = client.response("POST").await;
+        assert_eq!(response.status(), 200, "{}", response.head.raw);
+        assert_eq!(response.body, b"hello");
+        assert_eq!(
+            response.head.all("content-length"),
+            ["5"],
+            "the client got {length:?} as:\n{}",
+            response.head.raw
+        );
+        let sent = &backend.seen.requests_for(target)[0];
+        assert_eq!(
+            sent.head.all("content-length"),
+            ["5"],
+            "the backend got {length:?} as:\n{}",
+            sent.head.raw
+        );
+    }
+}
