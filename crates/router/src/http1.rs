@@ -455,7 +455,8 @@ pub fn parse_response<'h, 'b>(
     let reason = res.reason.unwrap_or("");
     let fields: &'h [httparse::Header<'b>] = res.headers;
     let mut known = Known::of(fields);
-    let framing = if to_head || (100..200).contains(&status) || status == 204 || status == 304 {
+    let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
+    let framing = if to_head || bodiless {
         Framing::Empty
     } else if known.coding != 0 {
         if known.chunked {
@@ -486,7 +487,19 @@ pub fn parse_response<'h, 'b>(
             }
         }
     }
-    let length = if known.coding != 0 {
+    let length = if bodiless {
+        // No body, so nothing for them to frame, and a client that reads
+        // them anyway would wait for one: a 1xx or 204 MUST NOT carry
+        // either (RFC 9110 §8.6, RFC 9112 §6.1), and a 304's would only
+        // repeat the 200's, which a client never needs.
+        known.drop |= known.length_fields | known.coding;
+        known.coding = 0;
+        None
+    } else if known.bad_length {
+        // Answers a HEAD, so frames nothing; conflicting, so it goes.
+        known.drop |= known.length_fields;
+        None
+    } else if known.coding != 0 {
         None
     } else {
         known.replace_length()
@@ -1247,6 +1260,25 @@ mod tests {
                 assert!(head.starts_with("GET /?x=1 HTTP/1.1\r\n"), "{head}");
             }
         }
+    }
+
+    #[test]
+    fn a_head_answer_loses_conflicting_lengths_and_keeps_a_plain_one() {
+        let (framing, _, _, head) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            true,
+            1,
+            true,
+        );
+        assert_eq!(framing, Framing::Empty);
+        assert!(!head.contains("Content-Length"), "{head}");
+        let (_, _, _, head) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            true,
+            1,
+            true,
+        );
+        assert!(head.contains("\r\nContent-Length: 5\r\n"), "{head}");
     }
 
     #[test]

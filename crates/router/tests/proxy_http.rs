@@ -2131,3 +2131,49 @@ async fn a_length_sent_as_a_list_or_twice_goes_on_as_one_value_both_ways() {
         );
     }
 }
+
+#[tokio::test]
+async fn no_content_and_not_modified_reach_the_client_without_length_or_coding() {
+    let answers = [
+        (
+            "/204-length",
+            "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+        ),
+        (
+            "/204-chunked",
+            "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ),
+        (
+            "/304-length",
+            "HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 5\r\n\r\n",
+        ),
+        (
+            "/304-chunked",
+            "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ),
+    ];
+    let backend = backend(move |mut conn: Conn| async move {
+        while let Some(request) = conn.request().await? {
+            match answers.iter().find(|(t, _)| *t == request.target()) {
+                Some((_, answer)) => conn.send(answer).await?,
+                None => conn.send(ok(request.target().as_bytes())).await?,
+            }
+        }
+        Ok(())
+    })
+    .await;
+    let router = router(&[backend.addr]).await;
+    let mut client = Client::connect(&router).await;
+    for (target, answer) in answers {
+        client
+            .send(format!("GET {target} HTTP/1.1\r\nHost: app\r\n\r\n"))
+            .await;
+        let response = client.response("GET").await;
+        assert!(
+            !response.head.has("content-length") && !response.head.has("transfer-encoding"),
+            "{answer:?} reached the client as:\n{}",
+            response.head.raw
+        );
+        client.get_echo(&format!("/after{target}")).await;
+    }
+}
