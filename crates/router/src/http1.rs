@@ -53,6 +53,10 @@ pub enum HeadError {
     BadTarget,
     #[error("more than one Host")]
     TwoHosts,
+    #[error("HTTP/1.1 request without Host")]
+    NoHost,
+    #[error("Host is not one host[:port]")]
+    BadHost,
 }
 
 impl HeadError {
@@ -288,8 +292,23 @@ pub fn parse_request<'h, 'b>(
         Some(path) if !slash => path,
         _ => "/",
     };
-    if known.host_fields.count_ones() > 1 {
-        return Err(HeadError::TwoHosts);
+    // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request
+    // without Host, with several, or with one that is not a host; the
+    // endpoint behind the router would otherwise pick a host of its own.
+    match known.host_fields.count_ones() {
+        0 if minor == 1 => return Err(HeadError::NoHost),
+        0 => {}
+        1 => {
+            let host = fields
+                .iter()
+                .enumerate()
+                .find(|(i, _)| known.host_fields & bit(*i) != 0)
+                .map(|(_, f)| f.value);
+            if !host.is_some_and(is_host) {
+                return Err(HeadError::BadHost);
+            }
+        }
+        _ => return Err(HeadError::TwoHosts),
     }
     if known.bad_length {
         return Err(HeadError::BadLength);
@@ -343,11 +362,56 @@ fn origin_form(target: &str) -> Option<(Option<&str>, &str)> {
     let rest = &target[scheme_len..];
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..end];
-    // userinfo@host is deprecated and never meant for the endpoint.
-    if authority.is_empty() || authority.contains('@') {
+    // userinfo@host is deprecated and never meant for the endpoint; and
+    // the authority becomes the endpoint's `Host`.
+    if authority.is_empty() || !is_host(authority.as_bytes()) {
         return None;
     }
     Some((Some(authority), &rest[end..]))
+}
+
+/// Whether a `Host` value is `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC
+/// 3986 §3.2.2), or empty, as a target without authority has it. A comma
+/// is refused too, though a reg-name may hold one: `Host` is a singleton,
+/// and a reader that splits lists would see two.
+pub fn is_host(value: &[u8]) -> bool {
+    let is_sub_delim = |b: u8| b"!$&'()*+;=".contains(&b);
+    let is_unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+    let (host, port) = if let Some(literal) = value.strip_prefix(b"[") {
+        let Some(end) = literal.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let inside = &literal[..end];
+        if inside.is_empty()
+            || !inside
+                .iter()
+                .all(|b| is_unreserved(*b) || is_sub_delim(*b) || *b == b':')
+        {
+            return false;
+        }
+        (&[][..], &literal[end + 1..])
+    } else {
+        let end = value.iter().position(|b| *b == b':').unwrap_or(value.len());
+        (&value[..end], &value[end..])
+    };
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'%' if host
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+            {
+                i += 3
+            }
+            b if is_unreserved(b) || is_sub_delim(b) => i += 1,
+            _ => return false,
+        }
+    }
+    match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
 }
 
 impl Request<'_, '_> {
@@ -921,7 +985,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(keep);
-        let (_, keep, _, _) = request("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        let (_, keep, _, _) = request("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             .unwrap()
             .unwrap();
         assert!(!keep);
@@ -931,7 +995,7 @@ mod tests {
     fn request_framing_follows_rfc_9112_and_refuses_ambiguity() {
         let framing = |raw: &str| request(raw).map(|r| r.unwrap().0);
         assert_eq!(
-            framing("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n"),
+            framing("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n"),
             Ok(Framing::Length(12))
         );
         let (framing_, _, _, head) = request(
@@ -943,22 +1007,22 @@ mod tests {
         assert_eq!(head.matches("Content-Length").count(), 1, "{head}");
         assert!(head.contains("\r\nContent-Length: 12\r\n"), "{head}");
         assert_eq!(
-            framing("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            framing("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Ok(Framing::Chunked)
         );
         for bad in [
-            "POST / HTTP/1.1\r\nContent-Length: 12\r\nContent-Length: 13\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: +12\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nContent-Length: 13\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +12\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n",
         ] {
             assert_eq!(framing(bad), Err(HeadError::BadLength), "{bad}");
         }
         assert_eq!(
-            framing("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            framing("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Err(HeadError::LengthAndCoding)
         );
         assert_eq!(
-            framing("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
+            framing("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
             Err(HeadError::BadCoding)
         );
         assert_eq!(
@@ -968,6 +1032,39 @@ mod tests {
         assert_eq!(
             framing("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
             Err(HeadError::TwoHosts)
+        );
+        assert_eq!(framing("GET / HTTP/1.1\r\n\r\n"), Err(HeadError::NoHost));
+        assert_eq!(
+            framing("GET http://app/ HTTP/1.1\r\n\r\n"),
+            Err(HeadError::NoHost)
+        );
+        for bad in [
+            "a, b", "a,b", "a b", "a:80x", "a:80:81", "[::1", "a/b", "a@b", "%zz",
+        ] {
+            assert_eq!(
+                framing(&format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n")),
+                Err(HeadError::BadHost),
+                "{bad}"
+            );
+        }
+        for good in [
+            "",
+            "a",
+            "a.example:8080",
+            "10.0.0.1:80",
+            "[::1]:80",
+            "a%2Db",
+            "a:",
+        ] {
+            assert_eq!(
+                framing(&format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n")),
+                Ok(Framing::Empty),
+                "{good}"
+            );
+        }
+        assert_eq!(
+            framing("GET http://a,b/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Err(HeadError::BadTarget)
         );
         assert_eq!(
             framing("GET foo HTTP/1.1\r\n\r\n"),

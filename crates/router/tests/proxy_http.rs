@@ -2177,3 +2177,36 @@ async fn no_content_and_not_modified_reach_the_client_without_length_or_coding()
         client.get_echo(&format!("/after{target}")).await;
     }
 }
+
+#[tokio::test]
+async fn an_http_1_1_request_without_one_valid_host_gets_a_bad_request() {
+    let backend = backend(echo).await;
+    let router = router(&[backend.addr]).await;
+    for (target, hosts) in [
+        ("/no-host", ""),
+        ("/list", "Host: app, other\r\n"),
+        ("/space", "Host: app other\r\n"),
+        ("/path", "Host: app/x\r\n"),
+        ("/port", "Host: app:80x\r\n"),
+        ("/two", "Host: app\r\nHost: other\r\n"),
+    ] {
+        let mut client = Client::connect(&router).await;
+        client
+            .send(format!("GET {target} HTTP/1.1\r\n{hosts}\r\n"))
+            .await;
+        let response = client.response("GET").await;
+        assert_eq!(response.status(), 400, "{hosts:?}: {}", response.head.raw);
+        client.wire.closed().await;
+        assert!(
+            backend.seen.requests_for(target).is_empty(),
+            "{hosts:?} reached the backend"
+        );
+    }
+    // HTTP/1.0 has no Host to require: the endpoint's own goes on.
+    let mut client = Client::connect(&router).await;
+    client.send("GET /old HTTP/1.0\r\n\r\n").await;
+    let response = client.response("GET").await;
+    assert_eq!(response.status(), 200, "{}", response.head.raw);
+    let sent = &backend.seen.requests_for("/old")[0].head;
+    assert_eq!(sent.all("host"), [backend.addr.to_string()], "{}", sent.raw);
+}
