@@ -2210,3 +2210,39 @@ async fn an_http_1_1_request_without_one_valid_host_gets_a_bad_request() {
     let sent = &backend.seen.requests_for("/old")[0].head;
     assert_eq!(sent.all("host"), [backend.addr.to_string()], "{}", sent.raw);
 }
+
+#[tokio::test]
+async fn a_request_body_malformed_after_the_response_began_closes_rather_than_answers() {
+    // Starts its answer once the head is in, then reads the body.
+    let backend = backend(|mut conn: Conn| async move {
+        while let Some(mut request) = conn.head().await? {
+            conn.send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+                .await?;
+            conn.body(&mut request).await?;
+            conn.send("world").await?;
+        }
+        Ok(())
+    })
+    .await;
+    let router = router(&[backend.addr]).await;
+    let mut client = Client::connect(&router).await;
+    client
+        .send("POST /c HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await;
+    let head = timeout(DEADLINE, client.wire.head())
+        .await
+        .expect("the response head")
+        .unwrap()
+        .expect("a head");
+    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    client.send("zz\r\n").await;
+    let rest = timeout(DEADLINE, client.wire.rest())
+        .await
+        .expect("the router closes the connection")
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        "hello",
+        "the client got more than the response it had begun (a 400 inside it?)"
+    );
+}
