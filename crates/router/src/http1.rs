@@ -47,7 +47,7 @@ pub enum HeadError {
     BadLength,
     #[error("both Content-Length and Transfer-Encoding")]
     LengthAndCoding,
-    #[error("Transfer-Encoding whose last coding is not chunked, or in an HTTP/1.0 request")]
+    #[error("Transfer-Encoding whose last coding is not chunked, that names chunked twice, or in an HTTP/1.0 request")]
     BadCoding,
     #[error("request target is neither a path nor an absolute http URL")]
     BadTarget,
@@ -106,6 +106,9 @@ struct Known {
     host_fields: u128,
     /// Whether the last transfer coding named is `chunked`.
     chunked: bool,
+    /// How often `chunked` is named: more than once is invalid (RFC 9112
+    /// §6.1), and a reader that decodes it twice frames the body otherwise.
+    chunked_count: u32,
 }
 
 fn bit(i: usize) -> u128 {
@@ -166,8 +169,9 @@ impl Known {
                 }
                 17 if is("transfer-encoding") => {
                     known.coding |= bit(i);
-                    if let Some(last) = elements(field.value).last() {
-                        known.chunked = last.eq_ignore_ascii_case(b"chunked");
+                    for coding in elements(field.value) {
+                        known.chunked = coding.eq_ignore_ascii_case(b"chunked");
+                        known.chunked_count += u32::from(known.chunked);
                     }
                 }
                 15 if is("x-forwarded-for") => {
@@ -317,7 +321,7 @@ pub fn parse_request<'h, 'b>(
     // refused rather than resolved (RFC 9112 §6.1 allows either).
     let framing = match (known.coding != 0, known.length) {
         (true, Some(_)) => return Err(HeadError::LengthAndCoding),
-        (true, None) if known.chunked && minor == 1 => Framing::Chunked,
+        (true, None) if known.chunked && known.chunked_count == 1 && minor == 1 => Framing::Chunked,
         (true, None) => return Err(HeadError::BadCoding),
         (false, Some(0) | None) => Framing::Empty,
         (false, Some(n)) => Framing::Length(n),
@@ -523,7 +527,9 @@ pub fn parse_response<'h, 'b>(
     let framing = if to_head || bodiless {
         Framing::Empty
     } else if known.coding != 0 {
-        if known.chunked {
+        if known.chunked_count > 1 {
+            return Err(HeadError::BadCoding);
+        } else if known.chunked {
             Framing::Chunked
         } else {
             Framing::UntilClose
@@ -1029,6 +1035,23 @@ mod tests {
             framing("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Err(HeadError::BadCoding)
         );
+        // Found by the fuzz check (seed-req-chunked-twice): forwarded, a
+        // reader that decodes twice frames the body otherwise.
+        for twice in [
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            assert_eq!(
+                framing(&format!("POST / HTTP/1.1\r\nHost: a\r\n{twice}\r\n")),
+                Err(HeadError::BadCoding)
+            );
+            let mut f = fields();
+            let head = format!("HTTP/1.1 200 OK\r\n{twice}\r\n");
+            assert!(matches!(
+                parse_response(head.as_bytes(), &mut f, false),
+                Err(HeadError::BadCoding)
+            ));
+        }
         assert_eq!(
             framing("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
             Err(HeadError::TwoHosts)
