@@ -520,6 +520,13 @@ pub fn parse_response<'h, 'b>(
     let (Some(status), Some(minor)) = (res.code, res.version) else {
         return Err(HeadError::Malformed(httparse::Error::Status));
     };
+    // httparse takes any three digits; the status line the client gets is
+    // written from the number, and `000` would go out as `0`, which no
+    // client parses (RFC 9110 §15: classes 1xx to 5xx, read as x00 past
+    // that). Found by the fuzz check.
+    if status < 100 {
+        return Err(HeadError::Malformed(httparse::Error::Status));
+    }
     let reason = res.reason.unwrap_or("");
     let fields: &'h [httparse::Header<'b>] = res.headers;
     let mut known = Known::of(fields);
@@ -1212,6 +1219,17 @@ mod tests {
         assert!(!keep);
         let mut f = fields();
         assert!(parse_response(b"NOT HTTP\r\n\r\n", &mut f, false).is_err());
+        for low in ["000", "099", "007"] {
+            let head = format!("HTTP/1.1 {low} OK\r\n\r\n");
+            let mut f = fields();
+            assert!(
+                matches!(
+                    parse_response(head.as_bytes(), &mut f, false),
+                    Err(HeadError::Malformed(_))
+                ),
+                "{low}"
+            );
+        }
     }
 
     /// Feeds `wire` in pieces of `step` bytes, as reads would deliver it.
