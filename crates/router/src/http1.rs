@@ -1383,21 +1383,21 @@ mod tests {
             true,
         );
         assert_eq!(framing, Framing::Length(2));
-        assert!(
-            head.contains("Content-Length: 2\r\n") || delivery.close,
-            "{head}"
-        );
+        // The length goes on (the framing fields are never hop-by-hop), so
+        // the client's connection can stay.
+        assert!(head.contains("\r\nContent-Length: 2\r\n"), "{head}");
+        assert!(!delivery.close, "{head}");
     }
 
     #[test]
     fn an_absolute_form_target_without_a_path_keeps_its_query() {
-        match request("GET http://app?x=1 HTTP/1.1\r\nHost: app\r\n\r\n") {
-            Err(e) => assert_eq!(e, HeadError::BadTarget),
-            Ok(r) => {
-                let (_, _, _, head) = r.unwrap();
-                assert!(head.starts_with("GET /?x=1 HTTP/1.1\r\n"), "{head}");
-            }
-        }
+        // `http://app?x=1` is a valid absolute-form (RFC 9112 §3.2.2: an
+        // empty path is sent as `/`), so it goes on rather than being refused.
+        let (_, _, path, head) = request("GET http://app?x=1 HTTP/1.1\r\nHost: app\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(path, "/");
+        assert!(head.starts_with("GET /?x=1 HTTP/1.1\r\n"), "{head}");
     }
 
     #[test]
@@ -1417,6 +1417,35 @@ mod tests {
             true,
         );
         assert!(head.contains("\r\nContent-Length: 5\r\n"), "{head}");
+    }
+
+    #[test]
+    fn heads_a_proxy_must_not_pass_on_as_they_came_are_refused() {
+        // RFC 9112 §5.1, §5.2, §2.2: whitespace before a colon, obs-fold,
+        // whitespace before the first field; RFC 9112 §6.3 item 5: an
+        // invalid length in a response is a 502.
+        for head in [
+            "HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: 1\r\n Content-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n Content-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: a\rb\r\n\r\n",
+        ] {
+            let mut f = fields();
+            assert!(
+                parse_response(head.as_bytes(), &mut f, false).is_err(),
+                "{head:?}"
+            );
+        }
+        for head in [
+            "GET / HTTP/1.1\r\n Host: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-A: a\rb\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-A: a\0b\r\n\r\n",
+        ] {
+            assert!(request(head).is_err(), "{head:?}");
+        }
     }
 
     #[test]
