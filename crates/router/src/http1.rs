@@ -356,9 +356,15 @@ fn origin_form(target: &str) -> Option<(Option<&str>, &str)> {
     if target.starts_with('/') {
         return Some((None, target));
     }
-    let scheme_len = if target.len() > 7 && target[..7].eq_ignore_ascii_case("http://") {
+    // Bytes, not `str` slices: httparse lets non-ASCII bytes into a target,
+    // and slicing one inside a character panicked (found by the fuzzer).
+    let has_scheme = |scheme: &[u8]| {
+        target.len() > scheme.len()
+            && target.as_bytes()[..scheme.len()].eq_ignore_ascii_case(scheme)
+    };
+    let scheme_len = if has_scheme(b"http://") {
         7
-    } else if target.len() > 8 && target[..8].eq_ignore_ascii_case("https://") {
+    } else if has_scheme(b"https://") {
         8
     } else {
         return None;
@@ -1446,6 +1452,19 @@ mod tests {
         ] {
             assert!(request(head).is_err(), "{head:?}");
         }
+    }
+
+    #[test]
+    fn a_target_with_non_ascii_where_a_scheme_would_end_is_refused_not_a_panic() {
+        // Found by the fuzzer: `target[..7]` cut a character in two.
+        assert_eq!(
+            request("GET lamapp\u{35a}xlaml HTTP/1.1\r\nHost: a\r\n\r\n").err(),
+            Some(HeadError::BadTarget)
+        );
+        assert_eq!(
+            request("GET http://\u{35a}/ HTTP/1.1\r\nHost: a\r\n\r\n").err(),
+            Some(HeadError::BadTarget)
+        );
     }
 
     #[test]
