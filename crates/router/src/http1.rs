@@ -6,6 +6,13 @@
 //! as they came (chunks stay chunks), so the proxy never builds a header map
 //! nor copies a body into messages of its own. This is what brought the
 //! router's cost per request below nginx's (README, "Benchmarks").
+//!
+//! Since bodies pass on as they came, what the router accepts is what every
+//! reader downstream gets: the framing rules are strict, and each MUST of
+//! RFC 9110 §6–8 and RFC 9112 §2–7 that binds an intermediary is listed
+//! with where it is enforced and its test in `crates/router/HTTP1.md`
+//! (which also says what is not enforced, and why). `fuzz/` checks the
+//! parsers against a reference framing.
 
 use std::mem::MaybeUninit;
 
