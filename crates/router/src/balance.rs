@@ -47,6 +47,23 @@ impl Balance {
         avoid: Option<&Backend>,
         now: Instant,
     ) -> Option<Arc<Backend>> {
+        RNG.with(|state| {
+            let mut rng = Rng(state.get());
+            let picked = self.pick_with(service, avoid, now, &mut rng);
+            state.set(rng.0);
+            picked
+        })
+    }
+
+    /// `pick`, with its random draws from `rng`: a test passes a seeded one
+    /// to make them the same on every run.
+    pub fn pick_with(
+        self,
+        service: &ServiceEndpoints,
+        avoid: Option<&Backend>,
+        now: Instant,
+        rng: &mut Rng,
+    ) -> Option<Arc<Backend>> {
         let eps = &service.endpoints;
         let usable =
             |b: &Arc<Backend>| !avoid.is_some_and(|a| std::ptr::eq(a, &**b)) && !b.is_ejected(now);
@@ -60,9 +77,13 @@ impl Balance {
                         (0..n).map(|i| &eps[(start + i) % n]).find(|b| usable(b))
                     }
                     Balance::P2c => {
-                        let a = random_usable(eps, &usable);
+                        let a = random_usable(eps, &usable, rng);
                         let b = a.and_then(|a| {
-                            random_usable(eps, &|b: &Arc<Backend>| !Arc::ptr_eq(a, b) && usable(b))
+                            random_usable(
+                                eps,
+                                &|b: &Arc<Backend>| !Arc::ptr_eq(a, b) && usable(b),
+                                rng,
+                            )
                         });
                         match (a, b) {
                             (Some(a), Some(b)) => Some(
@@ -94,32 +115,44 @@ impl Balance {
 fn random_usable<'a>(
     eps: &'a [Arc<Backend>],
     ok: &dyn Fn(&Arc<Backend>) -> bool,
+    rng: &mut Rng,
 ) -> Option<&'a Arc<Backend>> {
     let n = eps.len();
     for _ in 0..4 {
-        let b = &eps[random(n)];
+        let b = &eps[rng.below(n)];
         if ok(b) {
             return Some(b);
         }
     }
-    let start = random(n);
+    let start = rng.below(n);
     (0..n).map(|i| &eps[(start + i) % n]).find(|b| ok(b))
 }
 
 thread_local! {
+    /// Each proxy thread's own draws, so they never contend.
     static RNG: Cell<u64> = Cell::new(RandomState::new().hash_one(0u64) | 1);
 }
 
-/// xorshift64*: plenty for load balancing, and per thread so it never contends.
-fn random(n: usize) -> usize {
-    RNG.with(|s| {
-        let mut x = s.get();
+/// xorshift64*: plenty for load balancing, small enough to own rather than
+/// take a dependency for, and seedable so that tests are deterministic.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn seeded(seed: u64) -> Rng {
+        // Any state but 0, which xorshift never leaves.
+        Rng(seed | 1)
+    }
+
+    /// A number in `0..n`.
+    fn below(&mut self, n: usize) -> usize {
+        let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
-        s.set(x);
+        self.0 = x;
         (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as usize % n
-    })
+    }
 }
 
 #[cfg(test)]
@@ -143,27 +176,34 @@ mod tests {
         }
     }
 
+    /// The instances `n` picks choose, with the draws of `seed`.
+    fn picks(s: &ServiceEndpoints, seed: u64, n: usize) -> Vec<String> {
+        let mut rng = Rng::seeded(seed);
+        (0..n)
+            .map(|_| {
+                let b = Balance::P2c.pick_with(s, None, Instant::now(), &mut rng);
+                b.unwrap().instance.clone()
+            })
+            .collect()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn p2c_picks_the_less_loaded_of_two() {
         let s = service(2);
         s.endpoints[0].in_flight.store(5, Ordering::Relaxed);
-        for _ in 0..100 {
-            let b = Balance::P2c.pick(&s, None, Instant::now()).unwrap();
-            assert_eq!(b.instance, "i-1");
-        }
-        // Over many endpoints the loaded one is chosen far less than its share.
+        assert!(picks(&s, 7, 100).iter().all(|i| i == "i-1"));
+        // Over many endpoints the loaded one loses every comparison it
+        // enters, and the others share the load.
         let s = service(4);
         s.endpoints[0].in_flight.store(5, Ordering::Relaxed);
-        let busy = (0..4000)
-            .filter(|_| {
-                Balance::P2c
-                    .pick(&s, None, Instant::now())
-                    .unwrap()
-                    .instance
-                    == "i-0"
-            })
-            .count();
-        assert_eq!(busy, 0, "it loses every comparison it enters");
+        let chosen = picks(&s, 7, 4000);
+        assert_eq!(chosen.iter().filter(|i| *i == "i-0").count(), 0);
+        for idle in ["i-1", "i-2", "i-3"] {
+            let share = chosen.iter().filter(|i| *i == idle).count();
+            assert!((1000..1700).contains(&share), "{idle}: {share} of 4000");
+        }
+        // The same seed, the same picks: the test sees one sequence only.
+        assert_eq!(picks(&s, 7, 4000), chosen);
     }
 
     #[tokio::test(start_paused = true)]

@@ -119,6 +119,11 @@ enum Failure {
     /// The client's request body is malformed: it gets a 400.
     #[error("malformed request body: {0}")]
     RequestBody(BodyError),
+    /// The client's request body turned out malformed after the endpoint's
+    /// response had begun on its way to the client: a 400 now would land
+    /// in the middle of that response, so the connection just closes.
+    #[error("malformed request body after the response began: {0}")]
+    RequestBodyMidResponse(BodyError),
     /// The client went away or stalled: nothing is answered, and nothing
     /// is held against the endpoint.
     #[error("client: {0}")]
@@ -422,6 +427,11 @@ impl Proxy {
                         .answer(client, &ex, (400, "Bad Request"), format!("{e}\n"), true)
                         .await;
                 }
+                Err(e @ Failure::RequestBodyMidResponse(_)) => {
+                    // The client's fault, not the endpoint's.
+                    debug!(client = %client.addr, error = %e, "request ended mid-response");
+                    return false;
+                }
                 Err(Failure::AfterResponse(e)) => {
                     self.record(&backend, Outcome::ServerError, now);
                     debug!(service = %ex.service.name, instance = %backend.instance, error = %e, "response cut short");
@@ -486,6 +496,9 @@ impl Proxy {
         // response is due `response_timeout` after the request is sent, not
         // after it began.
         let uploaded = AtomicU64::new(0);
+        // Set once the final response head is on its way to the client:
+        // from then on the router has nothing to say to it but to close.
+        let responding = AtomicBool::new(false);
         if let Err(e) = to_endpoint.write_all(&client.head).await {
             return Err(if reused && ex.is_resendable() {
                 Failure::Stale
@@ -501,6 +514,7 @@ impl Proxy {
             ex,
             reused,
             (started, &uploaded),
+            &responding,
         );
         if body.is_done() {
             return download.await;
@@ -525,6 +539,9 @@ impl Proxy {
                     match sent {
                         Ok(()) => {}
                         // The client broke the exchange: over at once.
+                        Err(Failure::RequestBody(e)) if responding.load(Ordering::Relaxed) => {
+                            return Err(Failure::RequestBodyMidResponse(e))
+                        }
                         Err(e @ (Failure::Client(_) | Failure::RequestBody(_))) => return Err(e),
                         // The endpoint may still answer (it refused the
                         // body, say): wait for that.
@@ -569,6 +586,7 @@ impl Proxy {
         ex: &Exchange,
         reused: bool,
         (started, uploaded): (Instant, &AtomicU64),
+        responding: &AtomicBool,
     ) -> Result<Done, Failure> {
         let mut deadline = started + self.response_timeout;
         let mut answered = false;
@@ -650,6 +668,7 @@ impl Proxy {
                 }
                 continue;
             }
+            responding.store(true, Ordering::Relaxed);
             let mut body = Body::new(framing);
             // The head and what has come of the body in one write; the rest
             // as it arrives.
