@@ -27,6 +27,8 @@ pub mod cloud;
 pub mod config;
 pub mod events;
 pub mod health;
+#[cfg(test)]
+mod json_contract;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;
