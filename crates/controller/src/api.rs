@@ -303,7 +303,11 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .iter()
         .map(|((transition, result), n)| {
             (
-                format!("{{transition=\"{transition}\",result=\"{result}\"}}"),
+                format!(
+                    "{{transition=\"{}\",result=\"{}\"}}",
+                    transition.label(),
+                    result.label()
+                ),
                 *n as f64,
             )
         })
@@ -317,7 +321,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     let timeouts: Vec<(String, f64)> = lifecycle
         .timeouts
         .iter()
-        .map(|(stage, n)| (format!("{{stage=\"{stage}\"}}"), *n as f64))
+        .map(|(stage, n)| (format!("{{stage=\"{}\"}}", stage.label()), *n as f64))
         .collect();
     family(
         "signpost_lifecycle_timeouts_total",

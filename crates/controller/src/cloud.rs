@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::{AwsConfig, Config};
 use crate::model::{
-    Ec2Instance, Fleet, HookResult, InstanceId, LifecycleAction, LifecycleHook, ObservedGroup,
+    Ec2Instance, Fleet, HookResult, LifecycleAction, LifecycleHook, LifecycleState, ObservedGroup,
     ObservedInstance, Transition,
 };
 use crate::tags;
@@ -341,7 +341,7 @@ impl AwsFleet {
                         .state()
                         .and_then(|s| s.name())
                         .map_or("unknown", |n| n.as_str())
-                        .to_owned();
+                        .into();
                     let private_ip = instance
                         .private_ip_address()
                         .and_then(|a| a.parse::<IpAddr>().ok());
@@ -429,7 +429,7 @@ impl AutoScaling for AwsFleet {
             .complete_lifecycle_action()
             .auto_scaling_group_name(&action.group)
             .lifecycle_hook_name(&action.hook)
-            .instance_id(&action.instance.0)
+            .instance_id(action.instance.as_str())
             .lifecycle_action_result(result.as_aws())
             .send()
             .await;
@@ -443,7 +443,7 @@ impl AutoScaling for AwsFleet {
             .record_lifecycle_action_heartbeat()
             .auto_scaling_group_name(&action.group)
             .lifecycle_hook_name(&action.hook)
-            .instance_id(&action.instance.0)
+            .instance_id(action.instance.as_str())
             .send()
             .await;
         self.action_call("RecordLifecycleActionHeartbeat", action, sent)
@@ -491,7 +491,7 @@ impl AutoScaling for AwsFleet {
             .filter(|g| {
                 g.instances().iter().any(|i| {
                     i.lifecycle_state()
-                        .is_some_and(|s| s.as_str().ends_with(":Wait"))
+                        .is_some_and(|s| LifecycleState::from(s.as_str()).is_held_by_hook())
                 })
             })
             .filter_map(|g| g.auto_scaling_group_name())
@@ -531,11 +531,8 @@ impl AutoScaling for AwsFleet {
                     .filter_map(|i| {
                         let id = i.instance_id()?;
                         Some(ObservedInstance {
-                            id: InstanceId(id.to_owned()),
-                            lifecycle_state: i
-                                .lifecycle_state()
-                                .map_or("", |s| s.as_str())
-                                .to_owned(),
+                            id: id.into(),
+                            lifecycle_state: i.lifecycle_state().map_or("", |s| s.as_str()).into(),
                             zone: i.availability_zone().unwrap_or_default().to_owned(),
                             ec2: ec2.remove(id),
                         })

@@ -461,7 +461,7 @@ mod tests {
             .services
             .get(service)
             .map_or(vec![], |s| {
-                s.endpoints.keys().map(|i| i.0.clone()).collect()
+                s.endpoints.keys().map(InstanceId::to_string).collect()
             })
     }
 
@@ -505,7 +505,7 @@ mod tests {
         converge(&fleet, &r);
         fleet.groups[0]
             .instances
-            .retain(|i| i.id.0 == "i-2" || i.id.0 == "i-5");
+            .retain(|i| i.id.as_str() == "i-2" || i.id.as_str() == "i-5");
         let changes = converge(&fleet, &r);
         assert_eq!(changes.len(), 4);
         assert_eq!(ids(&r, "users"), ["i-2", "i-5"]);
