@@ -239,9 +239,11 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     let failures: Vec<(String, f64)> = sync
         .failures_total
         .iter()
-        .map(|(label, n)| {
-            let (api, kind) = label.split_once('/').unwrap_or((label, "error"));
-            (format!("{{api=\"{api}\",kind=\"{kind}\"}}"), *n as f64)
+        .map(|((api, kind), n)| {
+            (
+                format!("{{api=\"{api}\",kind=\"{}\"}}", kind.label()),
+                *n as f64,
+            )
         })
         .collect();
     family(
