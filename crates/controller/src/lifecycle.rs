@@ -232,8 +232,11 @@ pub struct LifecycleMetrics {
     pub timeouts: BTreeMap<TimeoutStage, u64>,
     pub heartbeats: u64,
     pub heartbeat_errors: u64,
-    /// (name, help, histogram)
-    pub histograms: Vec<(&'static str, &'static str, Histogram)>,
+    /// Shared with the log: they go on counting.
+    pub launch_healthy: Histogram,
+    pub launch_acked: Histogram,
+    pub healthy_to_acked: Histogram,
+    pub terminate_drained: Histogram,
 }
 
 fn ms(since: SystemTime) -> u64 {
@@ -284,28 +287,10 @@ impl LifecycleLog {
             timeouts: inner.timeouts.clone(),
             heartbeats: inner.heartbeats,
             heartbeat_errors: inner.heartbeat_errors,
-            histograms: vec![
-                (
-                    "signpost_lifecycle_launch_healthy_seconds",
-                    "Launch: from the event (or EC2 launch time) to the endpoint healthy.",
-                    inner.launch_healthy.clone(),
-                ),
-                (
-                    "signpost_lifecycle_launch_acked_seconds",
-                    "Launch: from the event (or EC2 launch time) to every router acked the healthy endpoint.",
-                    inner.launch_acked.clone(),
-                ),
-                (
-                    "signpost_lifecycle_healthy_to_acked_seconds",
-                    "Launch: from the endpoint healthy to every router acked it.",
-                    inner.healthy_to_acked.clone(),
-                ),
-                (
-                    "signpost_lifecycle_terminate_drained_seconds",
-                    "Terminate: from the event (or Terminating:Wait seen) to every router acked the drain with nothing in flight.",
-                    inner.terminate_drained.clone(),
-                ),
-            ],
+            launch_healthy: inner.launch_healthy.clone(),
+            launch_acked: inner.launch_acked.clone(),
+            healthy_to_acked: inner.healthy_to_acked.clone(),
+            terminate_drained: inner.terminate_drained.clone(),
         }
     }
 

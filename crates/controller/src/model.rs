@@ -380,8 +380,25 @@ pub enum EndpointState {
 }
 
 impl EndpointState {
+    pub const ALL: [EndpointState; 4] = [
+        EndpointState::Starting,
+        EndpointState::Healthy,
+        EndpointState::Unhealthy,
+        EndpointState::Draining,
+    ];
+
     pub fn is_routable(self) -> bool {
         self == EndpointState::Healthy
+    }
+
+    /// The metric label: the name the API shows.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndpointState::Starting => "starting",
+            EndpointState::Healthy => "healthy",
+            EndpointState::Unhealthy => "unhealthy",
+            EndpointState::Draining => "draining",
+        }
     }
 }
 
