@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::api::{self, ApiState};
-use crate::cloud::FakeAutoScaling;
+use crate::cloud::{ErrorKind, FakeAutoScaling};
 use crate::config::LifecycleConfig;
 use crate::lifecycle::{Lifecycle, LifecycleLog};
 use crate::model::{
@@ -283,4 +283,20 @@ async fn lifecycle_json_is_unchanged() {
         body,
         format!(r#"{{"active":[{launch}],"recent":[{terminate}]}}"#)
     );
+}
+
+#[tokio::test]
+async fn readyz_counts_failures_under_api_slash_kind_keys() {
+    let mut state = api_state(snapshot(), Arc::default(), Arc::default());
+    let sync = SyncStatus {
+        failures_total: BTreeMap::from([
+            (("DescribeInstances", ErrorKind::Timeout), 2),
+            (("DescribeAutoScalingGroups", ErrorKind::Throttled), 1),
+        ]),
+        ..SyncStatus::default()
+    };
+    state.sync = watch::channel(sync).1;
+    let body = get(api::router(state), "/readyz").await;
+    let failures = r#""failures_total":{"DescribeAutoScalingGroups/throttled":1,"DescribeInstances/timeout":2}"#;
+    assert!(body.contains(failures), "{body}");
 }
