@@ -233,7 +233,7 @@ async fn an_aws_outage_keeps_the_registry_and_fails_readiness_until_it_ends() {
     assert_eq!(controller.metric("signpost_ready").await, Some(0.0));
     let mut failures = 0.0;
     for api in ["DescribeAutoScalingGroups", "DescribeInstances"] {
-        let sample = format!(r#"signpost_sync_failures_total{{api="{api}",kind="error"}}"#);
+        let sample = format!(r#"signpost_sync_failures_total{{api="{api}",kind="timeout"}}"#);
         failures += controller.metric(&sample).await.unwrap_or(0.0);
     }
     assert!(failures >= 1.0);

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::events::EventCounts;
 use crate::lifecycle::LifecycleLog;
+use crate::metrics::{self, Page};
 use crate::model::{
     Endpoint, EndpointState, GroupProblem, Revision, Service, ServiceSettings, Snapshot,
 };
@@ -130,263 +131,351 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// `GET /metrics`: Prometheus text format, version 0.0.4. Written by hand:
-/// a few dozen lines do not justify a metrics crate.
+/// `GET /metrics`: every family of `metrics`, read off the controller's
+/// state now, in the Prometheus text format (0.0.4).
 async fn metrics(State(state): State<ApiState>) -> Response {
-    use std::fmt::Write;
+    (
+        [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        page(&state).render(),
+    )
+        .into_response()
+}
+
+fn page(state: &ApiState) -> Page {
     use std::sync::atomic::Ordering::Relaxed;
 
     let snapshot = state.registry.borrow().clone();
     let sync = state.sync.borrow().clone();
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
-    let one = |v: f64| vec![(String::new(), v)];
+    let mut page = Page::default();
 
-    family(
-        "signpost_registry_revision",
-        "gauge",
-        "Current registry revision.",
-        &one(snapshot.revision as f64),
-    );
+    page.gauge(&metrics::REGISTRY_REVISION, snapshot.revision as f64);
     let mut endpoints = Vec::new();
     for service in snapshot.services.values() {
-        for (state, name) in [
-            (EndpointState::Starting, "starting"),
-            (EndpointState::Healthy, "healthy"),
-            (EndpointState::Unhealthy, "unhealthy"),
-            (EndpointState::Draining, "draining"),
-        ] {
+        for endpoint_state in EndpointState::ALL {
             let n = service
                 .endpoints
                 .values()
-                .filter(|e| e.state == state)
+                .filter(|e| e.state == endpoint_state)
                 .count();
-            endpoints.push((
-                format!("{{service=\"{}\",state=\"{name}\"}}", service.name),
-                n as f64,
-            ));
+            endpoints.push(([service.name.as_str(), endpoint_state.label()], n as f64));
         }
     }
-    family(
-        "signpost_endpoints",
-        "gauge",
-        "Endpoints by service and state.",
-        &endpoints,
-    );
-    let held: Vec<_> = sync.held_removals.iter().collect();
-    family(
-        "signpost_misconfigured_groups",
-        "gauge",
-        "Groups whose tags cannot be used.",
-        &one(snapshot
+    page.gauges(&metrics::ENDPOINTS, endpoints);
+    page.gauge(
+        &metrics::MISCONFIGURED_GROUPS,
+        snapshot
             .problems
             .keys()
             .filter(|k| !crate::guard::is_guard_problem(k))
-            .count() as f64),
+            .count() as f64,
     );
-    family(
-        "signpost_removals_held",
-        "gauge",
-        "Endpoints a complete listing would remove that the mass-removal guard holds (AWS has not said their instances are leaving).",
-        &one(held.iter().map(|h| h.instances.len()).sum::<usize>() as f64),
+    page.gauge(
+        &metrics::REMOVALS_HELD,
+        sync.held_removals
+            .iter()
+            .map(|h| h.instances.len())
+            .sum::<usize>() as f64,
     );
 
     let ready = sync
         .readiness(SystemTime::now(), state.resync_interval)
         .is_ok();
-    family(
-        "signpost_ready",
-        "gauge",
-        "1 while /readyz answers 200.",
-        &one(ready as u8 as f64),
-    );
+    page.gauge(&metrics::READY, f64::from(u8::from(ready)));
     let last_success = sync
         .last_success
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
         .map_or(0.0, |d| d.as_secs_f64());
-    family(
-        "signpost_sync_last_success_timestamp_seconds",
-        "gauge",
-        "When the last complete listing was applied.",
-        &one(last_success),
+    page.gauge(&metrics::SYNC_LAST_SUCCESS, last_success);
+    page.gauge(
+        &metrics::SYNC_LAST_DURATION,
+        sync.last_duration_ms.unwrap_or(0) as f64 / 1000.0,
     );
-    family(
-        "signpost_sync_last_duration_seconds",
-        "gauge",
-        "Wall time of the last complete listing.",
-        &one(sync.last_duration_ms.unwrap_or(0) as f64 / 1000.0),
-    );
-    family(
-        "signpost_syncs_total",
-        "counter",
-        "Complete listings applied.",
-        &one(sync.syncs_total as f64),
-    );
+    page.counter(&metrics::SYNCS, sync.syncs_total);
     let calls = sync.calls_total;
-    family(
-        "signpost_aws_calls_total",
-        "counter",
-        "AWS calls made by complete listings, by API.",
-        &[
+    page.counters(
+        &metrics::AWS_CALLS,
+        [
             (
-                "{api=\"DescribeAutoScalingGroups\"}".into(),
-                calls.describe_auto_scaling_groups as f64,
+                ["DescribeAutoScalingGroups"],
+                u64::from(calls.describe_auto_scaling_groups),
             ),
+            (["DescribeInstances"], u64::from(calls.describe_instances)),
             (
-                "{api=\"DescribeInstances\"}".into(),
-                calls.describe_instances as f64,
-            ),
-            (
-                "{api=\"DescribeLifecycleHooks\"}".into(),
-                calls.describe_lifecycle_hooks as f64,
+                ["DescribeLifecycleHooks"],
+                u64::from(calls.describe_lifecycle_hooks),
             ),
         ],
     );
-    let failures: Vec<(String, f64)> = sync
-        .failures_total
-        .iter()
-        .map(|(label, n)| {
-            let (api, kind) = label.split_once('/').unwrap_or((label, "error"));
-            (format!("{{api=\"{api}\",kind=\"{kind}\"}}"), *n as f64)
-        })
-        .collect();
-    family(
-        "signpost_sync_failures_total",
-        "counter",
-        "Listings that failed, by the API that failed and how.",
-        &failures,
+    page.counters(
+        &metrics::SYNC_FAILURES,
+        sync.failures_total
+            .iter()
+            .map(|((api, kind), n)| ([*api, kind.label()], *n)),
     );
 
     let events = &state.events;
-    family(
-        "signpost_events_total",
-        "counter",
-        "SQS event messages by outcome.",
-        &[
-            (
-                "{result=\"handled\"}".into(),
-                events.handled.load(Relaxed) as f64,
-            ),
-            (
-                "{result=\"malformed\"}".into(),
-                events.malformed.load(Relaxed) as f64,
-            ),
-            (
-                "{result=\"receive_error\"}".into(),
-                events.receive_errors.load(Relaxed) as f64,
-            ),
+    page.counters(
+        &metrics::EVENTS,
+        [
+            (["handled"], events.handled.load(Relaxed)),
+            (["malformed"], events.malformed.load(Relaxed)),
+            (["receive_error"], events.receive_errors.load(Relaxed)),
         ],
     );
 
     let routers = state.routers.list();
     let connected: Vec<_> = routers.iter().filter(|r| r.connected).collect();
-    family(
-        "signpost_routers_connected",
-        "gauge",
-        "Routers subscribed now.",
-        &one(connected.len() as f64),
-    );
-    let lag: Vec<(String, f64)> = connected
-        .iter()
-        .map(|r| {
+    page.gauge(&metrics::ROUTERS_CONNECTED, connected.len() as f64);
+    page.gauges(
+        &metrics::ROUTER_LAG,
+        connected.iter().map(|r| {
             let acked = r.acked_revision.unwrap_or(0);
             (
-                format!("{{router=\"{}\"}}", r.id),
+                [r.id.as_str()],
                 snapshot.revision.saturating_sub(acked) as f64,
             )
-        })
-        .collect();
-    family(
-        "signpost_router_lag_revisions",
-        "gauge",
-        "Registry revision minus the router's acked revision.",
-        &lag,
+        }),
     );
     let ignored = &state.routers.ignored;
-    family(
-        "signpost_acks_ignored_total",
-        "counter",
-        "Router acks that did not count: of another controller epoch, for a revision never sent on the router's connection, or from a router not subscribed.",
-        &[
-            (
-                "{reason=\"other_epoch\"}".into(),
-                ignored.other_epoch.load(Relaxed) as f64,
-            ),
-            (
-                "{reason=\"never_sent\"}".into(),
-                ignored.never_sent.load(Relaxed) as f64,
-            ),
-            (
-                "{reason=\"not_subscribed\"}".into(),
-                ignored.not_subscribed.load(Relaxed) as f64,
-            ),
+    page.counters(
+        &metrics::ACKS_IGNORED,
+        [
+            (["other_epoch"], ignored.other_epoch.load(Relaxed)),
+            (["never_sent"], ignored.never_sent.load(Relaxed)),
+            (["not_subscribed"], ignored.not_subscribed.load(Relaxed)),
         ],
     );
 
     let lifecycle = state.lifecycle.metrics();
-    let results: Vec<(String, f64)> = lifecycle
-        .results
-        .iter()
-        .map(|((transition, result), n)| {
-            (
-                format!("{{transition=\"{transition}\",result=\"{result}\"}}"),
-                *n as f64,
-            )
-        })
-        .collect();
-    family(
-        "signpost_lifecycle_actions_total",
-        "counter",
-        "Lifecycle actions ended, by transition and result (continue, abandon, not_waiting: already complete, error: CompleteLifecycleAction failed).",
-        &results,
+    page.counters(
+        &metrics::LIFECYCLE_ACTIONS,
+        lifecycle
+            .results
+            .iter()
+            .map(|((transition, result), n)| ([transition.label(), result.label()], *n)),
     );
-    let timeouts: Vec<(String, f64)> = lifecycle
-        .timeouts
-        .iter()
-        .map(|(stage, n)| (format!("{{stage=\"{stage}\"}}"), *n as f64))
-        .collect();
-    family(
-        "signpost_lifecycle_timeouts_total",
-        "counter",
-        "Lifecycle waits decided by a timeout: launch (not healthy), acks (a router did not ack), drain.",
-        &timeouts,
+    page.counters(
+        &metrics::LIFECYCLE_TIMEOUTS,
+        lifecycle
+            .timeouts
+            .iter()
+            .map(|(stage, n)| ([stage.label()], *n)),
     );
-    family(
-        "signpost_lifecycle_heartbeats_total",
-        "counter",
-        "RecordLifecycleActionHeartbeat calls, by result.",
-        &[
-            (
-                "{result=\"ok\"}".into(),
-                (lifecycle.heartbeats - lifecycle.heartbeat_errors) as f64,
-            ),
-            (
-                "{result=\"error\"}".into(),
-                lifecycle.heartbeat_errors as f64,
-            ),
+    page.counters(
+        &metrics::LIFECYCLE_HEARTBEATS,
+        [
+            (["ok"], lifecycle.heartbeats - lifecycle.heartbeat_errors),
+            (["error"], lifecycle.heartbeat_errors),
         ],
     );
-    for (name, help, histogram) in &lifecycle.histograms {
-        histogram.render(&mut out, name, help);
-    }
-
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
-        .into_response()
+    page.histogram(&metrics::LAUNCH_HEALTHY, &lifecycle.launch_healthy);
+    page.histogram(&metrics::LAUNCH_ACKED, &lifecycle.launch_acked);
+    page.histogram(&metrics::HEALTHY_TO_ACKED, &lifecycle.healthy_to_acked);
+    page.histogram(&metrics::TERMINATE_DRAINED, &lifecycle.terminate_drained);
+    page
 }
 
 /// `GET /v1/lifecycle`: hook actions under way and the last completed ones.
 async fn lifecycle_actions(State(state): State<ApiState>) -> Response {
     let (active, recent) = state.lifecycle.actions();
     Json(json!({ "active": active, "recent": recent })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Endpoint;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::SocketAddr;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    /// `GET /metrics` through the API's router.
+    async fn scrape(state: ApiState) -> String {
+        let request = Request::get("/metrics").body(Body::empty()).unwrap();
+        let response = router(state).oneshot(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    fn state_with(service: &str, router: &str) -> ApiState {
+        let endpoint = Endpoint {
+            instance_id: "i-1".into(),
+            address: [127, 42, 1, 4].into(),
+            port: 80,
+            zone: "a".into(),
+            group: "g".into(),
+            state: EndpointState::Healthy,
+            since: SystemTime::UNIX_EPOCH,
+        };
+        let service = Service {
+            name: service.into(),
+            settings: ServiceSettings {
+                route: "/x".into(),
+                port: 80,
+                health: crate::model::HealthCheck::Tcp,
+            },
+            groups: BTreeSet::from(["g".to_string()]),
+            endpoints: BTreeMap::from([(endpoint.instance_id.clone(), endpoint)]),
+        };
+        let snapshot = Snapshot {
+            revision: 3,
+            services: BTreeMap::from([(service.name.clone(), Arc::new(service))]),
+            problems: BTreeMap::new(),
+        };
+        let routers = Arc::new(Routers::new(signpost_protocol::Epoch::from_bits(1)));
+        routers.connect(router, SocketAddr::from(([127, 0, 0, 1], 1)));
+        ApiState {
+            registry: watch::channel(Arc::new(snapshot)).1,
+            sync: watch::channel(SyncStatus::default()).1,
+            resync_interval: Duration::from_secs(30),
+            events: Arc::default(),
+            routers,
+            lifecycle: Arc::default(),
+        }
+    }
+
+    /// One sample line of the text format: `name{label="value",...} value`,
+    /// label values escaped (`\\`, `\"`, `\n`). Returns the name and the
+    /// labels, unescaped.
+    fn parse_sample(line: &str) -> Result<(String, Vec<(String, String)>), String> {
+        let name_end = line
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .ok_or("no value")?;
+        let (name, mut rest) = line.split_at(name_end);
+        let mut labels = Vec::new();
+        if let Some(inner) = rest.strip_prefix('{') {
+            rest = inner;
+            while !rest.starts_with('}') {
+                let eq = rest
+                    .find("=\"")
+                    .ok_or(format!("no label value in {line:?}"))?;
+                let key = rest[..eq].to_owned();
+                let mut value = String::new();
+                let mut chars = rest[eq + 2..].char_indices();
+                let end = loop {
+                    match chars
+                        .next()
+                        .ok_or(format!("unterminated value in {line:?}"))?
+                    {
+                        (i, '"') => break eq + 2 + i + 1,
+                        (_, '\\') => match chars.next().map(|(_, c)| c) {
+                            Some('n') => value.push('\n'),
+                            Some(c @ ('\\' | '"')) => value.push(c),
+                            other => return Err(format!("bad escape {other:?} in {line:?}")),
+                        },
+                        (_, c) => value.push(c),
+                    }
+                };
+                labels.push((key, value));
+                rest = rest[end..].strip_prefix(',').unwrap_or(&rest[end..]);
+            }
+            rest = &rest[1..];
+        }
+        let value = rest
+            .strip_prefix(' ')
+            .ok_or(format!("no value in {line:?}"))?;
+        value
+            .parse::<f64>()
+            .map_err(|e| format!("value {value:?} in {line:?}: {e}"))?;
+        Ok((name.to_owned(), labels))
+    }
+
+    #[tokio::test]
+    async fn label_values_with_quotes_and_newlines_cannot_corrupt_the_page() {
+        let service = "users\"} 1\nsignpost_ready 0 #";
+        let router = "edge\\1\"\n";
+        let page = scrape(state_with(service, router)).await;
+        let mut seen = BTreeSet::new();
+        for line in page.lines().filter(|l| !l.starts_with('#')) {
+            let (name, labels) = parse_sample(line).unwrap_or_else(|e| panic!("{e}\n{page}"));
+            for (key, value) in labels {
+                seen.insert((name.clone(), key, value));
+            }
+        }
+        assert!(seen.contains(&(
+            "signpost_endpoints".into(),
+            "service".into(),
+            service.into()
+        )));
+        assert!(seen.contains(&(
+            "signpost_router_lag_revisions".into(),
+            "router".into(),
+            router.into()
+        )));
+        let ready: Vec<&str> = page
+            .lines()
+            .filter(|l| l.starts_with("signpost_ready"))
+            .collect();
+        assert_eq!(ready, ["signpost_ready 0"], "one sample, the real one");
+    }
+
+    /// The rows of the README's metrics table: name, type and label names.
+    fn readme_table() -> Vec<(String, String, Vec<String>)> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let table = readme
+            .split("`GET /metrics`")
+            .nth(1)
+            .expect("the README has a `GET /metrics` section");
+        table
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2)
+            .map(|row| {
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                // Label names are the backquoted words outside parentheses
+                // (inside them are the label's values).
+                let mut names = Vec::new();
+                let mut depth = 0;
+                for (i, part) in cells[3].split('`').enumerate() {
+                    if i % 2 == 1 && depth == 0 {
+                        names.push(part.to_owned());
+                    } else if i % 2 == 0 {
+                        depth += part.matches('(').count();
+                        depth -= part.matches(')').count();
+                    }
+                }
+                (
+                    cells[1].trim_matches('`').to_owned(),
+                    cells[2].to_owned(),
+                    names,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_lists_exactly_the_families_the_code_declares() {
+        let declared: Vec<(String, String, Vec<String>)> = metrics::families()
+            .into_iter()
+            .map(|(name, kind, labels)| {
+                let labels = labels.into_iter().map(String::from).collect();
+                (name.to_owned(), kind.name().to_owned(), labels)
+            })
+            .collect();
+        assert_eq!(readme_table(), declared);
+    }
+
+    #[tokio::test]
+    async fn the_page_has_every_declared_family_and_no_other() {
+        let page = scrape(state_with("users", "edge-1")).await;
+        let typed: Vec<(String, String)> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| {
+                let (name, kind) = l.split_once(' ').unwrap();
+                (name.to_owned(), kind.to_owned())
+            })
+            .collect();
+        let declared: Vec<(String, String)> = metrics::families()
+            .into_iter()
+            .map(|(name, kind, _)| (name.to_owned(), kind.name().to_owned()))
+            .collect();
+        assert_eq!(typed, declared);
+    }
 }

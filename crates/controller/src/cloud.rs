@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::{AwsConfig, Config};
 use crate::model::{
-    Ec2Instance, Fleet, HookResult, InstanceId, LifecycleAction, LifecycleHook, ObservedGroup,
+    Ec2Instance, Fleet, HookResult, LifecycleAction, LifecycleHook, LifecycleState, ObservedGroup,
     ObservedInstance, Transition,
 };
 use crate::tags;
@@ -32,19 +32,118 @@ use crate::tags;
 /// whole batch.
 const INSTANCE_BATCH: usize = 100;
 
+/// A failed AWS call: which API, what kind of failure (what callers and
+/// metrics act on), and AWS's own code and message.
 #[derive(Debug, Error)]
-pub enum CloudError {
+#[error("{api} {}: {}", if *.kind == ErrorKind::Throttled { "throttled after retries" } else { "failed" }, self.detail())]
+pub struct CloudError {
+    pub api: &'static str,
+    pub kind: ErrorKind,
+    /// AWS's error code (`ThrottlingException`, `AccessDenied`, ...), when
+    /// it sent one.
+    pub code: Option<String>,
+    /// AWS's message, or what went wrong before an answer came.
+    pub message: String,
+    /// The SDK's error, for whoever wants the whole chain.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+/// What kind of failure an AWS call met. The names double as the `kind`
+/// label of `signpost_sync_failures_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
     /// AWS asked us to slow down and the SDK's retries ran out.
-    #[error("{api} throttled after retries: {message}")]
-    Throttled { api: &'static str, message: String },
-    #[error("{api} failed: {message}")]
-    Api { api: &'static str, message: String },
+    Throttled,
+    /// Credentials missing, expired or not allowed the call.
+    Denied,
+    /// No answer within `aws.attempt_timeout` / `aws.operation_timeout`.
+    Timeout,
+    /// What the call names does not exist (for a lifecycle action: it is
+    /// no longer waiting).
+    NotFound,
+    Other,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::Throttled,
+        ErrorKind::Denied,
+        ErrorKind::Timeout,
+        ErrorKind::NotFound,
+        ErrorKind::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Throttled => "throttled",
+            ErrorKind::Denied => "denied",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    /// The kind of an error AWS answered with `code` and `message`.
+    fn of(code: &str, message: &str) -> ErrorKind {
+        const DENIED: [&str; 10] = [
+            "AccessDenied",
+            "AccessDeniedException",
+            "UnauthorizedOperation",
+            "AuthFailure",
+            "InvalidClientTokenId",
+            "UnrecognizedClientException",
+            "SignatureDoesNotMatch",
+            "ExpiredToken",
+            "ExpiredTokenException",
+            "MissingAuthenticationToken",
+        ];
+        const NOT_FOUND: [&str; 2] = [
+            "AWS.SimpleQueueService.NonExistentQueue",
+            "QueueDoesNotExist",
+        ];
+        if code.contains("Throttl") || code == "RequestLimitExceeded" {
+            ErrorKind::Throttled
+        } else if DENIED.contains(&code) {
+            ErrorKind::Denied
+        } else if code.ends_with("NotFound")
+            || NOT_FOUND.contains(&code)
+            // Auto Scaling has no code of its own for an action that no
+            // longer waits: a ValidationError with this wording is how it
+            // says so (and how AWS's own tools recognise it). Read here
+            // once, so that callers match on the kind.
+            || (code == "ValidationError" && message.starts_with("No active Lifecycle Action"))
+        {
+            ErrorKind::NotFound
+        } else {
+            ErrorKind::Other
+        }
+    }
 }
 
 impl CloudError {
+    /// An error of `kind` without an SDK error behind it (fakes, tests).
+    pub fn new(api: &'static str, kind: ErrorKind, message: impl Into<String>) -> CloudError {
+        CloudError {
+            api,
+            kind,
+            code: None,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    fn detail(&self) -> String {
+        match &self.code {
+            Some(code) => format!("{code}: {}", self.message),
+            None => self.message.clone(),
+        }
+    }
+
     fn from_sdk<E>(api: &'static str, err: SdkError<E, HttpResponse>) -> Self
     where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let (code, message) = match &err {
             SdkError::ServiceError(_) => match (err.code(), err.message()) {
@@ -77,18 +176,17 @@ impl CloudError {
             ),
             _ => (None, DisplayErrorContext(&err).to_string()),
         };
-        match code {
-            Some(code) if code.contains("Throttl") || code == "RequestLimitExceeded" => {
-                CloudError::Throttled {
-                    api,
-                    message: format!("{code}: {message}"),
-                }
-            }
-            Some(code) => CloudError::Api {
-                api,
-                message: format!("{code}: {message}"),
-            },
-            None => CloudError::Api { api, message },
+        let kind = match (&err, &code) {
+            (SdkError::TimeoutError(_), _) => ErrorKind::Timeout,
+            (_, Some(code)) => ErrorKind::of(code, &message),
+            (_, None) => ErrorKind::Other,
+        };
+        CloudError {
+            api,
+            kind,
+            code,
+            message,
+            source: Some(Box::new(err)),
         }
     }
 }
@@ -104,16 +202,6 @@ fn excerpt(body: &str) -> String {
     match flat.char_indices().nth(300) {
         Some((cut, _)) => format!("{}...", &flat[..cut]),
         None => flat,
-    }
-}
-
-impl CloudError {
-    /// `api/kind`, a stable label for metrics.
-    pub fn label(&self) -> String {
-        match self {
-            CloudError::Throttled { api, .. } => format!("{api}/throttled"),
-            CloudError::Api { api, .. } => format!("{api}/error"),
-        }
     }
 }
 
@@ -166,9 +254,9 @@ pub trait AutoScaling: Send + Sync + 'static {
 }
 
 /// AWS's answer to a completion or heartbeat for an action it no longer
-/// holds: a ValidationError "No active Lifecycle Action found with ...".
+/// holds (see `ErrorKind::of`).
 fn not_waiting(err: &CloudError) -> bool {
-    matches!(err, CloudError::Api { message, .. } if message.contains("No active Lifecycle Action"))
+    err.kind == ErrorKind::NotFound
 }
 
 /// The SDK configuration from the standard chain (env, profile, IRSA, IMDS),
@@ -341,7 +429,7 @@ impl AwsFleet {
                         .state()
                         .and_then(|s| s.name())
                         .map_or("unknown", |n| n.as_str())
-                        .to_owned();
+                        .into();
                     let private_ip = instance
                         .private_ip_address()
                         .and_then(|a| a.parse::<IpAddr>().ok());
@@ -404,7 +492,7 @@ impl AwsFleet {
         sent: Result<T, SdkError<E, HttpResponse>>,
     ) -> Result<ActionCall, CloudError>
     where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         match sent.map_err(|e| CloudError::from_sdk(api, e)) {
             Ok(_) => Ok(ActionCall::Done),
@@ -429,7 +517,7 @@ impl AutoScaling for AwsFleet {
             .complete_lifecycle_action()
             .auto_scaling_group_name(&action.group)
             .lifecycle_hook_name(&action.hook)
-            .instance_id(&action.instance.0)
+            .instance_id(action.instance.as_str())
             .lifecycle_action_result(result.as_aws())
             .send()
             .await;
@@ -443,7 +531,7 @@ impl AutoScaling for AwsFleet {
             .record_lifecycle_action_heartbeat()
             .auto_scaling_group_name(&action.group)
             .lifecycle_hook_name(&action.hook)
-            .instance_id(&action.instance.0)
+            .instance_id(action.instance.as_str())
             .send()
             .await;
         self.action_call("RecordLifecycleActionHeartbeat", action, sent)
@@ -491,7 +579,7 @@ impl AutoScaling for AwsFleet {
             .filter(|g| {
                 g.instances().iter().any(|i| {
                     i.lifecycle_state()
-                        .is_some_and(|s| s.as_str().ends_with(":Wait"))
+                        .is_some_and(|s| LifecycleState::from(s.as_str()).is_held_by_hook())
                 })
             })
             .filter_map(|g| g.auto_scaling_group_name())
@@ -531,11 +619,8 @@ impl AutoScaling for AwsFleet {
                     .filter_map(|i| {
                         let id = i.instance_id()?;
                         Some(ObservedInstance {
-                            id: InstanceId(id.to_owned()),
-                            lifecycle_state: i
-                                .lifecycle_state()
-                                .map_or("", |s| s.as_str())
-                                .to_owned(),
+                            id: id.into(),
+                            lifecycle_state: i.lifecycle_state().map_or("", |s| s.as_str()).into(),
                             zone: i.availability_zone().unwrap_or_default().to_owned(),
                             ec2: ec2.remove(id),
                         })
@@ -610,7 +695,7 @@ impl FakeAutoScaling {
 
     fn action_answer(&self, api: &'static str) -> Result<ActionCall, CloudError> {
         match self.action_error.lock().unwrap().clone() {
-            Some(message) => Err(CloudError::Api { api, message }),
+            Some(message) => Err(CloudError::new(api, ErrorKind::Other, message)),
             None => Ok(ActionCall::Done),
         }
     }
@@ -643,14 +728,8 @@ impl AutoScaling for FakeAutoScaling {
         let answer = self.answer.lock().unwrap().clone();
         match answer {
             Some(Ok(fleet)) => Ok((fleet, CallCount::default())),
-            Some(Err(message)) => Err(CloudError::Api {
-                api: "Fake",
-                message,
-            }),
-            None => Err(CloudError::Api {
-                api: "Fake",
-                message: "no answer set".into(),
-            }),
+            Some(Err(message)) => Err(CloudError::new("Fake", ErrorKind::Other, message)),
+            None => Err(CloudError::new("Fake", ErrorKind::Other, "no answer set")),
         }
     }
 }
@@ -688,23 +767,59 @@ mod tests {
     }
 
     #[test]
-    fn no_active_action_means_already_complete() {
-        let gone = CloudError::Api {
-            api: "CompleteLifecycleAction",
-            message: "ValidationError: No active Lifecycle Action found with instance ID i-0abc"
-                .into(),
-        };
-        assert!(not_waiting(&gone));
-        let denied = CloudError::Api {
-            api: "CompleteLifecycleAction",
-            message: "AccessDenied: not authorized".into(),
-        };
-        assert!(!not_waiting(&denied));
-        let throttled = CloudError::Throttled {
-            api: "CompleteLifecycleAction",
-            message: "Throttling: Rate exceeded".into(),
-        };
-        assert!(!not_waiting(&throttled));
+    fn aws_codes_are_sorted_into_kinds() {
+        let no_action = "No active Lifecycle Action found with instance ID i-0abc";
+        for (code, message, kind) in [
+            ("ValidationError", no_action, ErrorKind::NotFound),
+            (
+                "ValidationError",
+                "Group users-a not found",
+                ErrorKind::Other,
+            ),
+            ("InvalidInstanceID.NotFound", "", ErrorKind::NotFound),
+            ("AccessDenied", "not authorized", ErrorKind::Denied),
+            ("UnauthorizedOperation", "", ErrorKind::Denied),
+            ("ExpiredToken", "", ErrorKind::Denied),
+            ("Throttling", "Rate exceeded", ErrorKind::Throttled),
+            ("RequestLimitExceeded", "", ErrorKind::Throttled),
+            ("InternalFailure", no_action, ErrorKind::Other),
+        ] {
+            assert_eq!(ErrorKind::of(code, message), kind, "{code}: {message}");
+        }
+    }
+
+    #[test]
+    fn only_a_not_found_action_counts_as_already_complete() {
+        for kind in ErrorKind::ALL {
+            let err = CloudError::new("CompleteLifecycleAction", kind, "x");
+            assert_eq!(not_waiting(&err), kind == ErrorKind::NotFound, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn messages_read_as_before() {
+        let mut err = CloudError::new("DescribeInstances", ErrorKind::Throttled, "Rate exceeded");
+        err.code = Some("Throttling".into());
+        assert_eq!(
+            err.to_string(),
+            "DescribeInstances throttled after retries: Throttling: Rate exceeded"
+        );
+        let timeout = CloudError::new(
+            "DescribeAutoScalingGroups",
+            ErrorKind::Timeout,
+            "timed out (see aws.attempt_timeout and aws.operation_timeout)",
+        );
+        assert_eq!(
+            timeout.to_string(),
+            "DescribeAutoScalingGroups failed: timed out (see aws.attempt_timeout and aws.operation_timeout)"
+        );
+    }
+
+    #[test]
+    fn kinds_carry_one_name_in_readyz_and_the_metrics() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.label());
+        }
     }
 
     #[tokio::test(start_paused = true)]

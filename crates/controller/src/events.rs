@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::cloud::Hints;
 use crate::lifecycle::LifecycleLog;
-use crate::model::Transition;
+use crate::model::{Ec2State, Transition};
 
 /// What one message asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub enum Event {
         instance: Option<String>,
     },
     /// An EC2 instance changed state; EC2 does not say which group.
-    InstanceState { instance: String, state: String },
+    InstanceState { instance: String, state: Ec2State },
 }
 
 impl Event {
@@ -135,7 +135,7 @@ fn parse_value(v: &Value) -> Result<Event, EventError> {
             }
             ("aws.ec2", "EC2 Instance State-change Notification") => Ok(Event::InstanceState {
                 instance: str_field(detail, "instance-id")?.to_owned(),
-                state: str_field(detail, "state")?.to_owned(),
+                state: str_field(detail, "state")?.into(),
             }),
             _ => Err(EventError::Unsupported {
                 source_name: source_name.to_owned(),

@@ -441,7 +441,7 @@ mod tests {
             changes.push(Change::AddEndpoint {
                 service: "users".into(),
                 endpoint: Endpoint {
-                    instance_id: InstanceId(format!("i-{n}")),
+                    instance_id: format!("i-{n}").into(),
                     address: (*a).into(),
                     port: 80,
                     zone: "a".into(),

@@ -28,6 +28,8 @@ pub mod config;
 pub mod events;
 pub mod guard;
 pub mod health;
+#[cfg(test)]
+mod json_contract;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;

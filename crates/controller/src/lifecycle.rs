@@ -102,17 +102,14 @@ pub struct ActionRecord {
     pub group: String,
     pub hook: String,
     pub instance: InstanceId,
-    pub transition: &'static str,
+    pub transition: Transition,
     /// When the wait began: the event's time when one came through
     /// `events`, else (launch) EC2's launch time or (terminate) when the
     /// controller first saw it waiting.
     #[serde(serialize_with = "rfc3339")]
     pub since: SystemTime,
-    /// Where `since` came from: `event`, `launch_time` (EC2's, whole
-    /// seconds) or `seen` (the listing that found the action).
-    pub since_from: &'static str,
-    /// `waiting_for_health`, `waiting_for_routers`, `draining`, `completing`, `done`.
-    pub stage: &'static str,
+    pub since_from: SinceFrom,
+    pub stage: Stage,
     /// Milliseconds from `since` to: the endpoint registered (launch: the
     /// listing that found it), the endpoint healthy (launch), every
     /// router acked (launch: the healthy revision; terminate: the draining
@@ -121,10 +118,89 @@ pub struct ActionRecord {
     pub healthy_ms: Option<u64>,
     pub acked_ms: Option<u64>,
     pub completed_ms: Option<u64>,
-    /// `continue`, `abandon`, `not_waiting` (AWS had no such action any more).
-    pub result: Option<&'static str>,
+    /// How it ended; never `error` (a failed action stays active).
+    pub result: Option<ActionResult>,
     /// Why a timeout decided, or the last error.
     pub note: Option<String>,
+}
+
+/// Where an action's `since` came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinceFrom {
+    /// The time of the event that announced it.
+    Event,
+    /// EC2's launch time (whole seconds).
+    LaunchTime,
+    /// The listing that found the action waiting.
+    Seen,
+}
+
+/// Where an action is in its wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Launch: the endpoint has not passed its health check yet.
+    WaitingForHealth,
+    /// Launch: healthy; not every router has acked it yet.
+    WaitingForRouters,
+    /// Terminate: routers are letting go of the endpoint.
+    Draining,
+    /// CompleteLifecycleAction is under way.
+    Completing,
+    Done,
+}
+
+/// How an action ended, as `/v1/lifecycle` and the metrics name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionResult {
+    Continue,
+    Abandon,
+    /// AWS had no such waiting action any more: already complete.
+    NotWaiting,
+    /// CompleteLifecycleAction failed; retried after the next listing.
+    Error,
+}
+
+impl ActionResult {
+    /// The metric label: the name `/v1/lifecycle` shows.
+    pub fn label(self) -> &'static str {
+        match self {
+            ActionResult::Continue => "continue",
+            ActionResult::Abandon => "abandon",
+            ActionResult::NotWaiting => "not_waiting",
+            ActionResult::Error => "error",
+        }
+    }
+
+    pub const ALL: [ActionResult; 4] = [
+        ActionResult::Continue,
+        ActionResult::Abandon,
+        ActionResult::NotWaiting,
+        ActionResult::Error,
+    ];
+}
+
+/// Which wait a timeout decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimeoutStage {
+    /// A launching endpoint was not healthy in time.
+    Launch,
+    /// A router did not ack a healthy launching endpoint in time.
+    Acks,
+    /// Routers had not let go of a terminating endpoint in time.
+    Drain,
+}
+
+impl TimeoutStage {
+    pub fn label(self) -> &'static str {
+        match self {
+            TimeoutStage::Launch => "launch",
+            TimeoutStage::Acks => "acks",
+            TimeoutStage::Drain => "drain",
+        }
+    }
 }
 
 /// Lifecycle state shared with the API: actions under way and recent ones,
@@ -140,10 +216,8 @@ struct LogInner {
     event_times: HashMap<(InstanceId, Transition), SystemTime>,
     active: BTreeMap<LifecycleAction, ActionRecord>,
     recent: VecDeque<ActionRecord>,
-    /// (transition, result) → count; result also `error`.
-    results: BTreeMap<(&'static str, &'static str), u64>,
-    /// (stage) → count: `launch`, `acks`, `drain`.
-    timeouts: BTreeMap<&'static str, u64>,
+    results: BTreeMap<(Transition, ActionResult), u64>,
+    timeouts: BTreeMap<TimeoutStage, u64>,
     heartbeats: u64,
     heartbeat_errors: u64,
     launch_healthy: Histogram,
@@ -154,12 +228,15 @@ struct LogInner {
 
 /// What `/metrics` reports, copied out under the lock.
 pub struct LifecycleMetrics {
-    pub results: BTreeMap<(&'static str, &'static str), u64>,
-    pub timeouts: BTreeMap<&'static str, u64>,
+    pub results: BTreeMap<(Transition, ActionResult), u64>,
+    pub timeouts: BTreeMap<TimeoutStage, u64>,
     pub heartbeats: u64,
     pub heartbeat_errors: u64,
-    /// (name, help, histogram)
-    pub histograms: Vec<(&'static str, &'static str, Histogram)>,
+    /// Shared with the log: they go on counting.
+    pub launch_healthy: Histogram,
+    pub launch_acked: Histogram,
+    pub healthy_to_acked: Histogram,
+    pub terminate_drained: Histogram,
 }
 
 fn ms(since: SystemTime) -> u64 {
@@ -184,7 +261,7 @@ impl LifecycleLog {
             .retain(|_, t| now.duration_since(*t).unwrap_or_default() < EVENT_TIME_KEPT);
         let at = inner
             .event_times
-            .entry((InstanceId(instance.to_owned()), transition))
+            .entry((instance.into(), transition))
             .or_insert(time);
         *at = (*at).min(time);
     }
@@ -210,28 +287,10 @@ impl LifecycleLog {
             timeouts: inner.timeouts.clone(),
             heartbeats: inner.heartbeats,
             heartbeat_errors: inner.heartbeat_errors,
-            histograms: vec![
-                (
-                    "signpost_lifecycle_launch_healthy_seconds",
-                    "Launch: from the event (or EC2 launch time) to the endpoint healthy.",
-                    inner.launch_healthy.clone(),
-                ),
-                (
-                    "signpost_lifecycle_launch_acked_seconds",
-                    "Launch: from the event (or EC2 launch time) to every router acked the healthy endpoint.",
-                    inner.launch_acked.clone(),
-                ),
-                (
-                    "signpost_lifecycle_healthy_to_acked_seconds",
-                    "Launch: from the endpoint healthy to every router acked it.",
-                    inner.healthy_to_acked.clone(),
-                ),
-                (
-                    "signpost_lifecycle_terminate_drained_seconds",
-                    "Terminate: from the event (or Terminating:Wait seen) to every router acked the drain with nothing in flight.",
-                    inner.terminate_drained.clone(),
-                ),
-            ],
+            launch_healthy: inner.launch_healthy.clone(),
+            launch_acked: inner.launch_acked.clone(),
+            healthy_to_acked: inner.healthy_to_acked.clone(),
+            terminate_drained: inner.terminate_drained.clone(),
         }
     }
 
@@ -241,17 +300,17 @@ impl LifecycleLog {
         }
     }
 
-    fn begin(&self, action: &LifecycleAction, since: SystemTime, since_from: &'static str) {
+    fn begin(&self, action: &LifecycleAction, since: SystemTime, since_from: SinceFrom) {
         let record = ActionRecord {
             group: action.group.clone(),
             hook: action.hook.clone(),
             instance: action.instance.clone(),
-            transition: action.transition.label(),
+            transition: action.transition,
             since,
             since_from,
             stage: match action.transition {
-                Transition::Launching => "waiting_for_health",
-                Transition::Terminating => "draining",
+                Transition::Launching => Stage::WaitingForHealth,
+                Transition::Terminating => Stage::Draining,
             },
             registered_ms: None,
             healthy_ms: None,
@@ -267,7 +326,7 @@ impl LifecycleLog {
             .insert(action.clone(), record);
     }
 
-    fn stage(&self, action: &LifecycleAction, stage: &'static str) {
+    fn stage(&self, action: &LifecycleAction, stage: Stage) {
         self.update(action, |r| r.stage = stage);
     }
 
@@ -275,7 +334,7 @@ impl LifecycleLog {
         self.update(action, |r| r.note = Some(note));
     }
 
-    fn timeout(&self, stage: &'static str) {
+    fn timeout(&self, stage: TimeoutStage) {
         *self
             .inner
             .lock()
@@ -296,7 +355,7 @@ impl LifecycleLog {
         };
         let healthy = ms(r.since);
         r.healthy_ms = Some(healthy);
-        r.stage = "waiting_for_routers";
+        r.stage = Stage::WaitingForRouters;
         inner.launch_healthy.observe_ms(healthy);
     }
 
@@ -307,7 +366,7 @@ impl LifecycleLog {
         };
         let acked = ms(r.since);
         r.acked_ms = Some(acked);
-        r.stage = "completing";
+        r.stage = Stage::Completing;
         let healthy = r.healthy_ms;
         match action.transition {
             Transition::Launching => {
@@ -330,14 +389,14 @@ impl LifecycleLog {
     fn finish(&self, action: &LifecycleAction, outcome: &Result<(HookResult, ActionCall), String>) {
         let mut inner = self.inner.lock().unwrap();
         let result = match outcome {
-            Ok((_, ActionCall::NotWaiting)) => "not_waiting",
-            Ok((HookResult::Continue, ActionCall::Done)) => "continue",
-            Ok((HookResult::Abandon, ActionCall::Done)) => "abandon",
-            Err(_) => "error",
+            Ok((_, ActionCall::NotWaiting)) => ActionResult::NotWaiting,
+            Ok((HookResult::Continue, ActionCall::Done)) => ActionResult::Continue,
+            Ok((HookResult::Abandon, ActionCall::Done)) => ActionResult::Abandon,
+            Err(_) => ActionResult::Error,
         };
         *inner
             .results
-            .entry((action.transition.label(), result))
+            .entry((action.transition, result))
             .or_default() += 1;
         // A failed action is taken up again by the next listing: nothing
         // half-done is kept.
@@ -345,7 +404,7 @@ impl LifecycleLog {
             return;
         };
         if outcome.is_ok() {
-            record.stage = "done";
+            record.stage = Stage::Done;
             record.result = Some(result);
             record.completed_ms = Some(ms(record.since));
             inner.recent.push_back(record);
@@ -437,9 +496,9 @@ impl<C: AutoScaling> Lifecycle<C> {
         let action = &w.action;
         // The event's own time when one came, else the listing's best guess.
         let (since, since_from) = match (self.log.take_event_time(action), w.since) {
-            (Some(t), _) => (t, "event"),
-            (None, Some(t)) => (t, "launch_time"),
-            (None, None) => (SystemTime::now(), "seen"),
+            (Some(t), _) => (t, SinceFrom::Event),
+            (None, Some(t)) => (t, SinceFrom::LaunchTime),
+            (None, None) => (SystemTime::now(), SinceFrom::Seen),
         };
         self.log.begin(action, since, since_from);
         info!(group = %action.group, instance = %action.instance, hook = %action.hook, transition = action.transition.label(), "lifecycle action waiting");
@@ -448,7 +507,7 @@ impl<C: AutoScaling> Lifecycle<C> {
             result = self.decide(action) => result,
             never = self.keep_alive(action, w.heartbeat_timeout) => match never {},
         };
-        self.log.stage(action, "completing");
+        self.log.stage(action, Stage::Completing);
         let outcome = self
             .cloud
             .complete_action(action, decided)
@@ -520,7 +579,7 @@ impl<C: AutoScaling> Lifecycle<C> {
                 );
                 warn!(group = %action.group, instance = %action.instance, "{note}");
                 self.log.note(action, note);
-                self.log.timeout("launch");
+                self.log.timeout(TimeoutStage::Launch);
                 return result;
             }
         };
@@ -533,7 +592,7 @@ impl<C: AutoScaling> Lifecycle<C> {
             // traffic yet, which fails no request. Go on, and say so.
             warn!(group = %action.group, instance = %action.instance, error = %e, "continuing without every router's ack");
             self.log.note(action, e.to_string());
-            self.log.timeout("acks");
+            self.log.timeout(TimeoutStage::Acks);
         }
         self.log.acked(action);
         HookResult::Continue
@@ -561,7 +620,7 @@ impl<C: AutoScaling> Lifecycle<C> {
             // draining in the same pass: not reached unless the registry stalls.
             Err(_) => self.registry.snapshot().revision,
         };
-        let instance = action.instance.0.as_str();
+        let instance = action.instance.as_str();
         let left = deadline.saturating_duration_since(Instant::now());
         let drained = self
             .routers
@@ -576,7 +635,7 @@ impl<C: AutoScaling> Lifecycle<C> {
             );
             warn!(group = %action.group, instance = %action.instance, "{note}");
             self.log.note(action, note);
-            self.log.timeout("drain");
+            self.log.timeout(TimeoutStage::Drain);
         }
         self.log.acked(action);
     }
@@ -642,6 +701,23 @@ mod tests {
     }
 
     #[test]
+    fn results_carry_one_name_in_the_api_and_the_metrics() {
+        for result in ActionResult::ALL {
+            assert_eq!(
+                serde_json::to_value(result).unwrap(),
+                result.label(),
+                "{result:?}"
+            );
+        }
+        for transition in [Transition::Launching, Transition::Terminating] {
+            assert_eq!(
+                serde_json::to_value(transition).unwrap(),
+                transition.label()
+            );
+        }
+    }
+
+    #[test]
     fn only_our_hooks_of_the_waiting_transition_are_taken() {
         let fleet = Fleet {
             groups: vec![ObservedGroup {
@@ -662,7 +738,7 @@ mod tests {
         };
         let found: Vec<(String, String, Option<SystemTime>)> = waiting_actions(&fleet, "signpost")
             .into_iter()
-            .map(|w| (w.action.instance.0, w.action.hook, w.since))
+            .map(|w| (w.action.instance.to_string(), w.action.hook, w.since))
             .collect();
         assert_eq!(
             found,
@@ -804,7 +880,7 @@ mod tests {
     fn completed(w: &World) -> Vec<(String, HookResult)> {
         let done = w.lifecycle.cloud.completed.lock().unwrap();
         done.iter()
-            .map(|(a, r)| (a.instance.0.clone(), *r))
+            .map(|(a, r)| (a.instance.to_string(), *r))
             .collect()
     }
 
@@ -828,7 +904,7 @@ mod tests {
         assert!(active.is_empty());
         assert_eq!(
             (recent[0].result, recent[0].stage),
-            (Some("continue"), "done")
+            (Some(ActionResult::Continue), Stage::Done)
         );
         assert!(recent[0].healthy_ms.is_some() && recent[0].acked_ms.is_some());
     }
@@ -859,8 +935,11 @@ mod tests {
             "one every 10s, a third of the 30s heartbeat timeout"
         );
         let m = w.lifecycle.log.metrics();
-        assert_eq!(m.results[&("launch", "abandon")], 1);
-        assert_eq!(m.timeouts["launch"], 1);
+        assert_eq!(
+            m.results[&(Transition::Launching, ActionResult::Abandon)],
+            1
+        );
+        assert_eq!(m.timeouts[&TimeoutStage::Launch], 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -899,7 +978,7 @@ mod tests {
         );
         assert_eq!(started.elapsed(), Duration::from_secs(30), "r1 never acked");
         assert_eq!(completed(&w), [("i-9".into(), HookResult::Continue)]);
-        assert_eq!(w.lifecycle.log.metrics().timeouts["drain"], 1);
+        assert_eq!(w.lifecycle.log.metrics().timeouts[&TimeoutStage::Drain], 1);
         let (_, recent) = w.lifecycle.log.actions();
         assert!(recent[0].note.as_deref().unwrap().contains("[\"r1\"]"));
     }
@@ -962,7 +1041,7 @@ mod tests {
                 .await
         );
         assert_eq!(
-            w.lifecycle.log.metrics().results[&("terminate", "error")],
+            w.lifecycle.log.metrics().results[&(Transition::Terminating, ActionResult::Error)],
             1
         );
         let (active, recent) = w.lifecycle.log.actions();

@@ -10,10 +10,17 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize, Serializer};
 
 /// An EC2 instance id (`i-0123...`). A newtype so that ids, group names and
-/// service names cannot be swapped by accident.
+/// service names cannot be swapped by accident; the field is private so that
+/// an id is only ever read as one (`as_str`, `Display`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
-pub struct InstanceId(pub String);
+pub struct InstanceId(String);
+
+impl InstanceId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for InstanceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -24,6 +31,155 @@ impl fmt::Display for InstanceId {
 impl From<&str> for InstanceId {
     fn from(s: &str) -> Self {
         InstanceId(s.to_owned())
+    }
+}
+
+impl From<String> for InstanceId {
+    fn from(s: String) -> Self {
+        InstanceId(s)
+    }
+}
+
+/// An instance's Auto Scaling lifecycle state. The states signpost acts on
+/// have variants; any other, including those AWS adds later (the warm pool's
+/// `Warmed:*`, say), is kept as AWS spelled it and treated as not serving.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LifecycleState {
+    Pending,
+    /// A launch hook holds the instance.
+    PendingWait,
+    PendingProceed,
+    InService,
+    Terminating,
+    /// A terminate hook holds the instance.
+    TerminatingWait,
+    TerminatingProceed,
+    Terminated,
+    Detaching,
+    Detached,
+    EnteringStandby,
+    Standby,
+    Other(String),
+}
+
+impl LifecycleState {
+    const NAMED: [(LifecycleState, &'static str); 12] = [
+        (LifecycleState::Pending, "Pending"),
+        (LifecycleState::PendingWait, "Pending:Wait"),
+        (LifecycleState::PendingProceed, "Pending:Proceed"),
+        (LifecycleState::InService, "InService"),
+        (LifecycleState::Terminating, "Terminating"),
+        (LifecycleState::TerminatingWait, "Terminating:Wait"),
+        (LifecycleState::TerminatingProceed, "Terminating:Proceed"),
+        (LifecycleState::Terminated, "Terminated"),
+        (LifecycleState::Detaching, "Detaching"),
+        (LifecycleState::Detached, "Detached"),
+        (LifecycleState::EnteringStandby, "EnteringStandby"),
+        (LifecycleState::Standby, "Standby"),
+    ];
+
+    /// AWS's name of the state.
+    pub fn as_aws(&self) -> &str {
+        match self {
+            LifecycleState::Other(name) => name,
+            known => Self::NAMED
+                .iter()
+                .find(|(state, _)| state == known)
+                .map_or("", |(_, name)| name),
+        }
+    }
+
+    /// Whether a lifecycle hook holds the instance (`Pending:Wait`,
+    /// `Terminating:Wait`) until it is completed.
+    pub fn is_held_by_hook(&self) -> bool {
+        matches!(
+            self,
+            LifecycleState::PendingWait | LifecycleState::TerminatingWait
+        )
+    }
+
+    /// Whether an instance in this state may take traffic once healthy.
+    /// `Pending:Wait` is among them: a launch hook holds the instance there
+    /// precisely so that it can be checked and pushed to routers before the
+    /// group counts it in service.
+    pub fn is_serving(&self) -> bool {
+        matches!(
+            self,
+            LifecycleState::InService
+                | LifecycleState::PendingWait
+                | LifecycleState::PendingProceed
+        )
+    }
+}
+
+impl From<&str> for LifecycleState {
+    fn from(name: &str) -> Self {
+        Self::NAMED
+            .iter()
+            .find(|(_, known)| *known == name)
+            .map_or_else(
+                || LifecycleState::Other(name.to_owned()),
+                |(state, _)| state.clone(),
+            )
+    }
+}
+
+impl fmt::Display for LifecycleState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_aws())
+    }
+}
+
+/// An instance's EC2 state; any state AWS adds later is kept as spelled and
+/// treated as not running.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Ec2State {
+    Pending,
+    Running,
+    ShuttingDown,
+    Terminated,
+    Stopping,
+    Stopped,
+    Other(String),
+}
+
+impl Ec2State {
+    const NAMED: [(Ec2State, &'static str); 6] = [
+        (Ec2State::Pending, "pending"),
+        (Ec2State::Running, "running"),
+        (Ec2State::ShuttingDown, "shutting-down"),
+        (Ec2State::Terminated, "terminated"),
+        (Ec2State::Stopping, "stopping"),
+        (Ec2State::Stopped, "stopped"),
+    ];
+
+    /// AWS's name of the state.
+    pub fn as_aws(&self) -> &str {
+        match self {
+            Ec2State::Other(name) => name,
+            known => Self::NAMED
+                .iter()
+                .find(|(state, _)| state == known)
+                .map_or("", |(_, name)| name),
+        }
+    }
+}
+
+impl From<&str> for Ec2State {
+    fn from(name: &str) -> Self {
+        Self::NAMED
+            .iter()
+            .find(|(_, known)| *known == name)
+            .map_or_else(
+                || Ec2State::Other(name.to_owned()),
+                |(state, _)| state.clone(),
+            )
+    }
+}
+
+impl fmt::Display for Ec2State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_aws())
     }
 }
 
@@ -77,12 +233,15 @@ pub struct ObservedGroup {
     pub hooks: Vec<LifecycleHook>,
 }
 
-/// Which change of an instance a lifecycle hook holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Which change of an instance a lifecycle hook holds. Serialized (in
+/// `/v1/lifecycle`) by its short name, the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Transition {
     /// `autoscaling:EC2_INSTANCE_LAUNCHING`: the instance waits in `Pending:Wait`.
+    #[serde(rename = "launch")]
     Launching,
     /// `autoscaling:EC2_INSTANCE_TERMINATING`: it waits in `Terminating:Wait`.
+    #[serde(rename = "terminate")]
     Terminating,
 }
 
@@ -148,8 +307,7 @@ pub struct LifecycleHook {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObservedInstance {
     pub id: InstanceId,
-    /// Auto Scaling lifecycle state: `InService`, `Pending:Wait`, `Terminating`, ...
-    pub lifecycle_state: String,
+    pub lifecycle_state: LifecycleState,
     pub zone: String,
     /// EC2's view; `None` when DescribeInstances did not return the instance
     /// (eventual consistency): we then neither add nor remove it.
@@ -158,47 +316,43 @@ pub struct ObservedInstance {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ec2Instance {
-    /// `pending`, `running`, `stopping`, ...
-    pub state: String,
+    pub state: Ec2State,
     pub private_ip: Option<IpAddr>,
     pub launch_time: Option<SystemTime>,
 }
-
-/// Lifecycle states in which an instance may take traffic once healthy.
-/// `Pending:Wait` is among them: a launch hook holds the instance there
-/// precisely so that it can be checked and pushed to routers before the
-/// group counts it in service.
-const SERVING: [&str; 3] = ["InService", "Pending:Wait", "Pending:Proceed"];
 
 impl ObservedInstance {
     /// Only an instance that Auto Scaling has launched (or holds in a launch
     /// hook) and EC2 runs may be registered.
     pub fn is_candidate(&self) -> bool {
-        SERVING.contains(&self.lifecycle_state.as_str())
+        self.lifecycle_state.is_serving()
             && self
                 .ec2
                 .as_ref()
-                .is_some_and(|e| e.state == "running" && e.private_ip.is_some())
+                .is_some_and(|e| e.state == Ec2State::Running && e.private_ip.is_some())
     }
 
     /// A terminate hook holds the instance: it still runs and serves the
     /// requests it has, but must get no new ones.
     pub fn is_draining(&self) -> bool {
-        self.lifecycle_state == "Terminating:Wait"
+        self.lifecycle_state == LifecycleState::TerminatingWait
     }
 
     /// True when we know the instance is going away (past any hook) or is not
     /// serving. An instance EC2 did not describe is not known to be leaving.
     pub fn is_leaving(&self) -> bool {
-        !(SERVING.contains(&self.lifecycle_state.as_str()) || self.is_draining())
-            || self.ec2.as_ref().is_some_and(|e| e.state != "running")
+        !(self.lifecycle_state.is_serving() || self.is_draining())
+            || self
+                .ec2
+                .as_ref()
+                .is_some_and(|e| e.state != Ec2State::Running)
     }
 
     /// The hook transition the instance is waiting on, if any.
     pub fn waiting_on(&self) -> Option<Transition> {
-        match self.lifecycle_state.as_str() {
-            "Pending:Wait" => Some(Transition::Launching),
-            "Terminating:Wait" => Some(Transition::Terminating),
+        match self.lifecycle_state {
+            LifecycleState::PendingWait => Some(Transition::Launching),
+            LifecycleState::TerminatingWait => Some(Transition::Terminating),
             _ => None,
         }
     }
@@ -226,8 +380,25 @@ pub enum EndpointState {
 }
 
 impl EndpointState {
+    pub const ALL: [EndpointState; 4] = [
+        EndpointState::Starting,
+        EndpointState::Healthy,
+        EndpointState::Unhealthy,
+        EndpointState::Draining,
+    ];
+
     pub fn is_routable(self) -> bool {
         self == EndpointState::Healthy
+    }
+
+    /// The metric label: the name the API shows.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndpointState::Starting => "starting",
+            EndpointState::Healthy => "healthy",
+            EndpointState::Unhealthy => "unhealthy",
+            EndpointState::Draining => "draining",
+        }
     }
 }
 
@@ -315,4 +486,29 @@ pub enum Change {
     },
     /// The full set of misconfigured groups.
     SetProblems(BTreeMap<String, GroupProblem>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_state_names_read_back_as_written_and_unknown_ones_are_kept() {
+        for (state, name) in LifecycleState::NAMED {
+            assert_eq!(LifecycleState::from(name), state);
+            assert_eq!(state.to_string(), name);
+        }
+        for (state, name) in Ec2State::NAMED {
+            assert_eq!(Ec2State::from(name), state);
+            assert_eq!(state.to_string(), name);
+        }
+        let warmed = LifecycleState::from("Warmed:Running");
+        assert_eq!(warmed, LifecycleState::Other("Warmed:Running".into()));
+        assert_eq!(warmed.as_aws(), "Warmed:Running");
+        assert!(
+            !warmed.is_serving(),
+            "a state we do not know takes no traffic"
+        );
+        assert_eq!(Ec2State::from("hibernating").as_aws(), "hibernating");
+    }
 }

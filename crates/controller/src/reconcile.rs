@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cloud::{AutoScaling, CallCount};
+use crate::cloud::{AutoScaling, CallCount, ErrorKind};
 use crate::guard::{HeldRemoval, RemovalGuard};
 use crate::model::{
     rfc3339, Change, Endpoint, EndpointState, Fleet, GroupProblem, InstanceId, ObservedGroup,
@@ -248,9 +248,22 @@ pub struct SyncStatus {
     /// failed, and failures by API and kind (for metrics).
     pub calls_total: CallCount,
     pub syncs_total: u64,
-    pub failures_total: BTreeMap<String, u64>,
+    #[serde(serialize_with = "by_api_and_kind")]
+    pub failures_total: BTreeMap<(&'static str, ErrorKind), u64>,
     /// Removals the mass-removal guard holds after the last listing.
     pub held_removals: Vec<HeldRemoval>,
+}
+
+/// Failures keyed `api/kind` in `/readyz`, as they always were.
+fn by_api_and_kind<S: serde::Serializer>(
+    failures: &BTreeMap<(&'static str, ErrorKind), u64>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(
+        failures
+            .iter()
+            .map(|((api, kind), n)| (format!("{api}/{}", kind.label()), n)),
+    )
 }
 
 fn opt_rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -389,9 +402,9 @@ impl<C: AutoScaling> Reconciler<C> {
             }
             Err(error) => {
                 let message = error.to_string();
-                let label = error.label();
+                let key = (error.api, error.kind);
                 self.status.send_modify(|s| {
-                    *s.failures_total.entry(label).or_default() += 1;
+                    *s.failures_total.entry(key).or_default() += 1;
                     let since = *s.failing_since.get_or_insert_with(SystemTime::now);
                     warn!(
                         error = %message,
@@ -471,7 +484,7 @@ mod tests {
             .services
             .get(service)
             .map_or(vec![], |s| {
-                s.endpoints.keys().map(|i| i.0.clone()).collect()
+                s.endpoints.keys().map(InstanceId::to_string).collect()
             })
     }
 
@@ -515,7 +528,7 @@ mod tests {
         converge(&fleet, &r);
         fleet.groups[0]
             .instances
-            .retain(|i| i.id.0 == "i-2" || i.id.0 == "i-5");
+            .retain(|i| i.id.as_str() == "i-2" || i.id.as_str() == "i-5");
         let changes = converge(&fleet, &r);
         assert_eq!(changes.len(), 4);
         assert_eq!(ids(&r, "users"), ["i-2", "i-5"]);

@@ -366,10 +366,20 @@ pub struct Ack {
 pub struct Ejection {
     pub service: String,
     pub instance: String,
-    /// Why: `connect_failures` or `server_errors`.
-    pub reason: String,
+    pub reason: EjectionReason,
     /// Milliseconds until the router tries the endpoint again.
     pub remaining_ms: u64,
+}
+
+/// Why a router stopped using an endpoint on its own. A reason added later
+/// is a protocol change: an older controller refuses the ack that names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EjectionReason {
+    /// Connections to it failed in a row.
+    ConnectFailures,
+    /// It answered 5xx in a row.
+    ServerErrors,
 }
 
 #[cfg(test)]

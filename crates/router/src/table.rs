@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::upstream;
-use signpost_protocol::{Ejection, Mirror};
+use signpost_protocol::{Ejection, EjectionReason, Mirror};
 use signpost_protocol::{Epoch, Revision};
 
 /// Consecutive failures (connect errors, 5xx, timeouts) that eject an endpoint.
@@ -132,9 +132,9 @@ impl Backend {
             service: self.service.clone(),
             instance: self.instance.clone(),
             reason: if self.reason.load(Ordering::Relaxed) == Outcome::ServerError as u32 {
-                "server_errors".into()
+                EjectionReason::ServerErrors
             } else {
-                "connect_failures".into()
+                EjectionReason::ConnectFailures
             },
             remaining_ms: until - at,
         })
@@ -338,7 +338,10 @@ mod tests {
         assert!(!b.record(Outcome::ServerError, now));
         assert!(b.record(Outcome::ServerError, now), "third in a row ejects");
         assert!(b.is_ejected(now));
-        assert_eq!(b.ejection(now).unwrap().reason, "server_errors");
+        assert_eq!(
+            b.ejection(now).unwrap().reason,
+            EjectionReason::ServerErrors
+        );
         tokio::time::advance(EJECT_BASE).await;
         assert!(
             !b.is_ejected(Instant::now()),

@@ -20,7 +20,7 @@ impl From<model::EndpointState> for WireState {
 impl From<&model::Endpoint> for WireEndpoint {
     fn from(e: &model::Endpoint) -> Self {
         WireEndpoint {
-            instance: e.instance_id.0.clone(),
+            instance: e.instance_id.to_string(),
             address: e.address,
             port: e.port,
             zone: e.zone.clone(),
@@ -90,7 +90,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<WireChange> {
                 if !service.endpoints.contains_key(id) {
                     changes.push(WireChange::RemoveEndpoint {
                         service: name.clone(),
-                        instance: id.0.clone(),
+                        instance: id.to_string(),
                     });
                 }
             }
