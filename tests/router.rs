@@ -317,9 +317,23 @@ async fn two_routers_both_ack_each_revision() {
         );
     }
 
-    let revision = controller.wait_in_sync(&r1).await;
-    controller.wait_in_sync(&r2).await;
-    let (_, body) = controller.get("/v1/routers").await;
+    // One read of /v1/routers in which both have acked its revision (a
+    // health verdict may move the registry on between two reads).
+    let body = wait_for(
+        "both routers to ack the registry's revision",
+        Duration::from_secs(20),
+        || async {
+            let (_, body) = controller.get("/v1/routers").await;
+            let revision = &body["revision"];
+            let routers = body["routers"].as_array()?;
+            routers
+                .iter()
+                .all(|r| r["acked_revision"] == *revision)
+                .then_some(body.clone())
+        },
+    )
+    .await;
+    let revision = body["revision"].as_u64().unwrap();
     let routers = body["routers"].as_array().unwrap();
     assert_eq!(routers.len(), 2, "{body}");
     for (r, id) in routers.iter().zip(["r1", "r2"]) {

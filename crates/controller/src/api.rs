@@ -31,7 +31,7 @@ pub struct ApiState {
     pub lifecycle: Arc<LifecycleLog>,
 }
 
-pub fn router(state: ApiState) -> Router {
+pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(get_service))
@@ -293,10 +293,10 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    /// `GET /metrics` through the API's router.
+    /// `GET /metrics` through the API's routes.
     async fn scrape(state: ApiState) -> String {
         let request = Request::get("/metrics").body(Body::empty()).unwrap();
-        let response = router(state).oneshot(request).await.unwrap();
+        let response = routes(state).oneshot(request).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()
     }

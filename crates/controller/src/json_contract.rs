@@ -125,7 +125,7 @@ fn api_state(snapshot: Snapshot, routers: Arc<Routers>, lifecycle: Arc<Lifecycle
 
 #[tokio::test]
 async fn services_json_is_unchanged() {
-    let app = api::router(api_state(
+    let app = api::routes(api_state(
         snapshot(),
         Arc::new(Routers::new(Epoch::from_bits(7))),
         Arc::default(),
@@ -270,7 +270,7 @@ async fn lifecycle_json_is_unchanged() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let app = api::router(api_state(
+    let app = api::routes(api_state(
         snapshot(),
         Arc::new(Routers::new(Epoch::from_bits(7))),
         log,
@@ -313,7 +313,7 @@ async fn readyz_counts_failures_under_api_slash_kind_keys() {
         ..SyncStatus::default()
     };
     state.sync = watch::channel(sync).1;
-    let body = get(api::router(state), "/readyz").await;
+    let body = get(api::routes(state), "/readyz").await;
     let failures = r#""failures_total":{"DescribeAutoScalingGroups/throttled":1,"DescribeInstances/timeout":2}"#;
     assert!(body.contains(failures), "{body}");
 }

@@ -118,7 +118,7 @@ pub async fn run(
     };
     tasks.push(tokio::spawn(lifecycle.run(fleet_rx, stop.clone())));
 
-    let app = api::router(ApiState {
+    let app = api::routes(ApiState {
         registry: registry.subscribe(),
         sync: status_rx,
         resync_interval: config.resync_interval,

@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use signpost_protocol::{Ack, Epoch, Message, WireChange, WireEndpoint, WireService, WireState, PROTOCOL};
+use signpost_protocol::{
+    Ack, Epoch, Message, WireChange, WireEndpoint, WireService, WireState, PROTOCOL,
+};
 
 fn endpoint(instance: &str, state: WireState) -> WireEndpoint {
     WireEndpoint {

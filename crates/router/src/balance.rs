@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::table::{Backend, ServiceEndpoints};
+use super::table::{Endpoint, ServiceEndpoints};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Balance {
@@ -44,9 +44,9 @@ impl Balance {
     pub fn pick(
         self,
         service: &ServiceEndpoints,
-        avoid: Option<&Backend>,
+        avoid: Option<&Endpoint>,
         now: Instant,
-    ) -> Option<Arc<Backend>> {
+    ) -> Option<Arc<Endpoint>> {
         RNG.with(|state| {
             let mut rng = Rng(state.get());
             let picked = self.pick_with(service, avoid, now, &mut rng);
@@ -60,13 +60,13 @@ impl Balance {
     pub fn pick_with(
         self,
         service: &ServiceEndpoints,
-        avoid: Option<&Backend>,
+        avoid: Option<&Endpoint>,
         now: Instant,
         rng: &mut Rng,
-    ) -> Option<Arc<Backend>> {
+    ) -> Option<Arc<Endpoint>> {
         let eps = &service.endpoints;
         let usable =
-            |b: &Arc<Backend>| !avoid.is_some_and(|a| std::ptr::eq(a, &**b)) && !b.is_ejected(now);
+            |b: &Arc<Endpoint>| !avoid.is_some_and(|a| std::ptr::eq(a, &**b)) && !b.is_ejected(now);
         match eps.len() {
             0 => None,
             1 => (avoid.is_none()).then(|| eps[0].clone()),
@@ -81,7 +81,7 @@ impl Balance {
                         let b = a.and_then(|a| {
                             random_usable(
                                 eps,
-                                &|b: &Arc<Backend>| !Arc::ptr_eq(a, b) && usable(b),
+                                &|b: &Arc<Endpoint>| !Arc::ptr_eq(a, b) && usable(b),
                                 rng,
                             )
                         });
@@ -113,10 +113,10 @@ impl Balance {
 /// A random endpoint that passes `ok`: a few random draws, then a scan from a
 /// random start, so the common case allocates nothing and stays O(1).
 fn random_usable<'a>(
-    eps: &'a [Arc<Backend>],
-    ok: &dyn Fn(&Arc<Backend>) -> bool,
+    eps: &'a [Arc<Endpoint>],
+    ok: &dyn Fn(&Arc<Endpoint>) -> bool,
     rng: &mut Rng,
-) -> Option<&'a Arc<Backend>> {
+) -> Option<&'a Arc<Endpoint>> {
     let n = eps.len();
     for _ in 0..4 {
         let b = &eps[rng.below(n)];
@@ -165,7 +165,7 @@ mod tests {
             name: "users".into(),
             endpoints: (0..n)
                 .map(|i| {
-                    Arc::new(Backend::new(
+                    Arc::new(Endpoint::new(
                         "users",
                         &format!("i-{i}"),
                         format!("127.0.0.{}:80", i + 1).parse().unwrap(),

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::table::{Backend, RouteTable};
+use super::table::{Endpoint, RouteTable};
 use super::{cache, RouterState, Source};
 use signpost_protocol::{Ack, Message, Mirror, WireError, PROTOCOL};
 
@@ -102,7 +102,7 @@ impl Subscriber {
     async fn load_cache(
         &self,
         mirror: &mut Mirror,
-        known: &mut HashMap<(String, String), Arc<Backend>>,
+        known: &mut HashMap<(String, String), Arc<Endpoint>>,
     ) {
         let Some(path) = &self.cache else { return };
         match cache::load(path).await {
@@ -119,7 +119,7 @@ impl Subscriber {
         &self,
         http: &Client<HttpConnector, Full<Bytes>>,
         mirror: &mut Mirror,
-        known: &mut HashMap<(String, String), Arc<Backend>>,
+        known: &mut HashMap<(String, String), Arc<Endpoint>>,
         got_snapshot: &mut bool,
     ) -> SessionError {
         let url = format!(
@@ -198,7 +198,7 @@ impl RouterState {
     pub(super) fn publish(
         &self,
         mirror: &Mirror,
-        known: &mut HashMap<(String, String), Arc<Backend>>,
+        known: &mut HashMap<(String, String), Arc<Endpoint>>,
         source: Source,
     ) {
         self.table.store(Arc::new(RouteTable::build(mirror, known)));

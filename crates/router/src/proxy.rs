@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 
 use super::balance::Balance;
 use super::http1::{self, Body, BodyError, Framing, HeadError, Local};
-use super::table::{Backend, Outcome, RouteTable, ServiceEndpoints};
+use super::table::{Endpoint, Outcome, RouteTable, ServiceEndpoints};
 use super::upstream::{self, Connection, READ_SIZE};
 
 /// How long in-flight requests may finish after a shutdown signal.
@@ -82,7 +82,7 @@ enum Next {
 /// to know of its head, which is gone from the buffer by then.
 struct Exchange {
     service: Arc<ServiceEndpoints>,
-    backend: Arc<Backend>,
+    endpoint: Arc<Endpoint>,
     framing: Framing,
     is_head: bool,
     minor: u8,
@@ -341,7 +341,7 @@ impl Proxy {
                 None => return local(404, "Not Found", format!("no route for {}\n", req.path)),
             }
         };
-        let Some(backend) = self.balance.pick(&service, None, Instant::now()) else {
+        let Some(endpoint) = self.balance.pick(&service, None, Instant::now()) else {
             let body = format!("no healthy endpoint for service {}\n", service.name);
             return local(503, "Service Unavailable", body);
         };
@@ -349,7 +349,7 @@ impl Proxy {
         req.write_head(client, out);
         Next::Forward(Exchange {
             service,
-            backend,
+            endpoint,
             framing: req.framing,
             is_head: req.is_head(),
             minor: req.minor,
@@ -364,31 +364,31 @@ impl Proxy {
     /// connection stays open.
     async fn forward(&self, client: &mut Client, ex: Exchange) -> bool {
         let head_len = client.head.len();
-        let mut backend = ex.backend.clone();
+        let mut endpoint = ex.endpoint.clone();
         let mut retried = false;
         let mut pooled_ok = true;
         // A request with a body cannot be taken back once it is on its way.
         let close_on_error = !ex.keep_alive || ex.framing != Framing::Empty;
         loop {
-            let in_flight = InFlight::new(backend.clone());
+            let in_flight = InFlight::new(endpoint.clone());
             let pooled = pooled_ok
-                .then(|| backend.connections.take(Instant::now()))
+                .then(|| endpoint.connections.take(Instant::now()))
                 .flatten();
             let reused = pooled.is_some();
             let mut conn = match pooled {
                 Some(conn) => conn,
-                None => match upstream::connect(backend.addr, self.connect_timeout).await {
+                None => match upstream::connect(endpoint.addr, self.connect_timeout).await {
                     Ok(conn) => conn,
                     Err(e) => {
                         drop(in_flight);
-                        self.record(&backend, Outcome::ConnectFailure, Instant::now());
-                        debug!(service = %ex.service.name, instance = %backend.instance, error = %e, "connect failed");
+                        self.record(&endpoint, Outcome::ConnectFailure, Instant::now());
+                        debug!(service = %ex.service.name, instance = %endpoint.instance, error = %e, "connect failed");
                         if !retried {
                             let next =
                                 self.balance
-                                    .pick(&ex.service, Some(&backend), Instant::now());
+                                    .pick(&ex.service, Some(&endpoint), Instant::now());
                             if let Some(next) = next {
-                                backend = next;
+                                endpoint = next;
                                 retried = true;
                                 continue;
                             }
@@ -401,21 +401,21 @@ impl Proxy {
                 },
             };
             client.head.truncate(head_len);
-            http1::finish_head(&mut client.head, (!ex.has_host).then_some(&backend.host));
+            http1::finish_head(&mut client.head, (!ex.has_host).then_some(&endpoint.host));
             let result = self.exchange(client, &mut conn, &ex, reused).await;
             let now = Instant::now();
             match result {
                 Ok(done) => {
-                    self.record(&backend, done.outcome, now);
+                    self.record(&endpoint, done.outcome, now);
                     if done.reusable {
-                        backend.connections.put(conn, now);
+                        endpoint.connections.put(conn, now);
                     }
                     return !done.close;
                 }
                 Err(Failure::Stale) => {
                     // Not the endpoint's fault, and nothing was lost: again,
                     // on a new connection.
-                    debug!(instance = %backend.instance, "kept-alive connection was closed; sending again");
+                    debug!(instance = %endpoint.instance, "kept-alive connection was closed; sending again");
                     pooled_ok = false;
                 }
                 Err(Failure::Client(e)) => {
@@ -433,19 +433,19 @@ impl Proxy {
                     return false;
                 }
                 Err(Failure::AfterResponse(e)) => {
-                    self.record(&backend, Outcome::ServerError, now);
-                    debug!(service = %ex.service.name, instance = %backend.instance, error = %e, "response cut short");
+                    self.record(&endpoint, Outcome::ServerError, now);
+                    debug!(service = %ex.service.name, instance = %endpoint.instance, error = %e, "response cut short");
                     return false;
                 }
                 Err(e @ Failure::Timeout(_)) => {
-                    self.record(&backend, Outcome::ServerError, now);
+                    self.record(&endpoint, Outcome::ServerError, now);
                     let body = format!("service {} {e}\n", ex.service.name);
                     return self
                         .answer(client, &ex, (504, "Gateway Timeout"), body, close_on_error)
                         .await;
                 }
                 Err(e) => {
-                    self.record(&backend, Outcome::ServerError, now);
+                    self.record(&endpoint, Outcome::ServerError, now);
                     let body = format!("service {} failed: {e}\n", ex.service.name);
                     return self
                         .answer(client, &ex, (502, "Bad Gateway"), body, close_on_error)
@@ -717,8 +717,8 @@ impl Proxy {
         }
     }
 
-    fn record(&self, backend: &Backend, outcome: Outcome, now: Instant) {
-        if backend.record(outcome, now) {
+    fn record(&self, endpoint: &Endpoint, outcome: Outcome, now: Instant) {
+        if endpoint.record(outcome, now) {
             self.ejected.notify_one();
         }
     }
@@ -816,12 +816,12 @@ pub async fn accept(listener: TcpListener, workers: Workers, stop: CancellationT
 }
 
 /// Counts a request against its endpoint until its exchange is over.
-pub struct InFlight(Arc<Backend>);
+pub struct InFlight(Arc<Endpoint>);
 
 impl InFlight {
-    fn new(backend: Arc<Backend>) -> InFlight {
-        backend.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(backend)
+    fn new(endpoint: Arc<Endpoint>) -> InFlight {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(endpoint)
     }
 }
 

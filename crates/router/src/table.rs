@@ -32,7 +32,7 @@ pub struct RouteTable {
     /// Endpoints no longer routable with requests to them still in flight.
     /// Kept so that the router goes on reporting those requests: the
     /// controller lets a draining instance terminate only once they are done.
-    pub retiring: Vec<Arc<Backend>>,
+    pub retiring: Vec<Arc<Endpoint>>,
 }
 
 pub struct Route {
@@ -44,7 +44,7 @@ pub struct ServiceEndpoints {
     pub name: String,
     /// Only endpoints the registry says are healthy: the registry's health
     /// checks are the authority, passive ejection only narrows this set.
-    pub endpoints: Vec<Arc<Backend>>,
+    pub endpoints: Vec<Arc<Endpoint>>,
     /// Round-robin cursor.
     pub next: AtomicUsize,
 }
@@ -52,7 +52,7 @@ pub struct ServiceEndpoints {
 /// One endpoint and what the router learns about it from its own traffic.
 /// Shared between tables while the endpoint keeps its address, so that
 /// in-flight counts and ejections survive a new revision.
-pub struct Backend {
+pub struct Endpoint {
     pub service: String,
     pub instance: String,
     pub addr: SocketAddr,
@@ -79,9 +79,9 @@ pub enum Outcome {
     ServerError,
 }
 
-impl Backend {
-    pub fn new(service: &str, instance: &str, addr: SocketAddr) -> Backend {
-        Backend {
+impl Endpoint {
+    pub fn new(service: &str, instance: &str, addr: SocketAddr) -> Endpoint {
+        Endpoint {
             service: service.to_owned(),
             instance: instance.to_owned(),
             addr,
@@ -142,12 +142,12 @@ impl Backend {
 }
 
 impl RouteTable {
-    /// Builds the table for `mirror`, reusing the `Backend`s in `known` that
+    /// Builds the table for `mirror`, reusing the `Endpoint`s in `known` that
     /// kept their address, and leaving in `known` the new table's (routable
     /// and retiring).
     pub fn build(
         mirror: &Mirror,
-        known: &mut HashMap<(String, String), Arc<Backend>>,
+        known: &mut HashMap<(String, String), Arc<Endpoint>>,
     ) -> RouteTable {
         let mut next_known = HashMap::new();
         let mut routes: Vec<Route> = Vec::new();
@@ -159,12 +159,12 @@ impl RouteTable {
                 .map(|e| {
                     let key = (name.clone(), e.instance.clone());
                     let addr = SocketAddr::new(e.address, e.port);
-                    let backend = match known.get(&key) {
+                    let endpoint = match known.get(&key) {
                         Some(b) if b.addr == addr => b.clone(),
-                        _ => Arc::new(Backend::new(name, &e.instance, addr)),
+                        _ => Arc::new(Endpoint::new(name, &e.instance, addr)),
                     };
-                    next_known.insert(key, backend.clone());
-                    backend
+                    next_known.insert(key, endpoint.clone());
+                    endpoint
                 })
                 .collect();
             if let Some(other) = routes.iter().find(|r| r.prefix == service.route) {
@@ -182,10 +182,10 @@ impl RouteTable {
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         let mut retiring = Vec::new();
-        for (key, backend) in known.drain() {
-            if !next_known.contains_key(&key) && backend.in_flight.load(Ordering::Relaxed) > 0 {
-                retiring.push(backend.clone());
-                next_known.insert(key, backend);
+        for (key, endpoint) in known.drain() {
+            if !next_known.contains_key(&key) && endpoint.in_flight.load(Ordering::Relaxed) > 0 {
+                retiring.push(endpoint.clone());
+                next_known.insert(key, endpoint);
             }
         }
         *known = next_known;
@@ -276,7 +276,7 @@ mod tests {
     }
 
     #[test]
-    fn only_healthy_endpoints_are_routable_and_backends_survive_rebuilds() {
+    fn only_healthy_endpoints_are_routable_and_their_state_survives_rebuilds() {
         let m = mirror(&[(
             "users",
             "/users",
@@ -327,7 +327,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn consecutive_failures_eject_with_a_growing_back_off() {
-        let b = Backend::new("users", "i-1", "127.0.0.1:80".parse().unwrap());
+        let b = Endpoint::new("users", "i-1", "127.0.0.1:80".parse().unwrap());
         let now = Instant::now();
         assert!(!b.record(Outcome::ConnectFailure, now));
         assert!(

@@ -498,7 +498,7 @@ impl Seen {
     }
 }
 
-struct Backend {
+struct Endpoint {
     addr: SocketAddr,
     seen: Arc<Seen>,
 }
@@ -506,7 +506,7 @@ struct Backend {
 /// A backend on a port of its own running `script` on each connection it
 /// accepts. A script's error only means that the router closed the
 /// connection: tests judge by what each side saw, not by how scripts end.
-async fn backend<F, Fut>(script: F) -> Backend
+async fn backend<F, Fut>(script: F) -> Endpoint
 where
     F: Fn(Conn) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = io::Result<()>> + Send + 'static,
@@ -527,7 +527,7 @@ where
             }));
         }
     });
-    Backend { addr, seen }
+    Endpoint { addr, seen }
 }
 
 /// One connection from the router to a backend, as its script sees it.
