@@ -11,7 +11,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::endpoints::Service;
 use crate::model::HookResult;
 
 #[derive(Debug, Error)]
@@ -148,12 +147,13 @@ pub struct ServiceEndpoints {
 }
 
 impl ServiceEndpoints {
-    pub fn get(&self, service: Service) -> Option<&str> {
-        match service {
-            Service::AutoScaling => self.autoscaling.as_deref(),
-            Service::Ec2 => self.ec2.as_deref(),
-            Service::Sqs => self.sqs.as_deref(),
-        }
+    /// Each endpoint with its config key.
+    fn keyed(&self) -> [(&'static str, Option<&str>); 3] {
+        [
+            ("aws.endpoints.autoscaling", self.autoscaling.as_deref()),
+            ("aws.endpoints.ec2", self.ec2.as_deref()),
+            ("aws.endpoints.sqs", self.sqs.as_deref()),
+        ]
     }
 }
 
@@ -318,9 +318,9 @@ impl Config {
         if let Some(url) = &aws.endpoint_url {
             validate_endpoint("aws.endpoint_url", url)?;
         }
-        for service in Service::ALL {
-            if let Some(url) = aws.endpoints.get(service) {
-                validate_endpoint(service.config_key(), url)?;
+        for (key, url) in aws.endpoints.keyed() {
+            if let Some(url) = url {
+                validate_endpoint(key, url)?;
             }
         }
         if !(aws.calls_per_second.is_finite() && aws.calls_per_second > 0.0) {

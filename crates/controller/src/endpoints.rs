@@ -25,7 +25,7 @@ use std::fmt;
 use aws_config::SdkConfig;
 use aws_types::service_config::ServiceConfigKey;
 
-use crate::config::AwsConfig;
+use crate::config::{AwsConfig, ServiceEndpoints};
 
 /// The AWS services the controller calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,12 +58,12 @@ impl Service {
         }
     }
 
-    /// signpost's config key for this service's endpoint.
-    pub fn config_key(self) -> &'static str {
+    /// signpost's own endpoint for this service (`aws.endpoints.<service>`).
+    fn configured(self, endpoints: &ServiceEndpoints) -> Option<&str> {
         match self {
-            Service::AutoScaling => "aws.endpoints.autoscaling",
-            Service::Ec2 => "aws.endpoints.ec2",
-            Service::Sqs => "aws.endpoints.sqs",
+            Service::AutoScaling => endpoints.autoscaling.as_deref(),
+            Service::Ec2 => endpoints.ec2.as_deref(),
+            Service::Sqs => endpoints.sqs.as_deref(),
         }
     }
 }
@@ -149,7 +149,7 @@ impl Endpoints {
             .filter_map(|service| {
                 let sdk = sdk_service_endpoint(shared, service, &env);
                 let settings = Settings {
-                    signpost_service: aws.endpoints.get(service),
+                    signpost_service: service.configured(&aws.endpoints),
                     sdk_service: sdk.as_deref(),
                     signpost_general: aws.endpoint_url.as_deref(),
                 };
