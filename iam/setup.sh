@@ -75,15 +75,17 @@ QUEUE_URL="$("$AWS" sqs create-queue --queue-name "$QUEUE_NAME" \
 QUEUE_ARN="arn:aws:sqs:$REGION:$ACCOUNT_ID:$QUEUE_NAME"
 log "queue $QUEUE_URL"
 
-# 2. The rules, then the queue policy naming exactly them.
+# 2. The rules (their patterns are the files beside this script, which the
+#    tests put on their emulated buses too), then the queue policy naming
+#    exactly them.
 RULE_ASG="signpost-autoscaling" RULE_EC2="signpost-ec2-state"
 "$AWS" events put-rule --name "$RULE_ASG" --state ENABLED \
     --description "signpost: Auto Scaling lifecycle and launch/terminate events" \
-    --event-pattern '{"source":["aws.autoscaling"],"detail-type":["EC2 Instance-launch Lifecycle Action","EC2 Instance-terminate Lifecycle Action","EC2 Instance Launch Successful","EC2 Instance Launch Unsuccessful","EC2 Instance Terminate Successful","EC2 Instance Terminate Unsuccessful"]}' \
+    --event-pattern "file://$HERE/event-patterns/autoscaling.json" \
     --query RuleArn --output text >/dev/null
 "$AWS" events put-rule --name "$RULE_EC2" --state ENABLED \
     --description "signpost: EC2 instance state changes" \
-    --event-pattern '{"source":["aws.ec2"],"detail-type":["EC2 Instance State-change Notification"]}' \
+    --event-pattern "file://$HERE/event-patterns/ec2-state.json" \
     --query RuleArn --output text >/dev/null
 for rule in "$RULE_ASG" "$RULE_EC2"; do
     "$AWS" events put-targets --rule "$rule" \

@@ -32,7 +32,12 @@ async fn fleet(emulator: &Emulator) -> AwsFleet {
         )
         .load()
         .await;
-    AwsFleet::new(&shared, &Config::default(), Arc::new(Hints::default()))
+    AwsFleet::new(
+        &shared,
+        &signpost_controller::endpoints::Endpoints::default(),
+        &Config::default(),
+        Arc::new(Hints::default()),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

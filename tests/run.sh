@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test signpost has: Rust unit tests, the integration tests against
-# the AWS emulator (moto, installed once into a cached virtualenv by
-# localstack/emulator.sh), the emulator's own tests, and the deployment tests
-# (chart, IAM).
+# the AWS emulators (moto, installed once into a cached virtualenv by
+# localstack/emulator.sh, and for SQS/EventBridge LocalStack, likewise by
+# localstack/localstack.sh), the emulator's own tests, and the deployment
+# tests (chart, IAM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Install the pinned emulator once, up front, rather than from inside a test.
 SIGNPOST_MOTO_SERVER="$(bash localstack/emulator.sh bin)"
-export SIGNPOST_MOTO_SERVER
+SIGNPOST_LOCALSTACK_SERVER="$(bash localstack/localstack.sh bin)"
+export SIGNPOST_MOTO_SERVER SIGNPOST_LOCALSTACK_SERVER
 
 cargo test --workspace --locked
 

@@ -1,5 +1,7 @@
 //! Test harness: a real AWS emulator (moto), real HTTP backends at the
 //! instances' own 127.42.x.y addresses, and the real `signpost` binary.
+//! Tests of the event path can add LocalStack (`LocalStack`, `EventBus`):
+//! SQS and EventBridge there, Auto Scaling and EC2 still on moto.
 //!
 //! Every test gets its own emulator and its own subnet (127.42.N.0/24,
 //! reserved machine-wide by `Subnet`), so tests run in parallel, in one
@@ -125,6 +127,249 @@ fn signal(child: &Child, sig: &str) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// The LocalStack server script: `SIGNPOST_LOCALSTACK_SERVER`, or the
+/// harness's pinned install (`localstack/localstack.sh bin` installs it once).
+fn localstack_server() -> PathBuf {
+    if let Ok(path) = std::env::var("SIGNPOST_LOCALSTACK_SERVER") {
+        return path.into();
+    }
+    let out = std::process::Command::new("bash")
+        .arg(repo().join("localstack/localstack.sh"))
+        .arg("bin")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run localstack/localstack.sh bin");
+    assert!(out.status.success(), "localstack/localstack.sh bin failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// LocalStack's free edition of the test's own, on a free loopback port: it
+/// serves SQS, EventBridge and IAM (its Auto Scaling answers 501, so groups
+/// stay on moto). Its account id is 000000000000.
+///
+/// With `SIGNPOST_LOCALSTACK_ENDPOINT` set (e.g. a LocalStack Pro started
+/// with an auth token), that one is used instead and nothing is started;
+/// tests then share its default bus, so run them one at a time.
+pub struct LocalStack {
+    endpoint: String,
+    /// Ours to stop and remove; `None` for an external LocalStack.
+    own: Option<(Child, PathBuf)>,
+}
+
+static NEXT_NAME: AtomicUsize = AtomicUsize::new(0);
+
+impl LocalStack {
+    /// Starts it and waits for its health endpoint; panics with its log's
+    /// tail if it exits or is not up within 60 s (it takes about 4 s).
+    pub async fn start() -> LocalStack {
+        if let Ok(endpoint) = std::env::var("SIGNPOST_LOCALSTACK_ENDPOINT") {
+            let url = format!("{endpoint}/_localstack/health");
+            let answer = http_get(&url).await;
+            assert!(
+                matches!(answer, Ok((200, _))),
+                "SIGNPOST_LOCALSTACK_ENDPOINT={endpoint}: {url} answered {answer:?}"
+            );
+            return LocalStack {
+                endpoint,
+                own: None,
+            };
+        }
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("signpost-localstack-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("localstack.log");
+        let mut child = Command::new(localstack_server())
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-d")
+            .arg(dir.join("files"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.join("localstack.stderr")).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start localstack_server");
+        let url = format!("http://127.0.0.1:{port}/_localstack/health");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if matches!(http_get(&url).await, Ok((200, _))) {
+                break;
+            }
+            let exited = child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() >= deadline {
+                let tail = |name: &str| {
+                    let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines[lines.len().saturating_sub(20)..].join("\n")
+                };
+                panic!(
+                    "LocalStack did not come up on port {port} ({}):\n{}\n{}",
+                    exited.map_or("60 s passed".into(), |s| format!("exited {s}")),
+                    tail("localstack.stderr"),
+                    tail("localstack.log"),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        LocalStack {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            own: Some((child, dir)),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    /// `base` made unique to this test run, so that queues left on an
+    /// external LocalStack by an earlier run are never read.
+    pub fn name(&self, base: &str) -> String {
+        match self.own {
+            Some(_) => base.to_owned(),
+            None => format!(
+                "{base}-{}-{}",
+                std::process::id(),
+                NEXT_NAME.fetch_add(1, Ordering::SeqCst)
+            ),
+        }
+    }
+}
+
+impl Drop for LocalStack {
+    fn drop(&mut self) {
+        // SIGKILL is enough: the script execs LocalStack, which starts no
+        // processes of its own for these services.
+        if let Some((child, dir)) = &mut self.own {
+            let _ = child.start_kill();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The operator's EventBridge rules (`iam/setup.sh` reads the same files).
+pub const RULE_AUTOSCALING: &str = include_str!("../../iam/event-patterns/autoscaling.json");
+pub const RULE_EC2_STATE: &str = include_str!("../../iam/event-patterns/ec2-state.json");
+
+/// SQS and EventBridge clients on one endpoint (LocalStack or moto).
+pub struct EventBus {
+    pub sqs: aws_sdk_sqs::Client,
+    pub events: aws_sdk_eventbridge::Client,
+}
+
+impl EventBus {
+    pub async fn new(endpoint: &str) -> EventBus {
+        let creds = aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "test");
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .credentials_provider(creds)
+            .load()
+            .await;
+        EventBus {
+            sqs: aws_sdk_sqs::Client::new(&shared),
+            events: aws_sdk_eventbridge::Client::new(&shared),
+        }
+    }
+
+    /// Creates a queue with `attributes` and returns (url, arn).
+    pub async fn queue(&self, name: &str, attributes: &[(&str, &str)]) -> (String, String) {
+        use aws_sdk_sqs::types::QueueAttributeName;
+        let mut create = self.sqs.create_queue().queue_name(name);
+        for (k, v) in attributes {
+            create = create.attributes(QueueAttributeName::from(*k), *v);
+        }
+        let url = create.send().await.unwrap().queue_url.unwrap();
+        let arn = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap()
+            .remove(&QueueAttributeName::QueueArn)
+            .unwrap();
+        (url, arn)
+    }
+
+    /// The operator's rules on this bus, each targeting the queue `arn`.
+    pub async fn rules_to(&self, arn: &str) {
+        for (name, pattern) in [
+            ("signpost-autoscaling", RULE_AUTOSCALING),
+            ("signpost-ec2-state", RULE_EC2_STATE),
+        ] {
+            self.events
+                .put_rule()
+                .name(name)
+                .event_pattern(pattern.trim())
+                .send()
+                .await
+                .unwrap();
+            let out = self
+                .events
+                .put_targets()
+                .rule(name)
+                .targets(
+                    aws_sdk_eventbridge::types::Target::builder()
+                        .id("signpost-queue")
+                        .arn(arn)
+                        .build()
+                        .unwrap(),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(out.failed_entry_count, 0, "targets of {name}: {out:?}");
+        }
+    }
+
+    /// Puts one event on the default bus as `source` would, `detail` as JSON.
+    pub async fn put(
+        &self,
+        source: &str,
+        detail_type: &str,
+        resource: &str,
+        detail: serde_json::Value,
+    ) {
+        let entry = aws_sdk_eventbridge::types::PutEventsRequestEntry::builder()
+            .source(source)
+            .detail_type(detail_type)
+            .resources(resource)
+            .detail(detail.to_string())
+            .build();
+        let out = self
+            .events
+            .put_events()
+            .entries(entry)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.failed_entry_count, 0, "PutEvents: {out:?}");
+    }
+
+    /// Messages visible or in flight in the queue.
+    pub async fn queued(&self, url: &str) -> usize {
+        let attrs = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        let attrs = attrs.attributes().unwrap();
+        let get = |name| {
+            attrs
+                .get(&aws_sdk_sqs::types::QueueAttributeName::from(name))
+                .map_or(0, |v| v.parse::<usize>().unwrap())
+        };
+        get("ApproximateNumberOfMessages") + get("ApproximateNumberOfMessagesNotVisible")
+    }
 }
 
 /// The port every test backend listens on. Backends of different tests
@@ -568,6 +813,16 @@ impl Controller {
         Controller::start_at(emulator, free_port(), extra, interval, timeout).await
     }
 
+    /// Starts the controller with `env` added to its environment (e.g.
+    /// `AWS_ENDPOINT_URL_SQS`: SQS on another emulator than moto).
+    pub async fn start_with_env(
+        emulator: &Emulator,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Controller {
+        Controller::start_at_with_env(emulator, free_port(), extra, "200ms", "150ms", env).await
+    }
+
     /// Starts a controller on `port`: a restart, as routers know it by its URL.
     pub async fn start_at(
         emulator: &Emulator,
@@ -575,6 +830,17 @@ impl Controller {
         extra: &str,
         interval: &str,
         timeout: &str,
+    ) -> Controller {
+        Controller::start_at_with_env(emulator, port, extra, interval, timeout, &[]).await
+    }
+
+    async fn start_at_with_env(
+        emulator: &Emulator,
+        port: u16,
+        extra: &str,
+        interval: &str,
+        timeout: &str,
+        env: &[(&str, &str)],
     ) -> Controller {
         let dir = std::env::temp_dir().join(format!("signpost-test-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -605,6 +871,7 @@ impl Controller {
                 "SIGNPOST_LOG",
                 std::env::var("SIGNPOST_LOG").unwrap_or("warn".into()),
             )
+            .envs(env.iter().copied())
             .kill_on_drop(true)
             .spawn()
             .expect("start signpost controller");

@@ -1,10 +1,12 @@
 """Shared helpers for the deploy tests: paths, the signpost binary, a private
-moto_server per test module, policy rendering, real HTTP backends, and a
-controller process with its API."""
+moto_server or LocalStack per test module, policy rendering, real HTTP
+backends, and a controller process with its API."""
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -135,6 +137,46 @@ class Moto:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+@pytest.fixture(scope="session")
+def localstack_server_bin():
+    out = subprocess.run([str(REPO / "localstack" / "localstack.sh"), "bin"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    return out.splitlines()[-1]
+
+
+class LocalStack(Moto):
+    """LocalStack's free edition on a free loopback port (SQS, EventBridge,
+    IAM, STS; no Auto Scaling). IAM is not enforced; the account is
+    000000000000."""
+    ACCOUNT_ID = "000000000000"
+
+    def __init__(self, binary, log_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.files = tempfile.mkdtemp(prefix="signpost-localstack-")
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([binary, "-p", str(self.port), "-d", self.files],
+                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+
+        def up():
+            if self.proc.poll() is not None:
+                pytest.fail(f"LocalStack exited: {Path(log_path).read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/_localstack/health", timeout=1)
+                return True
+            except OSError:
+                return False
+
+        wait_for("LocalStack to answer", up, timeout=60)
+
+    def stop(self):
+        # Nothing of it is kept, so no need to wait out its graceful stop.
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.files, ignore_errors=True)
 
 
 class _Health(BaseHTTPRequestHandler):

@@ -1,5 +1,7 @@
 """iam/setup.sh run for real (AWS CLI from PyPI) against an IAM-enforcing
-emulator, as a user holding only iam/setup-policy.json's actions.
+emulator, as a user holding only iam/setup-policy.json's actions, and against
+LocalStack (its free edition serves everything setup.sh calls, but enforces
+no IAM).
 
 moto checks the action of every call but resolves the resource only for SQS
 queues and IAM roles that already exist (else "*"), so the setup policy's
@@ -9,11 +11,12 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from conftest import ACCOUNT_ID, IAM, PLACEHOLDERS, Moto, render_policy
+from conftest import ACCOUNT_ID, IAM, PLACEHOLDERS, LocalStack, Moto, render_policy
 
 ARGS = ["--cluster", "prod", "--region", "us-east-1",
         "--oidc-provider", "https://" + PLACEHOLDERS["__OIDC_PROVIDER__"]]
@@ -39,6 +42,13 @@ def operator_with_setup_policy(moto):
     return key["AccessKeyId"], key["SecretAccessKey"]
 
 
+@pytest.fixture(scope="module")
+def localstack(localstack_server_bin, tmp_path_factory):
+    ls = LocalStack(localstack_server_bin, tmp_path_factory.mktemp("setup") / "localstack.log")
+    yield ls
+    ls.stop()
+
+
 def run_setup(moto, creds):
     bindir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -49,27 +59,39 @@ def run_setup(moto, creds):
     return subprocess.run([str(IAM / "setup.sh"), *ARGS], capture_output=True, text=True, env=env)
 
 
-def test_setup_creates_queue_rules_and_role_and_is_idempotent(moto):
-    creds = operator_with_setup_policy(moto)
-    first = run_setup(moto, creds)
+def check_setup_twice(emulator, creds, account_id, admin):
+    """Runs setup.sh twice and checks what it made: queue, policy, rules,
+    role; an Auto Scaling event on the bus lands in the queue."""
+    first = run_setup(emulator, creds)
     assert first.returncode == 0, first.stderr
-    second = run_setup(moto, creds)  # re-running changes nothing and does not fail
+    second = run_setup(emulator, creds)  # re-running changes nothing and does not fail
     assert second.returncode == 0, second.stderr
     out = dict(line.split("=", 1) for line in second.stdout.split())
-    assert out["role_arn"] == f"arn:aws:iam::{ACCOUNT_ID}:role/signpost-controller"
+    assert out["role_arn"] == f"arn:aws:iam::{account_id}:role/signpost-controller"
 
-    iam, sqs, events = (moto.client(s, *moto.admin) for s in ("iam", "sqs", "events"))
+    iam, sqs, events = (emulator.client(s, *admin) for s in ("iam", "sqs", "events"))
+    assert sqs.list_queues()["QueueUrls"] == [out["queue_url"]], "one queue, made once"
     role = iam.get_role(RoleName="signpost-controller")["Role"]
-    assert role["AssumeRolePolicyDocument"] == render_policy("trust-irsa.json")
+    filled = {"__ACCOUNT_ID__": account_id}
+    trust = role["AssumeRolePolicyDocument"]
+    if isinstance(trust, str):  # LocalStack answers the URL-encoded text
+        trust = json.loads(urllib.parse.unquote(trust))
+    assert trust == render_policy("trust-irsa.json", **filled)
     inline = iam.get_role_policy(RoleName="signpost-controller", PolicyName="signpost-controller")
-    assert inline["PolicyDocument"] == render_policy("controller-policy.json")
+    document = inline["PolicyDocument"]
+    if isinstance(document, str):
+        document = json.loads(urllib.parse.unquote(document))
+    assert document == render_policy("controller-policy.json", **filled)
 
-    queue_arn = f"arn:aws:sqs:us-east-1:{ACCOUNT_ID}:signpost-events"
+    queue_arn = f"arn:aws:sqs:us-east-1:{account_id}:signpost-events"
     attrs = sqs.get_queue_attributes(QueueUrl=out["queue_url"], AttributeNames=["All"])["Attributes"]
     queue_policy = json.loads(attrs["Policy"])["Statement"][0]
     assert queue_policy["Principal"] == {"Service": "events.amazonaws.com"}
     assert queue_policy["Action"] == "sqs:SendMessage" and queue_policy["Resource"] == queue_arn
-    for rule in ("signpost-autoscaling", "signpost-ec2-state"):
+    for rule, pattern in (("signpost-autoscaling", "event-patterns/autoscaling.json"),
+                          ("signpost-ec2-state", "event-patterns/ec2-state.json")):
+        described = events.describe_rule(Name=rule)
+        assert json.loads(described["EventPattern"]) == json.loads((IAM / pattern).read_text())
         targets = events.list_targets_by_rule(Rule=rule)["Targets"]
         assert [t["Arn"] for t in targets] == [queue_arn]
 
@@ -78,9 +100,17 @@ def test_setup_creates_queue_rules_and_role_and_is_idempotent(moto):
         "Source": "aws.autoscaling", "DetailType": "EC2 Instance-terminate Lifecycle Action",
         "Detail": json.dumps({"AutoScalingGroupName": "web", "EC2InstanceId": "i-0123456789abcdef0",
                               "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING"})}])
-    msgs = sqs.receive_message(QueueUrl=out["queue_url"], WaitTimeSeconds=0).get("Messages", [])
+    msgs = sqs.receive_message(QueueUrl=out["queue_url"], WaitTimeSeconds=5).get("Messages", [])
     assert msgs and json.loads(msgs[0]["Body"])["detail-type"] == \
         "EC2 Instance-terminate Lifecycle Action", msgs
+
+
+def test_setup_creates_queue_rules_and_role_and_is_idempotent(moto):
+    check_setup_twice(moto, operator_with_setup_policy(moto), ACCOUNT_ID, moto.admin)
+
+
+def test_setup_on_localstack_creates_queue_rules_and_role_and_is_idempotent(localstack):
+    check_setup_twice(localstack, ("test", "test"), LocalStack.ACCOUNT_ID, ("test", "test"))
 
 
 def test_setup_fails_without_the_setup_policy(moto):

@@ -21,6 +21,7 @@ use thiserror::Error;
 use tokio::time::Instant;
 
 use crate::config::{AwsConfig, Config};
+use crate::endpoints::Endpoints;
 use crate::model::{
     Ec2Instance, Fleet, HookResult, LifecycleAction, LifecycleHook, LifecycleState, ObservedGroup,
     ObservedInstance, Transition,
@@ -260,7 +261,9 @@ fn not_waiting(err: &CloudError) -> bool {
 }
 
 /// The SDK configuration from the standard chain (env, profile, IRSA, IMDS),
-/// with timeouts set: the SDK has no read timeout of its own.
+/// with timeouts set: the SDK has no read timeout of its own. Endpoints are
+/// left to `endpoints::Endpoints`: given to the loader, `aws.endpoint_url`
+/// would hide the SDK's service-specific endpoints.
 pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .retry_config(RetryConfig::standard().with_max_attempts(aws.max_attempts))
@@ -273,9 +276,6 @@ pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
         );
     if let Some(region) = &aws.region {
         loader = loader.region(Region::new(region.clone()));
-    }
-    if let Some(url) = &aws.endpoint_url {
-        loader = loader.endpoint_url(url);
     }
     loader.load().await
 }
@@ -328,10 +328,15 @@ impl Hints {
 }
 
 impl AwsFleet {
-    pub fn new(shared: &aws_config::SdkConfig, config: &Config, hints: Arc<Hints>) -> AwsFleet {
+    pub fn new(
+        shared: &aws_config::SdkConfig,
+        endpoints: &Endpoints,
+        config: &Config,
+        hints: Arc<Hints>,
+    ) -> AwsFleet {
         AwsFleet {
-            autoscaling: aws_sdk_autoscaling::Client::new(shared),
-            ec2: aws_sdk_ec2::Client::new(shared),
+            autoscaling: aws_sdk_autoscaling::Client::from_conf(endpoints.autoscaling(shared)),
+            ec2: aws_sdk_ec2::Client::from_conf(endpoints.ec2(shared)),
             default_port: config.default_port,
             budget: CallBudget::new(&config.aws),
             hints,

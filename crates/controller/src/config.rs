@@ -115,9 +115,14 @@ pub struct AwsConfig {
     /// Region; unset means the standard chain (`AWS_REGION`, profile, IMDS).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
-    /// Endpoint override; unset means the standard chain (`AWS_ENDPOINT_URL`).
+    /// Endpoint for every service; unset means the standard chain
+    /// (`AWS_ENDPOINT_URL`). A service-specific endpoint, ours or the SDK's
+    /// (`AWS_ENDPOINT_URL_SQS`, ...), beats it: see `endpoints`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
+    /// Endpoints of single services, e.g. SQS on one emulator and Auto
+    /// Scaling on another, or one VPC endpoint per service.
+    pub endpoints: ServiceEndpoints,
     /// Attempts per call, by the SDK's standard retry mode (jittered backoff).
     pub max_attempts: u32,
     /// Limit on one attempt of one call.
@@ -129,6 +134,29 @@ pub struct AwsConfig {
     /// Budget of AWS calls per second across the controller, so that a large
     /// fleet does not use up the account's API rate shared with other tools.
     pub calls_per_second: f64,
+}
+
+/// `[aws.endpoints]`: one optional endpoint per AWS service signpost calls.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceEndpoints {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ec2: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqs: Option<String>,
+}
+
+impl ServiceEndpoints {
+    /// Each endpoint with its config key.
+    fn keyed(&self) -> [(&'static str, Option<&str>); 3] {
+        [
+            ("aws.endpoints.autoscaling", self.autoscaling.as_deref()),
+            ("aws.endpoints.ec2", self.ec2.as_deref()),
+            ("aws.endpoints.sqs", self.sqs.as_deref()),
+        ]
+    }
 }
 
 /// Health-check defaults, and per-service overrides under `[health.services.NAME]`.
@@ -198,6 +226,7 @@ impl Default for AwsConfig {
         AwsConfig {
             region: None,
             endpoint_url: None,
+            endpoints: ServiceEndpoints::default(),
             max_attempts: 3,
             attempt_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(20),
@@ -289,6 +318,14 @@ impl Config {
                 "must be at least aws.attempt_timeout, which must be above 0",
             ));
         }
+        if let Some(url) = &aws.endpoint_url {
+            validate_endpoint("aws.endpoint_url", url)?;
+        }
+        for (key, url) in aws.endpoints.keyed() {
+            if let Some(url) = url {
+                validate_endpoint(key, url)?;
+            }
+        }
         if !(aws.calls_per_second.is_finite() && aws.calls_per_second > 0.0) {
             return Err(invalid("aws.calls_per_second", "must be a number above 0"));
         }
@@ -345,6 +382,30 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serializes")
     }
+}
+
+/// An endpoint the SDK can call: http or https, a host, nothing after the
+/// path. Caught here rather than as a failed call at every resync.
+fn validate_endpoint(key: &str, url: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| {
+        invalid(
+            key,
+            format!("{url:?} is not an endpoint URL like \"https://sqs.eu-west-1.amazonaws.com\" ({why})"),
+        )
+    };
+    let uri: hyper::Uri = url.parse().map_err(|e| bad(&format!("{e}")))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => return Err(bad(&format!("scheme {other}, not http or https"))),
+        None => return Err(bad("no http:// or https://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if uri.query().is_some() {
+        return Err(bad("a query string"));
+    }
+    Ok(())
 }
 
 fn validate_health(prefix: &str, h: &HealthSettings) -> Result<(), ConfigError> {
@@ -442,6 +503,10 @@ mod tests {
             [aws]
             region = "eu-west-1"
             calls_per_second = 5.5
+            endpoint_url = "http://127.0.0.1:5000"
+            [aws.endpoints]
+            sqs = "http://127.0.0.1:4566"
+            autoscaling = "https://autoscaling.eu-west-1.amazonaws.com"
             [health]
             interval = "1s"
             timeout = "500ms"
@@ -453,6 +518,14 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.default_port, Some(80));
         assert_eq!(c.aws.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            c.aws.endpoints,
+            ServiceEndpoints {
+                autoscaling: Some("https://autoscaling.eu-west-1.amazonaws.com".into()),
+                ec2: None,
+                sqs: Some("http://127.0.0.1:4566".into()),
+            }
+        );
         let users = c.health.for_service("users");
         assert_eq!(
             (users.interval, users.unhealthy_threshold),
@@ -464,6 +537,7 @@ mod tests {
     #[test]
     fn printed_config_reads_back_the_same() {
         let mut c = Config::default();
+        c.aws.endpoints.sqs = Some("http://127.0.0.1:4566".into());
         c.health.services.insert(
             "users".into(),
             HealthOverride {
@@ -484,6 +558,15 @@ mod tests {
         assert!(err("[aws]\nmax_attempts = 0").contains("aws.max_attempts"));
         assert!(err("[events]\nwait_time = \"30s\"").contains("events.wait_time"));
         assert!(err("[health]\ntimeout = \"10s\"").contains("health.timeout"));
+        assert!(err("[aws]\nendpoint_url = \"localhost:4566\"")
+            .contains("config key aws.endpoint_url: \"localhost:4566\" is not an endpoint URL"));
+        assert!(err("[aws.endpoints]\nsqs = \"ftp://127.0.0.1:4566\"")
+            .contains("config key aws.endpoints.sqs: \"ftp://127.0.0.1:4566\" is not an endpoint URL like \"https://sqs.eu-west-1.amazonaws.com\" (scheme ftp, not http or https)"));
+        assert!(
+            err("[aws.endpoints]\nautoscaling = \"http://\"").contains("aws.endpoints.autoscaling")
+        );
+        assert!(err("[aws.endpoints]\nlambda = \"http://127.0.0.1:1\"")
+            .contains("unknown field `lambda`"));
         assert!(err("[health.services.users]\nhealthy_threshold = 0")
             .contains("health.services.users.healthy_threshold"));
     }

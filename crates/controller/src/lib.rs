@@ -25,6 +25,7 @@
 pub mod api;
 pub mod cloud;
 pub mod config;
+pub mod endpoints;
 pub mod events;
 pub mod guard;
 pub mod health;

@@ -18,6 +18,7 @@ use signpost_protocol::Epoch;
 use crate::api::{self, ApiState};
 use crate::cloud::{self, AwsFleet, Hints};
 use crate::config::Config;
+use crate::endpoints::Endpoints;
 use crate::events::{EventCounts, EventQueue};
 use crate::guard::RemovalGuard;
 use crate::health::{HealthScheduler, NetProbe};
@@ -44,8 +45,12 @@ pub async fn run(
     let stop = CancellationToken::new();
 
     let aws = cloud::sdk_config(&config.aws).await;
+    let endpoints = Endpoints::resolve(&aws, &config.aws);
+    for (service, url, source) in endpoints.chosen() {
+        info!(%service, url, ?source, "AWS endpoint");
+    }
     let hints = Arc::new(Hints::default());
-    let cloud = Arc::new(AwsFleet::new(&aws, &config, hints.clone()));
+    let cloud = Arc::new(AwsFleet::new(&aws, &endpoints, &config, hints.clone()));
     let trigger = Arc::new(Notify::new());
     let (fleet_tx, fleet_rx) = watch::channel(Arc::default());
     let reconciler = Reconciler {
@@ -66,7 +71,7 @@ pub async fn run(
     let lifecycle_log = Arc::new(LifecycleLog::default());
     if let Some(queue_url) = &config.events.queue_url {
         let queue = EventQueue {
-            sqs: event_client(&aws, &config),
+            sqs: event_client(&aws, &endpoints, &config),
             queue_url: queue_url.clone(),
             wait: config.events.wait_time,
             counts: event_counts.clone(),
@@ -152,16 +157,18 @@ pub async fn run(
 
 /// An SQS client whose attempt timeout leaves room for the long poll, which
 /// by design waits up to `events.wait_time` for an answer.
-fn event_client(aws: &aws_config::SdkConfig, config: &Config) -> aws_sdk_sqs::Client {
+fn event_client(
+    aws: &aws_config::SdkConfig,
+    endpoints: &Endpoints,
+    config: &Config,
+) -> aws_sdk_sqs::Client {
     let long_poll = config.events.wait_time + Duration::from_secs(10);
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(3))
         .operation_attempt_timeout(config.aws.attempt_timeout.max(long_poll))
         .operation_timeout(config.aws.operation_timeout.max(long_poll))
         .build();
-    let sqs = aws_sdk_sqs::config::Builder::from(aws)
-        .timeout_config(timeouts)
-        .build();
+    let sqs = endpoints.sqs(aws).timeout_config(timeouts).build();
     aws_sdk_sqs::Client::from_conf(sqs)
 }
 
