@@ -349,9 +349,17 @@ async fn a_service_tag_removed_by_mistake_holds_the_removal_until_listings_agree
         reason.contains("removal of 3 of 3 endpoints held"),
         "{reason}"
     );
-    assert_eq!(controller.metric("signpost_removals_held").await, Some(3.0));
-    let (_, ready) = controller.get("/readyz").await;
-    assert_eq!(ready["sync"]["held_removals"][0]["service"], "users");
+    wait_for(
+        "the held removal in /readyz and /metrics",
+        Duration::from_secs(10),
+        || async {
+            let (_, ready) = controller.get("/readyz").await;
+            let held = controller.metric("signpost_removals_held").await;
+            (ready["sync"]["held_removals"][0]["service"] == "users" && held == Some(3.0))
+                .then_some(())
+        },
+    )
+    .await;
 
     wait_for(
         "the removal to be applied once three listings agree",
@@ -362,5 +370,8 @@ async fn a_service_tag_removed_by_mistake_holds_the_removal_until_listings_agree
         },
     )
     .await;
-    assert_eq!(controller.metric("signpost_removals_held").await, Some(0.0));
+    wait_for("nothing held any more", Duration::from_secs(10), || async {
+        (controller.metric("signpost_removals_held").await == Some(0.0)).then_some(())
+    })
+    .await;
 }

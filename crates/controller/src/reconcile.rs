@@ -372,6 +372,10 @@ impl<C: AutoScaling> Reconciler<C> {
                 let changes = guard.filter(&fleet, &current, plan(&fleet, &current));
                 let held = guard.held();
                 drop(guard);
+                // Before the registry moves, so that /metrics and /readyz
+                // never lag the problem /v1/services shows.
+                self.status
+                    .send_modify(|s| s.held_removals.clone_from(&held));
                 let now = SystemTime::now();
                 if let Some(revision) = self.registry.apply(&changes, now) {
                     info!(revision, changes = changes.len(), "registry updated");
@@ -395,7 +399,6 @@ impl<C: AutoScaling> Reconciler<C> {
                     s.syncs_total += 1;
                     s.groups = groups;
                     s.instances = instances;
-                    s.held_removals = held;
                 });
                 tracing::debug!(groups, instances, ?elapsed, ?calls, "resync complete");
                 Ok(())
