@@ -18,7 +18,8 @@ use crate::model::{
     Endpoint, EndpointState, GroupProblem, Revision, Service, ServiceSettings, Snapshot,
 };
 use crate::reconcile::SyncStatus;
-use crate::routers::Routers;
+use crate::routers::{RouterKind, Routers};
+use crate::xds::ads::XdsMetrics;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -28,6 +29,7 @@ pub struct ApiState {
     pub events: Arc<EventCounts>,
     pub routers: Arc<Routers>,
     pub lifecycle: Arc<LifecycleLog>,
+    pub xds: Arc<XdsMetrics>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -280,6 +282,56 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         "Routers subscribed now.",
         &one(connected.len() as f64),
     );
+    let by_kind: Vec<(String, f64)> = [
+        ("signpost", RouterKind::Signpost),
+        ("envoy", RouterKind::Envoy),
+        ("grpc", RouterKind::Grpc),
+    ]
+    .into_iter()
+    .map(|(label, kind)| {
+        let n = connected.iter().filter(|r| r.kind == kind).count();
+        (format!("{{kind=\"{label}\"}}"), n as f64)
+    })
+    .collect();
+    family(
+        "signpost_routers_connected_by_kind",
+        "gauge",
+        "Routers subscribed now, by kind: signpost (NDJSON), envoy and grpc (xDS).",
+        &by_kind,
+    );
+    let xds = &state.xds;
+    let nacks: Vec<(String, f64)> = xds
+        .nacks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, n)| (format!("{{type=\"{t}\"}}"), *n as f64))
+        .collect();
+    family(
+        "signpost_xds_nacks_total",
+        "counter",
+        "xDS responses a client rejected, by type (cds, eds, lds, rds).",
+        &nacks,
+    );
+    let bad: Vec<(String, f64)> = xds
+        .bad_requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(why, n)| (format!("{{reason=\"{why}\"}}"), *n as f64))
+        .collect();
+    family(
+        "signpost_xds_bad_requests_total",
+        "counter",
+        "xDS requests that could not be used: no node id, a type signpost does not serve.",
+        &bad,
+    );
+    family(
+        "signpost_xds_responses_total",
+        "counter",
+        "xDS responses written.",
+        &one(xds.responses.load(Relaxed) as f64),
+    );
     let lag: Vec<(String, f64)> = connected
         .iter()
         .map(|r| {
@@ -363,6 +415,12 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     for (name, help, histogram) in &lifecycle.histograms {
         histogram.render(&mut out, name, help);
     }
+    let push_to_ack = state.xds.push_to_ack.lock().unwrap().clone();
+    push_to_ack.render(
+        &mut out,
+        "signpost_xds_push_to_ack_seconds",
+        "From an xDS response written to the client's ACK of it.",
+    );
 
     (
         [(
