@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 # Install the pinned emulator once, up front, rather than from inside a test.
 SIGNPOST_MOTO_SERVER="$(bash localstack/emulator.sh bin)"
 export SIGNPOST_MOTO_SERVER
+# Real Envoy and grpcio for the xDS tests, likewise (tests/xds/env.sh).
+SIGNPOST_ENVOY="$(bash tests/xds/env.sh envoy)"
+SIGNPOST_XDS_PYTHON="$(bash tests/xds/env.sh python)"
+export SIGNPOST_ENVOY SIGNPOST_XDS_PYTHON
 
 cargo test --workspace --locked
 
