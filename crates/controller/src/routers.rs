@@ -575,4 +575,63 @@ mod tests {
             Err(AckRefused::NeverSent { sent: None, .. })
         ));
     }
+
+    #[test]
+    fn an_envoy_is_drained_only_by_a_load_report_newer_than_its_ack() {
+        let ours = Epoch::from_bits(1);
+        let routers = Routers::new(ours);
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let c = routers.connect_kind("envoy-1", address, RouterKind::Envoy);
+        routers.sent("envoy-1", c, 3);
+        assert!(
+            routers
+                .xds_applied("envoy-1", Epoch::from_bits(2), 3)
+                .is_err(),
+            "another epoch never counts"
+        );
+        assert!(
+            routers.xds_applied("envoy-1", ours, 4).is_err(),
+            "4 never sent"
+        );
+        // A report from before the ACK says nothing of requests sent since.
+        assert!(routers.load_reported("envoy-1", BTreeMap::new()));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(routers.xds_applied("envoy-1", ours, 3), Ok(()));
+        let r = &routers.list()[0];
+        assert!(r.has_acked(3) && !r.drained("i-1"), "{r:?}");
+        std::thread::sleep(Duration::from_millis(2));
+        let busy = BTreeMap::from([("web".into(), BTreeMap::from([("i-1".into(), 2)]))]);
+        assert!(routers.load_reported("envoy-1", busy));
+        assert!(!routers.list()[0].drained("i-1"), "2 in flight");
+        assert!(routers.list()[0].drained("i-2"), "nothing reported for i-2");
+        assert!(routers.load_reported("envoy-1", BTreeMap::new()));
+        assert!(
+            routers.list()[0].drained("i-1"),
+            "no report entry: none in flight"
+        );
+    }
+
+    #[test]
+    fn a_grpc_client_is_never_known_drained_and_a_signpost_router_by_its_ack() {
+        let ours = Epoch::from_bits(1);
+        let routers = Routers::new(ours);
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let g = routers.connect_kind("grpc-1", address, RouterKind::Grpc);
+        routers.sent("grpc-1", g, 1);
+        assert_eq!(routers.xds_applied("grpc-1", ours, 1), Ok(()));
+        assert!(
+            !routers.load_reported("grpc-1", BTreeMap::new()),
+            "per-locality only"
+        );
+        let s = routers.connect("r1", address);
+        routers.sent("r1", s, 1);
+        assert_eq!(routers.acked("r1", ack(ours, 1)), Ok(()));
+        let list = routers.list();
+        assert!(
+            !list[0].drained("i-1"),
+            "gRPC: the drain ends at drain_timeout"
+        );
+        assert!(list[1].drained("i-1"));
+        assert_eq!(list[1].kind, RouterKind::Signpost);
+    }
 }
