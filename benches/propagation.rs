@@ -112,7 +112,7 @@ async fn run(routers: usize, changes: usize) {
     let mut samples = Vec::with_capacity(changes);
     for i in 0..changes {
         let n = (i % ENDPOINTS as usize) as u8;
-        let state = if (i / ENDPOINTS as usize) % 2 == 0 {
+        let state = if (i / ENDPOINTS as usize).is_multiple_of(2) {
             EndpointState::Healthy
         } else {
             EndpointState::Unhealthy

@@ -11,6 +11,10 @@ cd "$(dirname "$0")/.."
 SIGNPOST_MOTO_SERVER="$(bash localstack/emulator.sh bin)"
 SIGNPOST_LOCALSTACK_SERVER="$(bash localstack/localstack.sh bin)"
 export SIGNPOST_MOTO_SERVER SIGNPOST_LOCALSTACK_SERVER
+# Real Envoy and grpcio for the xDS tests, likewise (tests/xds/env.sh).
+SIGNPOST_ENVOY="$(bash tests/xds/env.sh envoy)"
+SIGNPOST_XDS_PYTHON="$(bash tests/xds/env.sh python)"
+export SIGNPOST_ENVOY SIGNPOST_XDS_PYTHON
 
 cargo test --workspace --locked
 

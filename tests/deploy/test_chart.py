@@ -53,6 +53,8 @@ FULL = {
                "logLevel": "info", "service": {"type": "LoadBalancer", "port": 80,
                                                "annotations": {"x": "y"}},
                "podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"}},
+    "xds": {"enabled": True, "port": 18001, "envoyListener": "0.0.0.0:10001",
+            "insecurePlaintext": True},
 }
 
 
@@ -164,3 +166,19 @@ def test_configmap_toml_is_accepted_by_the_controller(values, signpost_bin, tmp_
         assert 'region = "eu-west-1"' in effective and "calls_per_second = 7.5" in effective
         assert "default_port = 8080" in effective
         assert '[health.services.users]' in effective and '[health.services.billing-api]' in effective, effective
+        assert 'listen = "0.0.0.0:18001"' in effective and 'envoy_listener = "0.0.0.0:10001"' in effective, effective
+    else:
+        # xDS is off: its section has no `listen`.
+        assert "\nlisten" not in effective.split("[xds]")[1].split("\n[")[0], effective
+
+
+def test_xds_is_off_by_default_and_needs_plaintext_accepted():
+    rendered = render({})
+    (svc,) = [s for s in by_kind(rendered, "Service") if s["metadata"]["name"] == "signpost"]
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["api"]
+    with pytest.raises(helm.HelmError) as e:
+        render({"xds": {"enabled": True}})
+    assert "insecurePlaintext" in str(e.value)
+    rendered = render({"xds": {"enabled": True, "insecurePlaintext": True}})
+    (svc,) = [s for s in by_kind(rendered, "Service") if s["metadata"]["name"] == "signpost"]
+    assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("api", 7070), ("xds", 18000)]

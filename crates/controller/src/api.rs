@@ -19,7 +19,8 @@ use crate::model::{
     Endpoint, EndpointState, GroupProblem, Revision, Service, ServiceSettings, Snapshot,
 };
 use crate::reconcile::SyncStatus;
-use crate::routers::Routers;
+use crate::routers::{RouterKind, Routers};
+use crate::xds::ads::XdsMetrics;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -29,6 +30,7 @@ pub struct ApiState {
     pub events: Arc<EventCounts>,
     pub routers: Arc<Routers>,
     pub lifecycle: Arc<LifecycleLog>,
+    pub xds: Arc<XdsMetrics>,
 }
 
 pub fn routes(state: ApiState) -> Router {
@@ -227,6 +229,29 @@ fn page(state: &ApiState) -> Page {
     let connected: Vec<_> = routers.iter().filter(|r| r.connected).collect();
     page.gauge(&metrics::ROUTERS_CONNECTED, connected.len() as f64);
     page.gauges(
+        &metrics::ROUTERS_BY_KIND,
+        [RouterKind::Signpost, RouterKind::Envoy, RouterKind::Grpc]
+            .into_iter()
+            .map(|kind| {
+                let n = connected.iter().filter(|r| r.kind == kind).count();
+                ([kind.label()], n as f64)
+            }),
+    );
+    let xds = &state.xds;
+    page.counters(
+        &metrics::XDS_NACKS,
+        xds.nacks.lock().unwrap().iter().map(|(t, n)| ([*t], *n)),
+    );
+    page.counters(
+        &metrics::XDS_BAD_REQUESTS,
+        xds.bad_requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(why, n)| ([*why], *n)),
+    );
+    page.counter(&metrics::XDS_RESPONSES, xds.responses.load(Relaxed));
+    page.gauges(
         &metrics::ROUTER_LAG,
         connected.iter().map(|r| {
             let acked = r.acked_revision.unwrap_or(0);
@@ -272,6 +297,8 @@ fn page(state: &ApiState) -> Page {
     page.histogram(&metrics::LAUNCH_ACKED, &lifecycle.launch_acked);
     page.histogram(&metrics::HEALTHY_TO_ACKED, &lifecycle.healthy_to_acked);
     page.histogram(&metrics::TERMINATE_DRAINED, &lifecycle.terminate_drained);
+    let push_to_ack = state.xds.push_to_ack.lock().unwrap().clone();
+    page.histogram(&metrics::XDS_PUSH_TO_ACK, &push_to_ack);
     page
 }
 
@@ -335,6 +362,7 @@ mod tests {
             events: Arc::default(),
             routers,
             lifecycle: Arc::default(),
+            xds: Arc::default(),
         }
     }
 

@@ -52,6 +52,34 @@ pub struct Config {
     pub events: EventsConfig,
     pub lifecycle: LifecycleConfig,
     pub removal_guard: GuardConfig,
+    pub xds: XdsConfig,
+}
+
+/// The xDS management server for Envoy and proxyless gRPC (see `xds`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XdsConfig {
+    /// gRPC address of ADS and LRS. Unset (the default): no xDS server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// The address Envoy's listener (LDS `signpost`) takes requests on.
+    pub envoy_listener: SocketAddr,
+    /// Allows a non-loopback `listen` without TLS. There is no TLS or
+    /// client authentication yet (a separate security issue): any client
+    /// that reaches the port can subscribe under any node id and hold
+    /// lifecycle hooks until their timeouts. Off loopback, only set this on
+    /// a network where that is acceptable.
+    pub insecure_plaintext: bool,
+}
+
+impl Default for XdsConfig {
+    fn default() -> Self {
+        XdsConfig {
+            listen: None,
+            envoy_listener: SocketAddr::from(([0, 0, 0, 0], 10000)),
+            insecure_plaintext: false,
+        }
+    }
 }
 
 /// Lifecycle hooks that signpost completes (see `lifecycle`).
@@ -217,6 +245,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             lifecycle: LifecycleConfig::default(),
             removal_guard: GuardConfig::default(),
+            xds: XdsConfig::default(),
         }
     }
 }
@@ -370,6 +399,14 @@ impl Config {
                 "health.max_concurrent_probes",
                 "must be at least 1",
             ));
+        }
+        if let Some(listen) = self.xds.listen {
+            if !listen.ip().is_loopback() && !self.xds.insecure_plaintext {
+                return Err(invalid(
+                    "xds.listen",
+                    format!("{listen} is not loopback and the xDS server has no TLS yet: any client reaching it could hold lifecycle hooks; set xds.insecure_plaintext = true to accept that"),
+                ));
+            }
         }
         validate_health("health", &self.health.defaults())?;
         for name in self.health.services.keys() {
@@ -569,5 +606,18 @@ mod tests {
             .contains("unknown field `lambda`"));
         assert!(err("[health.services.users]\nhealthy_threshold = 0")
             .contains("health.services.users.healthy_threshold"));
+    }
+
+    #[test]
+    fn xds_is_off_by_default_and_refuses_plaintext_off_loopback() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.xds.listen, None);
+        let loopback = Config::from_toml("[xds]\nlisten = \"127.0.0.1:18000\"").unwrap();
+        assert!(loopback.validate().is_ok());
+        assert!(err("[xds]\nlisten = \"0.0.0.0:18000\"").contains("xds.insecure_plaintext"));
+        let allowed =
+            Config::from_toml("[xds]\nlisten = \"0.0.0.0:18000\"\ninsecure_plaintext = true")
+                .unwrap();
+        assert!(allowed.validate().is_ok());
     }
 }

@@ -120,6 +120,7 @@ fn api_state(snapshot: Snapshot, routers: Arc<Routers>, lifecycle: Arc<Lifecycle
         events: Arc::default(),
         routers,
         lifecycle,
+        xds: Arc::default(),
     }
 }
 
@@ -196,11 +197,11 @@ async fn routers_json_is_unchanged() {
         r#"{"acked_revision":5,"address":"127.0.0.1:40000","connected":true,"connected_since":"*","#,
         r#""ejected":[{"instance":"i-2","reason":"server_errors","remaining_ms":4000,"service":"users"},"#,
         r#"{"instance":"i-3","reason":"connect_failures","remaining_ms":100,"service":"users"}],"#,
-        r#""id":"edge-1","in_flight":{"users":{"i-1":2}},"lag":2,"last_seen":"*","sent_revision":5}"#
+        r#""id":"edge-1","in_flight":{"users":{"i-1":2}},"kind":"signpost","lag":2,"last_seen":"*","sent_revision":5}"#
     );
     let edge_2 = concat!(
         r#"{"acked_revision":null,"address":"127.0.0.2:40001","connected":true,"connected_since":"*","#,
-        r#""ejected":[],"id":"edge-2","in_flight":{},"lag":7,"last_seen":"*","sent_revision":null}"#
+        r#""ejected":[],"id":"edge-2","in_flight":{},"kind":"signpost","lag":7,"last_seen":"*","sent_revision":null}"#
     );
     assert_eq!(
         body,

@@ -14,6 +14,7 @@
 //!                                                      │                          │
 //!                                   routers:: what each router applied ◄── acks ──┘
 //!                                                      ▼
+//!                 xds:: ADS (SotW) ──────► Envoy, gRPC ── ACK/NACK, LRS ──► routers::
 //!  lifecycle:: completes launch/terminate hooks once every client has acked (and drained)
 //! ```
 //!
@@ -40,6 +41,7 @@ pub mod registry;
 pub mod routers;
 mod run;
 pub mod tags;
+pub mod xds;
 
 pub use config::Config;
 pub use run::run;

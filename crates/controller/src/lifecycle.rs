@@ -624,9 +624,7 @@ impl<C: AutoScaling> Lifecycle<C> {
         let left = deadline.saturating_duration_since(Instant::now());
         let drained = self
             .routers
-            .wait_routers(left, |r| {
-                r.has_acked(revision) && r.in_flight_to(instance) == 0
-            })
+            .wait_routers(left, |r| r.has_acked(revision) && r.drained(instance))
             .await;
         if let Err(routers) = drained {
             let note = format!(

@@ -145,6 +145,30 @@ pub const ROUTERS_CONNECTED: Family<0> = Family {
     help: "Routers subscribed now.",
     labels: [],
 };
+pub const ROUTERS_BY_KIND: Family<1> = Family {
+    name: "signpost_routers_connected_by_kind",
+    kind: Kind::Gauge,
+    help: "Routers subscribed now, by kind: signpost (NDJSON), envoy and grpc (xDS).",
+    labels: ["kind"],
+};
+pub const XDS_NACKS: Family<1> = Family {
+    name: "signpost_xds_nacks_total",
+    kind: Kind::Counter,
+    help: "xDS responses a client rejected, by type (cds, eds, lds, rds).",
+    labels: ["type"],
+};
+pub const XDS_BAD_REQUESTS: Family<1> = Family {
+    name: "signpost_xds_bad_requests_total",
+    kind: Kind::Counter,
+    help: "xDS requests that could not be used: no node id, a type signpost does not serve.",
+    labels: ["reason"],
+};
+pub const XDS_RESPONSES: Family<0> = Family {
+    name: "signpost_xds_responses_total",
+    kind: Kind::Counter,
+    help: "xDS responses written.",
+    labels: [],
+};
 pub const ROUTER_LAG: Family<1> = Family {
     name: "signpost_router_lag_revisions",
     kind: Kind::Gauge,
@@ -174,6 +198,12 @@ pub const LIFECYCLE_HEARTBEATS: Family<1> = Family {
     kind: Kind::Counter,
     help: "RecordLifecycleActionHeartbeat calls, by result.",
     labels: ["result"],
+};
+pub const XDS_PUSH_TO_ACK: Family<0> = Family {
+    name: "signpost_xds_push_to_ack_seconds",
+    kind: Kind::Histogram,
+    help: "From an xDS response written to the client's ACK of it.",
+    labels: [],
 };
 pub const LAUNCH_HEALTHY: Family<0> = Family {
     name: "signpost_lifecycle_launch_healthy_seconds",
@@ -219,6 +249,10 @@ pub fn families() -> Vec<(&'static str, Kind, Vec<&'static str>)> {
         declared(&SYNC_FAILURES),
         declared(&EVENTS),
         declared(&ROUTERS_CONNECTED),
+        declared(&ROUTERS_BY_KIND),
+        declared(&XDS_NACKS),
+        declared(&XDS_BAD_REQUESTS),
+        declared(&XDS_RESPONSES),
         declared(&ROUTER_LAG),
         declared(&ACKS_IGNORED),
         declared(&LIFECYCLE_ACTIONS),
@@ -228,6 +262,7 @@ pub fn families() -> Vec<(&'static str, Kind, Vec<&'static str>)> {
         declared(&LAUNCH_ACKED),
         declared(&HEALTHY_TO_ACKED),
         declared(&TERMINATE_DRAINED),
+        declared(&XDS_PUSH_TO_ACK),
     ]
 }
 

@@ -18,6 +18,78 @@ use tracing::{debug, info};
 
 use crate::model::rfc3339;
 
+/// What kind of data-plane client a router is: what it speaks, and so what
+/// it can report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterKind {
+    /// `signpost router` (NDJSON): every ack carries its requests in flight.
+    Signpost,
+    /// Envoy over xDS: ACKs per resource type; in flight per endpoint from
+    /// its load reports (LRS), which arrive apart from the ACKs.
+    Envoy,
+    /// Proxyless gRPC over xDS: ACKs, but load reports per locality only,
+    /// so nothing in flight per endpoint is ever known.
+    Grpc,
+}
+
+impl RouterKind {
+    /// Its name in `/v1/routers` and in metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            RouterKind::Signpost => "signpost",
+            RouterKind::Envoy => "envoy",
+            RouterKind::Grpc => "grpc",
+        }
+    }
+}
+
+/// What an xDS client has of one resource type.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct XdsTypeStatus {
+    /// The `version_info` of the newest response of this type.
+    pub sent_version: Option<String>,
+    /// The newest version it ACKed.
+    pub acked_version: Option<String>,
+    /// Resources of this type it subscribes to (`*`: all).
+    pub subscribed: Vec<String>,
+}
+
+/// A NACK: the client rejected a response and keeps what it had.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Nack {
+    pub type_url: String,
+    /// The version it rejected.
+    pub version: String,
+    /// Its `error_detail.message`.
+    pub message: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub at: SystemTime,
+}
+
+/// The xDS side of a router record.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct XdsDetails {
+    /// By type (`cds`, `eds`, `lds`, `rds`).
+    pub types: BTreeMap<&'static str, XdsTypeStatus>,
+    pub last_nack: Option<Nack>,
+    pub nacks: u64,
+    /// Whether its load reports give requests in flight per endpoint
+    /// (Envoy with LRS). Otherwise a drain waits for its ACK and then
+    /// `drain_timeout`.
+    pub reports_in_flight: bool,
+    /// When its last load report arrived.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub load_reported_at: Option<SystemTime>,
+}
+
+fn rfc3339_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// How long a disconnected router stays listed, so that an operator can see
 /// that it went away and when.
 const DISCONNECTED_KEPT: Duration = Duration::from_secs(15 * 60);
@@ -80,6 +152,7 @@ impl Routers {
 #[derive(Clone, Debug, Serialize)]
 pub struct RouterRecord {
     pub id: String,
+    pub kind: RouterKind,
     /// The router's address as seen on its watch connection.
     pub address: SocketAddr,
     pub connected: bool,
@@ -96,6 +169,13 @@ pub struct RouterRecord {
     pub in_flight: BTreeMap<String, BTreeMap<String, u64>>,
     /// Endpoints it ejected on its own (passive health), from its last ack.
     pub ejected: Vec<Ejection>,
+    /// Versions, NACKs and load reports of an xDS client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xds: Option<XdsDetails>,
+    /// When `acked_revision` last moved: a load report older than that
+    /// cannot tell what is in flight since.
+    #[serde(skip)]
+    acked_at: Option<SystemTime>,
     /// Tells this connection from a newer one of the same router id.
     #[serde(skip)]
     connection: u64,
@@ -106,6 +186,27 @@ pub struct RouterRecord {
 impl RouterRecord {
     pub fn has_acked(&self, revision: Revision) -> bool {
         self.acked_revision.is_some_and(|a| a >= revision)
+    }
+
+    /// True when this router is known to have nothing in flight to
+    /// `instance`. A signpost router says so in every ack. An Envoy says so
+    /// in a load report, which must be newer than its last ACK (a report
+    /// from before it saw the drain may miss a request sent just after);
+    /// an Envoy that sends no report for an endpoint has none in flight. A
+    /// gRPC client never says so: its drain ends at `drain_timeout`.
+    pub fn drained(&self, instance: &str) -> bool {
+        let known = match self.kind {
+            RouterKind::Signpost => true,
+            RouterKind::Grpc => false,
+            RouterKind::Envoy => self.xds.as_ref().is_some_and(|x| {
+                x.reports_in_flight
+                    && match (x.load_reported_at, self.acked_at) {
+                        (Some(report), Some(ack)) => report > ack,
+                        _ => false,
+                    }
+            }),
+        };
+        known && self.in_flight_to(instance) == 0
     }
 
     /// Requests it reported in flight to `instance`, in any service.
@@ -185,13 +286,7 @@ impl Routers {
     pub fn acked(&self, id: &str, ack: Ack) -> Result<(), AckRefused> {
         let refused = self.check(id, &ack);
         if let Err(why) = &refused {
-            let counter = match why {
-                AckRefused::NotSubscribed { .. } => &self.ignored.not_subscribed,
-                AckRefused::OtherEpoch { .. } => &self.ignored.other_epoch,
-                AckRefused::NeverSent { .. } => &self.ignored.never_sent,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            debug!(router = %id, error = %why, "ack ignored");
+            self.count_refused(id, why);
             return refused;
         }
         let mut routers = self.records.lock().unwrap();
@@ -200,6 +295,7 @@ impl Routers {
         };
         if r.acked_revision != Some(ack.revision) {
             debug!(router = %id, revision = ack.revision, "router acked");
+            r.acked_at = Some(SystemTime::now());
         }
         r.acked_revision = Some(ack.revision);
         r.last_seen = SystemTime::now();
@@ -208,6 +304,16 @@ impl Routers {
         drop(routers);
         self.bump();
         Ok(())
+    }
+
+    fn count_refused(&self, id: &str, why: &AckRefused) {
+        let counter = match why {
+            AckRefused::NotSubscribed { .. } => &self.ignored.not_subscribed,
+            AckRefused::OtherEpoch { .. } => &self.ignored.other_epoch,
+            AckRefused::NeverSent { .. } => &self.ignored.never_sent,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        debug!(router = %id, error = %why, "ack ignored");
     }
 
     fn check(&self, id: &str, ack: &Ack) -> Result<(), AckRefused> {
@@ -235,7 +341,83 @@ impl Routers {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Records that an xDS client has applied `revision` (ACKed it for every
+    /// type it subscribes to), held to the same rules as `acked`. What it
+    /// has in flight comes apart, from its load reports.
+    pub fn xds_applied(
+        &self,
+        id: &str,
+        epoch: Epoch,
+        revision: Revision,
+    ) -> Result<(), AckRefused> {
+        let ack = Ack {
+            epoch,
+            revision,
+            in_flight: BTreeMap::new(),
+            ejected: Vec::new(),
+        };
+        let refused = self.check(id, &ack);
+        if let Err(why) = &refused {
+            self.count_refused(id, why);
+            return refused;
+        }
+        let mut routers = self.records.lock().unwrap();
+        let Some(r) = routers.get_mut(id) else {
+            return Err(AckRefused::NotSubscribed { router: id.into() });
+        };
+        if r.acked_revision.is_none_or(|a| a < revision) {
+            debug!(router = %id, revision, "xDS client applied");
+            r.acked_revision = Some(revision);
+            r.acked_at = Some(SystemTime::now());
+        }
+        r.last_seen = SystemTime::now();
+        drop(routers);
+        self.bump();
+        Ok(())
+    }
+
+    /// Replaces an xDS client's details (versions, NACKs) on `connection`.
+    pub fn xds_status(&self, id: &str, connection: u64, update: impl FnOnce(&mut XdsDetails)) {
+        let mut routers = self.records.lock().unwrap();
+        if let Some(r) = routers.get_mut(id).filter(|r| r.connection == connection) {
+            update(r.xds.get_or_insert_with(XdsDetails::default));
+            drop(routers);
+            self.bump();
+        }
+    }
+
+    /// An Envoy's load report: what it has in flight now, service →
+    /// instance → count, replacing the last report. Ignored for a router
+    /// that is not connected as an Envoy.
+    pub fn load_reported(
+        &self,
+        id: &str,
+        in_flight: BTreeMap<String, BTreeMap<String, u64>>,
+    ) -> bool {
+        let mut routers = self.records.lock().unwrap();
+        let Some(r) = routers
+            .get_mut(id)
+            .filter(|r| r.connected && r.kind == RouterKind::Envoy)
+        else {
+            return false;
+        };
+        let now = SystemTime::now();
+        let xds = r.xds.get_or_insert_with(XdsDetails::default);
+        xds.reports_in_flight = true;
+        xds.load_reported_at = Some(now);
+        r.in_flight = in_flight;
+        drop(routers);
+        self.bump();
+        true
+    }
+
     pub fn connect(&self, id: &str, address: SocketAddr) -> u64 {
+        self.connect_kind(id, address, RouterKind::Signpost)
+    }
+
+    /// Connects a router of `kind`; a connection of the same id replaces
+    /// the older one.
+    pub fn connect_kind(&self, id: &str, address: SocketAddr, kind: RouterKind) -> u64 {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let now = SystemTime::now();
         let mut routers = self.records.lock().unwrap();
@@ -247,6 +429,7 @@ impl Routers {
             id.to_owned(),
             RouterRecord {
                 id: id.to_owned(),
+                kind,
                 address,
                 connected: true,
                 connected_since: now,
@@ -255,6 +438,8 @@ impl Routers {
                 last_seen: now,
                 in_flight: BTreeMap::new(),
                 ejected: Vec::new(),
+                xds: (kind != RouterKind::Signpost).then(XdsDetails::default),
+                acked_at: None,
                 connection,
                 disconnected_at: None,
             },
@@ -400,5 +585,64 @@ mod tests {
             routers.acked("a", ack(ours, 5)),
             Err(AckRefused::NeverSent { sent: None, .. })
         ));
+    }
+
+    #[test]
+    fn an_envoy_is_drained_only_by_a_load_report_newer_than_its_ack() {
+        let ours = Epoch::from_bits(1);
+        let routers = Routers::new(ours);
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let c = routers.connect_kind("envoy-1", address, RouterKind::Envoy);
+        routers.sent("envoy-1", c, 3);
+        assert!(
+            routers
+                .xds_applied("envoy-1", Epoch::from_bits(2), 3)
+                .is_err(),
+            "another epoch never counts"
+        );
+        assert!(
+            routers.xds_applied("envoy-1", ours, 4).is_err(),
+            "4 never sent"
+        );
+        // A report from before the ACK says nothing of requests sent since.
+        assert!(routers.load_reported("envoy-1", BTreeMap::new()));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(routers.xds_applied("envoy-1", ours, 3), Ok(()));
+        let r = &routers.list()[0];
+        assert!(r.has_acked(3) && !r.drained("i-1"), "{r:?}");
+        std::thread::sleep(Duration::from_millis(2));
+        let busy = BTreeMap::from([("web".into(), BTreeMap::from([("i-1".into(), 2)]))]);
+        assert!(routers.load_reported("envoy-1", busy));
+        assert!(!routers.list()[0].drained("i-1"), "2 in flight");
+        assert!(routers.list()[0].drained("i-2"), "nothing reported for i-2");
+        assert!(routers.load_reported("envoy-1", BTreeMap::new()));
+        assert!(
+            routers.list()[0].drained("i-1"),
+            "no report entry: none in flight"
+        );
+    }
+
+    #[test]
+    fn a_grpc_client_is_never_known_drained_and_a_signpost_router_by_its_ack() {
+        let ours = Epoch::from_bits(1);
+        let routers = Routers::new(ours);
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let g = routers.connect_kind("grpc-1", address, RouterKind::Grpc);
+        routers.sent("grpc-1", g, 1);
+        assert_eq!(routers.xds_applied("grpc-1", ours, 1), Ok(()));
+        assert!(
+            !routers.load_reported("grpc-1", BTreeMap::new()),
+            "per-locality only"
+        );
+        let s = routers.connect("r1", address);
+        routers.sent("r1", s, 1);
+        assert_eq!(routers.acked("r1", ack(ours, 1)), Ok(()));
+        let list = routers.list();
+        assert!(
+            !list[0].drained("i-1"),
+            "gRPC: the drain ends at drain_timeout"
+        );
+        assert!(list[1].drained("i-1"));
+        assert_eq!(list[1].kind, RouterKind::Signpost);
     }
 }

