@@ -33,21 +33,7 @@ async fn send(cloud: &Cloud, queue: &str, body: &str) {
 }
 
 async fn queued(cloud: &Cloud, queue: &str) -> usize {
-    let attrs = cloud
-        .sqs
-        .get_queue_attributes()
-        .queue_url(queue)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
-        .send()
-        .await
-        .unwrap();
-    let attrs = attrs.attributes().unwrap();
-    let get = |name| {
-        attrs
-            .get(&aws_sdk_sqs::types::QueueAttributeName::from(name))
-            .map_or(0, |v| v.parse::<usize>().unwrap())
-    };
-    get("ApproximateNumberOfMessages") + get("ApproximateNumberOfMessagesNotVisible")
+    common::queue_depth(&cloud.sqs, queue).await
 }
 
 fn launched(group: &str) -> String {

@@ -354,21 +354,7 @@ impl EventBus {
 
     /// Messages visible or in flight in the queue.
     pub async fn queued(&self, url: &str) -> usize {
-        let attrs = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
-            .send()
-            .await
-            .unwrap();
-        let attrs = attrs.attributes().unwrap();
-        let get = |name| {
-            attrs
-                .get(&aws_sdk_sqs::types::QueueAttributeName::from(name))
-                .map_or(0, |v| v.parse::<usize>().unwrap())
-        };
-        get("ApproximateNumberOfMessages") + get("ApproximateNumberOfMessagesNotVisible")
+        queue_depth(&self.sqs, url).await
     }
 }
 
@@ -1317,4 +1303,22 @@ impl Load {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await.unwrap()
     }
+}
+
+/// Messages visible or in flight in an SQS queue.
+pub async fn queue_depth(sqs: &aws_sdk_sqs::Client, url: &str) -> usize {
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+        .send()
+        .await
+        .unwrap();
+    let attrs = attrs.attributes().unwrap();
+    let get = |name| {
+        attrs
+            .get(&aws_sdk_sqs::types::QueueAttributeName::from(name))
+            .map_or(0, |v| v.parse::<usize>().unwrap())
+    };
+    get("ApproximateNumberOfMessages") + get("ApproximateNumberOfMessagesNotVisible")
 }
