@@ -6,11 +6,13 @@
 
 mod common;
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use common::{wait_for, Cloud, Controller, FollowedGroup, Load, Router, Scene};
+use common::{
+    completed, hold_launches_and_terminations, in_state, ip_of, wait_for, wait_in_service, Cloud,
+    Controller, FollowedGroup, Load, Router, Scene,
+};
 
 const PORT: u16 = common::BACKEND_PORT;
 
@@ -51,16 +53,6 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.success());
 }
 
-/// The group's instances in `state`, sorted.
-async fn in_state(cloud: &Cloud, group: &str, state: &str) -> Vec<String> {
-    let states = cloud.lifecycle_states(group).await;
-    states
-        .into_iter()
-        .filter(|(_, s)| s == state)
-        .map(|(id, _)| id)
-        .collect()
-}
-
 /// Waits until an instance of the group is in `state`; returns one such.
 async fn wait_one_in(cloud: &Cloud, group: &str, state: &str) -> String {
     wait_for(
@@ -69,27 +61,6 @@ async fn wait_one_in(cloud: &Cloud, group: &str, state: &str) -> String {
         || async { in_state(cloud, group, state).await.pop() },
     )
     .await
-}
-
-/// Waits until the group is exactly `n` instances, all InService.
-async fn wait_in_service(cloud: &Cloud, group: &str, n: usize, limit: Duration) -> Vec<String> {
-    wait_for(
-        &format!("{group} to be {n} instances, all InService"),
-        limit,
-        || async {
-            let states = cloud.lifecycle_states(group).await;
-            let all = states.len() == n && states.iter().all(|(_, s)| s == "InService");
-            all.then(|| states.into_iter().map(|(id, _)| id).collect())
-        },
-    )
-    .await
-}
-
-/// The completed lifecycle action of `instance`, from `/v1/lifecycle`.
-async fn completed(controller: &Controller, instance: &str) -> Option<serde_json::Value> {
-    let (_, body) = controller.get("/v1/lifecycle").await;
-    let recent = body["recent"].as_array()?;
-    recent.iter().find(|a| a["instance"] == instance).cloned()
 }
 
 async fn wait_completed(controller: &Controller, instance: &str) -> serde_json::Value {
@@ -109,10 +80,6 @@ async fn wait_metric(controller: &Controller, sample: &str, at_least: f64) {
         || async { (controller.metric(sample).await? >= at_least).then_some(()) },
     )
     .await
-}
-
-fn ip_of(instances: &[(String, IpAddr)], id: &str) -> IpAddr {
-    instances.iter().find(|(i, _)| i == id).unwrap().1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,18 +295,6 @@ async fn scale_in_drains_requests_in_flight_then_continues() {
         hits_at_ack,
         "no request after the ack"
     );
-}
-
-/// signpost's launch and terminate hooks on `group`, with long heartbeat
-/// timeouts: completing by timeout would take minutes, so every completion
-/// within a test's waits is signpost's.
-async fn hold_launches_and_terminations(cloud: &Cloud, group: &str) {
-    cloud
-        .put_hook(group, "signpost-launch", "launching", 600, "ABANDON")
-        .await;
-    cloud
-        .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
-        .await;
 }
 
 /// Cycles the group 2 → 6 → 2 `cycles` times under load through a router

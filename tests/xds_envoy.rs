@@ -5,12 +5,14 @@
 
 mod common;
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
-use common::{free_port, wait_for, Cloud, Controller, FollowedGroup, Load, Router, Scene};
+use common::{
+    completed, free_port, in_state, ip_of, wait_for, wait_in_service, Controller, FollowedGroup,
+    Load, Router, Scene,
+};
 use tokio::process::{Child, Command};
 
 /// Backend port for this file's tests.
@@ -242,38 +244,6 @@ async fn envoy_routes_by_whole_segment_prefix_to_each_services_instances() {
     assert!(r["xds"]["last_nack"].is_null(), "{r}");
 }
 
-async fn in_state(cloud: &Cloud, group: &str, state: &str) -> Vec<String> {
-    let states = cloud.lifecycle_states(group).await;
-    states
-        .into_iter()
-        .filter(|(_, s)| s == state)
-        .map(|(id, _)| id)
-        .collect()
-}
-
-async fn wait_in_service(cloud: &Cloud, group: &str, n: usize, limit: Duration) -> Vec<String> {
-    wait_for(
-        &format!("{group} to be {n} instances, all InService"),
-        limit,
-        || async {
-            let states = cloud.lifecycle_states(group).await;
-            let all = states.len() == n && states.iter().all(|(_, s)| s == "InService");
-            all.then(|| states.into_iter().map(|(id, _)| id).collect())
-        },
-    )
-    .await
-}
-
-async fn completed(controller: &Controller, instance: &str) -> Option<serde_json::Value> {
-    let (_, body) = controller.get("/v1/lifecycle").await;
-    let recent = body["recent"].as_array()?;
-    recent.iter().find(|a| a["instance"] == instance).cloned()
-}
-
-fn ip_of(instances: &[(String, IpAddr)], id: &str) -> IpAddr {
-    instances.iter().find(|(i, _)| i == id).unwrap().1
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
     let (xds_port, listener) = (free_port(), free_port());
@@ -382,12 +352,7 @@ async fn cycle_under_load(group: &str, cycles: usize, with_router: bool) -> (usi
     } = scene;
     // Long heartbeat timeouts: every completion within the waits below is
     // signpost's.
-    cloud
-        .put_hook(group, "signpost-launch", "launching", 600, "ABANDON")
-        .await;
-    cloud
-        .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
-        .await;
+    common::hold_launches_and_terminations(&cloud, group).await;
     let envoy = Envoy::start(&format!("envoy-{group}"), xds_port, listener).await;
     wait_envoy_in_sync(&controller, &envoy).await;
     let router = if with_router {

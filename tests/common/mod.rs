@@ -1322,3 +1322,50 @@ pub async fn queue_depth(sqs: &aws_sdk_sqs::Client, url: &str) -> usize {
     };
     get("ApproximateNumberOfMessages") + get("ApproximateNumberOfMessagesNotVisible")
 }
+
+/// The group's instances in `state`, sorted.
+pub async fn in_state(cloud: &Cloud, group: &str, state: &str) -> Vec<String> {
+    let states = cloud.lifecycle_states(group).await;
+    states
+        .into_iter()
+        .filter(|(_, s)| s == state)
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Waits until the group is exactly `n` instances, all InService.
+pub async fn wait_in_service(cloud: &Cloud, group: &str, n: usize, limit: Duration) -> Vec<String> {
+    wait_for(
+        &format!("{group} to be {n} instances, all InService"),
+        limit,
+        || async {
+            let states = cloud.lifecycle_states(group).await;
+            let all = states.len() == n && states.iter().all(|(_, s)| s == "InService");
+            all.then(|| states.into_iter().map(|(id, _)| id).collect())
+        },
+    )
+    .await
+}
+
+/// The completed lifecycle action of `instance`, from `/v1/lifecycle`.
+pub async fn completed(controller: &Controller, instance: &str) -> Option<serde_json::Value> {
+    let (_, body) = controller.get("/v1/lifecycle").await;
+    let recent = body["recent"].as_array()?;
+    recent.iter().find(|a| a["instance"] == instance).cloned()
+}
+
+pub fn ip_of(instances: &[(String, IpAddr)], id: &str) -> IpAddr {
+    instances.iter().find(|(i, _)| i == id).unwrap().1
+}
+
+/// signpost's launch and terminate hooks on `group`, with long heartbeat
+/// timeouts: completing by timeout would take minutes, so every completion
+/// within a test's waits is signpost's.
+pub async fn hold_launches_and_terminations(cloud: &Cloud, group: &str) {
+    cloud
+        .put_hook(group, "signpost-launch", "launching", 600, "ABANDON")
+        .await;
+    cloud
+        .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
+        .await;
+}
