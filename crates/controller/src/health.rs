@@ -1,4 +1,4 @@
-//! Health checks: probes (HTTP, TCP), the per-endpoint state machine, and
+//! Health checks: probes (HTTP, TCP, gRPC), the per-endpoint state machine, and
 //! one scheduler task for all endpoints.
 //!
 //! The scheduler keeps a min-heap of due times and runs each probe as a
@@ -34,6 +34,10 @@ pub enum ProbeError {
     Connect(String),
     #[error("answered HTTP {0}")]
     Status(u16),
+    /// The gRPC health service answered with a status other than SERVING,
+    /// or refused the call (no health service, unknown service name).
+    #[error("gRPC health: {0}")]
+    Grpc(String),
 }
 
 /// What to probe.
@@ -97,11 +101,36 @@ impl Probe for NetProbe {
                         Err(ProbeError::Status(status.as_u16()))
                     }
                 }
+                HealthCheck::Grpc { service } => grpc_health(addr, service).await,
             }
         };
         tokio::time::timeout(target.timeout, attempt)
             .await
             .unwrap_or(Err(ProbeError::Timeout(target.timeout)))
+    }
+}
+
+/// One `grpc.health.v1.Health/Check` on a connection of its own: a
+/// channel per probe costs an HTTP/2 handshake each interval, like a TCP
+/// check, and keeps no state for instances that are gone.
+async fn grpc_health(addr: SocketAddr, service: &str) -> Result<(), ProbeError> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ProbeError::Connect(error_chain(&e)))?
+        .connect()
+        .await
+        .map_err(|e| ProbeError::Connect(error_chain(&e)))?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map_err(|status| ProbeError::Grpc(format!("{:?}: {}", status.code(), status.message())))?;
+    match answer.into_inner().status() {
+        ServingStatus::Serving => Ok(()),
+        other => Err(ProbeError::Grpc(other.as_str_name().into())),
     }
 }
 
@@ -474,6 +503,55 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         start.elapsed()
+    }
+
+    /// The gRPC probe against a real gRPC health server (tonic-health) on
+    /// loopback: SERVING passes, anything else fails with the status.
+    #[tokio::test]
+    async fn grpc_probe_passes_only_on_serving() {
+        use tonic_health::ServingStatus;
+
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("echo.Echo", ServingStatus::NotServing)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let probe = |service: &str| {
+            let target = Target {
+                address: addr.ip(),
+                port: addr.port(),
+                check: HealthCheck::Grpc {
+                    service: service.into(),
+                },
+                timeout: Duration::from_secs(5),
+            };
+            async move { NetProbe::default().probe(&target).await }
+        };
+
+        assert_eq!(probe("").await, Ok(()), "the server as a whole");
+        assert_eq!(
+            probe("echo.Echo").await,
+            Err(ProbeError::Grpc("NOT_SERVING".into()))
+        );
+        let unknown = probe("nope.Nope").await.unwrap_err();
+        assert!(
+            matches!(&unknown, ProbeError::Grpc(m) if m.starts_with("NotFound")),
+            "{unknown}"
+        );
+        reporter
+            .set_service_status("echo.Echo", ServingStatus::Serving)
+            .await;
+        assert_eq!(probe("echo.Echo").await, Ok(()));
+
+        server.abort();
+        let closed = probe("").await.unwrap_err();
+        assert!(matches!(closed, ProbeError::Connect(_)), "{closed}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -192,6 +192,9 @@ pub enum HealthCheck {
     Http { path: String },
     /// A TCP connect that succeeds passes.
     Tcp,
+    /// The standard gRPC health protocol (`grpc.health.v1.Health/Check`)
+    /// for `service` (empty: the server as a whole); SERVING passes.
+    Grpc { service: String },
 }
 
 impl fmt::Display for HealthCheck {
@@ -199,6 +202,8 @@ impl fmt::Display for HealthCheck {
         match self {
             HealthCheck::Http { path } => write!(f, "http:{path}"),
             HealthCheck::Tcp => f.write_str("tcp"),
+            HealthCheck::Grpc { service } if service.is_empty() => f.write_str("grpc"),
+            HealthCheck::Grpc { service } => write!(f, "grpc:{service}"),
         }
     }
 }

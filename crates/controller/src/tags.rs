@@ -4,7 +4,7 @@
 //! | --- | --- | --- |
 //! | `signpost:service` | service name (required; groups without it are ignored) | |
 //! | `signpost:port` | 1..=65535 | `default_port` from config, else required |
-//! | `signpost:health` | `http:/path` or `tcp` | `http:/health` |
+//! | `signpost:health` | `http:/path`, `tcp`, `grpc` or `grpc:<service>` | `http:/health` |
 //! | `signpost:route` | path prefix starting with `/` | `/<service>` |
 
 use thiserror::Error;
@@ -27,7 +27,9 @@ pub enum TagError {
     MissingPort,
     #[error("tag {PORT}={0:?}: not a port number (1-65535)")]
     BadPort(String),
-    #[error("tag {HEALTH}={0:?}: expected \"http:/path\" or \"tcp\"")]
+    #[error(
+        "tag {HEALTH}={0:?}: expected \"http:/path\", \"tcp\", \"grpc\" or \"grpc:<service>\""
+    )]
     BadHealth(String),
     #[error("tag {ROUTE}={0:?}: a route is a path prefix starting with '/'")]
     BadRoute(String),
@@ -101,6 +103,21 @@ fn parse_health(value: &str) -> Result<HealthCheck, TagError> {
     if value == "tcp" {
         return Ok(HealthCheck::Tcp);
     }
+    if value == "grpc" {
+        return Ok(HealthCheck::Grpc {
+            service: String::new(),
+        });
+    }
+    // A gRPC service name as a health server knows it: `package.Service`.
+    if let Some(service) = value.strip_prefix("grpc:") {
+        let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if !service.is_empty() && service.chars().all(name_char) {
+            return Ok(HealthCheck::Grpc {
+                service: service.into(),
+            });
+        }
+        return Err(TagError::BadHealth(value.into()));
+    }
     match value.strip_prefix("http:") {
         Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
             Ok(HealthCheck::Http { path: path.into() })
@@ -163,6 +180,25 @@ mod tests {
     }
 
     #[test]
+    fn grpc_health_names_a_service_or_the_whole_server() {
+        let health = |value| {
+            parse_tags(&[(SERVICE, "u"), (PORT, "1"), (HEALTH, value)], None)
+                .unwrap()
+                .health
+        };
+        for (tag, service) in [("grpc", ""), ("grpc:echo.v1.Echo", "echo.v1.Echo")] {
+            let check = health(tag);
+            assert_eq!(
+                check,
+                HealthCheck::Grpc {
+                    service: service.into()
+                }
+            );
+            assert_eq!(check.to_string(), tag, "shown as tagged");
+        }
+    }
+
+    #[test]
     fn bad_ports_are_rejected_with_the_value() {
         for bad in ["abc", "0", "70000", "-1", ""] {
             let err = parse_tags(&[(SERVICE, "users"), (PORT, bad)], Some(80)).unwrap_err();
@@ -185,7 +221,15 @@ mod tests {
 
     #[test]
     fn bad_health_and_route_are_rejected() {
-        for bad in ["grpc:/x", "http:health", "http", "TCP"] {
+        for bad in [
+            "grpc:/x",
+            "grpc:",
+            "grpc:a b",
+            "GRPC",
+            "http:health",
+            "http",
+            "TCP",
+        ] {
             let err = parse_tags(&[(SERVICE, "u"), (PORT, "1"), (HEALTH, bad)], None).unwrap_err();
             assert_eq!(err, TagError::BadHealth(bad.into()));
         }
