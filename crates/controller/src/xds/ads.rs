@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::resources::{ordered, ResourceSet, Resources, Subscription};
+use super::resources::{ordered, Balancing, ResourceSet, Resources, Subscription};
 use super::{ResourceType, Version};
 use crate::metrics::Histogram;
 use crate::model::Revision;
@@ -109,6 +109,7 @@ impl TypeState {
 /// One client's stream.
 struct Stream {
     id: String,
+    balancing: Balancing,
     connection: u64,
     routers: Arc<Routers>,
     metrics: Arc<XdsMetrics>,
@@ -184,7 +185,7 @@ impl Stream {
             if let Some(s) = &state.sent {
                 sent.insert(kind, s.clone());
             }
-            next.insert(kind, resources.view(kind, subscription));
+            next.insert(kind, resources.view(kind, subscription, self.balancing));
         }
         let steps = ordered(&sent, &next);
         for (kind, set) in steps {
@@ -333,6 +334,10 @@ impl Ads {
         info!(router = %node.id, %address, ?kind, agent = %node.user_agent_name, "xDS client connected");
         let mut stream = Stream {
             id: node.id.clone(),
+            balancing: match kind {
+                RouterKind::Grpc => Balancing::RoundRobin,
+                _ => Balancing::LeastRequest,
+            },
             connection,
             routers: self.routers.clone(),
             metrics: self.metrics.clone(),

@@ -3,9 +3,9 @@
 //! from what it sent to what it should have. No streams, no I/O here.
 //!
 //! Per service `S`:
-//! - a `Cluster` `S`: EDS over ADS, least-request balancing, panic threshold
-//!   0 (signpost decides health; in panic mode Envoy would route to
-//!   draining hosts);
+//! - a `Cluster` `S`: EDS over ADS, least-request balancing (round robin
+//!   for gRPC, see `Balancing`), panic threshold 0 (signpost decides health;
+//!   in panic mode Envoy would route to draining hosts);
 //! - a `ClusterLoadAssignment` `S`: one locality per zone; healthy endpoints
 //!   HEALTHY, draining ones DRAINING (no new requests, the ones in flight
 //!   finish); starting and unhealthy endpoints are left out, never routable;
@@ -43,7 +43,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::pb::envoy::r#type::v3::Percent;
-use envoy_types::pb::google::protobuf::{Any, Duration};
+use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
 use prost::Name;
 
 use super::ResourceType;
@@ -63,12 +63,25 @@ pub struct Settings {
     pub envoy_listener: SocketAddr,
 }
 
+/// How a client may balance a cluster's endpoints. Envoy takes least
+/// request; gRPC's xDS client (grpcio 1.85) NACKs a Cluster with
+/// `lb_policy: LEAST_REQUEST` ("LB policy is not supported") and gets
+/// round robin, its own default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balancing {
+    LeastRequest,
+    RoundRobin,
+}
+
 /// Every resource of one registry revision.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Resources {
     pub revision: Revision,
-    /// Per type, what a wildcard subscription gets.
+    /// Per type, what a wildcard subscription gets (clusters balanced by
+    /// least request).
     sets: BTreeMap<ResourceType, ResourceSet>,
+    /// The clusters again, balanced round robin.
+    round_robin_clusters: ResourceSet,
     /// gRPC's API listeners: only by name. Envoy asks for listeners by
     /// wildcard and would be handed listeners it cannot serve.
     api_listeners: ResourceSet,
@@ -96,10 +109,12 @@ impl Resources {
     pub fn from_snapshot(snapshot: &Snapshot, settings: &Settings) -> Resources {
         let mut sets: BTreeMap<ResourceType, ResourceSet> = BTreeMap::new();
         let mut api_listeners = ResourceSet::new();
+        let mut round_robin_clusters = ResourceSet::new();
         for (name, service) in &snapshot.services {
             sets.entry(ResourceType::Cluster)
                 .or_default()
-                .insert(name.clone(), pack(cluster(name)));
+                .insert(name.clone(), pack(cluster(name, Balancing::LeastRequest)));
+            round_robin_clusters.insert(name.clone(), pack(cluster(name, Balancing::RoundRobin)));
             sets.entry(ResourceType::Endpoints)
                 .or_default()
                 .insert(name.clone(), pack(load_assignment(service)));
@@ -114,16 +129,26 @@ impl Resources {
         Resources {
             revision: snapshot.revision,
             sets,
+            round_robin_clusters,
             api_listeners,
         }
     }
 
-    /// What a client subscribed to `subscription` of `kind` gets. A name
-    /// signpost does not have is left out: for RDS and EDS that means "no
-    /// news", and a gRPC client reports it as not existing after its timeout.
-    pub fn view(&self, kind: ResourceType, subscription: &Subscription) -> ResourceSet {
+    /// What a client that balances by `balancing`, subscribed to
+    /// `subscription` of `kind`, gets. A name signpost does not have is left
+    /// out: for RDS and EDS that means "no news", and a gRPC client reports
+    /// it as not existing after its timeout.
+    pub fn view(
+        &self,
+        kind: ResourceType,
+        subscription: &Subscription,
+        balancing: Balancing,
+    ) -> ResourceSet {
         let empty = ResourceSet::new();
-        let set = self.sets.get(&kind).unwrap_or(&empty);
+        let set = match (kind, balancing) {
+            (ResourceType::Cluster, Balancing::RoundRobin) => &self.round_robin_clusters,
+            _ => self.sets.get(&kind).unwrap_or(&empty),
+        };
         match subscription {
             Subscription::Wildcard => set.clone(),
             Subscription::Named(names) => names
@@ -203,7 +228,7 @@ fn socket(ip: IpAddr, port: u16) -> Address {
     }
 }
 
-fn cluster(name: &str) -> Cluster {
+fn cluster(name: &str, balancing: Balancing) -> Cluster {
     Cluster {
         name: name.into(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -215,7 +240,10 @@ fn cluster(name: &str) -> Cluster {
             seconds: 1,
             nanos: 0,
         }),
-        lb_policy: LbPolicy::LeastRequest as i32,
+        lb_policy: match balancing {
+            Balancing::LeastRequest => LbPolicy::LeastRequest,
+            Balancing::RoundRobin => LbPolicy::RoundRobin,
+        } as i32,
         common_lb_config: Some(CommonLbConfig {
             healthy_panic_threshold: Some(Percent { value: 0.0 }),
             ..Default::default()
@@ -249,6 +277,12 @@ fn load_assignment(service: &Service) -> ClusterLoadAssignment {
                 locality: Some(Locality {
                     zone: zone.into(),
                     ..Default::default()
+                }),
+                // gRPC drops a locality without a weight ("contains no
+                // localities"); by endpoint count every endpoint gets an
+                // even share. Envoy ignores it (no locality-weighted LB).
+                load_balancing_weight: Some(UInt32Value {
+                    value: lb_endpoints.len() as u32,
                 }),
                 lb_endpoints,
                 ..Default::default()
@@ -439,21 +473,25 @@ mod tests {
         assert_eq!(r.revision, 7);
         let all = Subscription::Wildcard;
         assert_eq!(
-            names(&r.view(ResourceType::Cluster, &all)),
+            names(&r.view(ResourceType::Cluster, &all, Balancing::LeastRequest)),
             ["users", "web"]
         );
         assert_eq!(
-            names(&r.view(ResourceType::Endpoints, &all)),
+            names(&r.view(ResourceType::Endpoints, &all, Balancing::LeastRequest)),
             ["users", "web"]
         );
         assert_eq!(
-            names(&r.view(ResourceType::Listener, &all)),
+            names(&r.view(ResourceType::Listener, &all, Balancing::LeastRequest)),
             [ENVOY_LISTENER],
             "a wildcard gets no API listener"
         );
-        assert_eq!(names(&r.view(ResourceType::Route, &all)), [ENVOY_ROUTES]);
+        assert_eq!(
+            names(&r.view(ResourceType::Route, &all, Balancing::LeastRequest)),
+            [ENVOY_ROUTES]
+        );
 
-        let c: Cluster = unpack(&r.view(ResourceType::Cluster, &all)["users"]);
+        let c: Cluster =
+            unpack(&r.view(ResourceType::Cluster, &all, Balancing::LeastRequest)["users"]);
         assert_eq!(c.lb_policy, LbPolicy::LeastRequest as i32);
         assert_eq!(
             c.common_lb_config.unwrap().healthy_panic_threshold,
@@ -462,7 +500,8 @@ mod tests {
         );
         assert_eq!(c.eds_cluster_config.unwrap().eds_config, Some(ads()));
 
-        let l: Listener = unpack(&r.view(ResourceType::Listener, &all)[ENVOY_LISTENER]);
+        let l: Listener =
+            unpack(&r.view(ResourceType::Listener, &all, Balancing::LeastRequest)[ENVOY_LISTENER]);
         let SocketAddress {
             address,
             port_specifier,
@@ -494,8 +533,13 @@ mod tests {
             )],
         );
         let r = Resources::from_snapshot(&snap, &settings());
-        let cla: ClusterLoadAssignment =
-            unpack(&r.view(ResourceType::Endpoints, &Subscription::Wildcard)["users"]);
+        let cla: ClusterLoadAssignment = unpack(
+            &r.view(
+                ResourceType::Endpoints,
+                &Subscription::Wildcard,
+                Balancing::LeastRequest,
+            )["users"],
+        );
         assert_eq!(cla.cluster_name, "users");
         let got: Vec<(String, i32)> = cla
             .endpoints
@@ -524,6 +568,11 @@ mod tests {
             cla.endpoints[0].locality.as_ref().unwrap().zone,
             "us-east-1a"
         );
+        assert_eq!(
+            cla.endpoints[0].load_balancing_weight,
+            Some(UInt32Value { value: 2 }),
+            "weighted (gRPC drops a locality without a weight), by endpoint count"
+        );
     }
 
     #[test]
@@ -538,8 +587,13 @@ mod tests {
             ],
         );
         let r = Resources::from_snapshot(&snap, &settings());
-        let rc: RouteConfiguration =
-            unpack(&r.view(ResourceType::Route, &Subscription::Wildcard)[ENVOY_ROUTES]);
+        let rc: RouteConfiguration = unpack(
+            &r.view(
+                ResourceType::Route,
+                &Subscription::Wildcard,
+                Balancing::LeastRequest,
+            )[ENVOY_ROUTES],
+        );
         let got: Vec<(PathSpecifier, String)> = rc.virtual_hosts[0]
             .routes
             .iter()
@@ -572,7 +626,7 @@ mod tests {
         let snap = snapshot(1, vec![service("greeter", "/greeter", &[])]);
         let r = Resources::from_snapshot(&snap, &settings());
         let asked = Subscription::Named(BTreeSet::from(["greeter".into(), "missing".into()]));
-        let got = r.view(ResourceType::Listener, &asked);
+        let got = r.view(ResourceType::Listener, &asked, Balancing::RoundRobin);
         assert_eq!(names(&got), ["greeter"], "an unknown name is left out");
         let l: Listener = unpack(&got["greeter"]);
         let manager: HttpConnectionManager =
@@ -586,15 +640,31 @@ mod tests {
             Some(Action::Route(RouteAction { cluster_specifier: Some(ClusterSpecifier::Cluster(c)), .. })) if c == "greeter"
         ));
         assert_eq!(manager.http_filters[0].name, "envoy.filters.http.router");
-        // Named CDS and EDS (what gRPC asks) get just those.
+        // Named CDS and EDS (what gRPC asks) get just those, balanced
+        // round robin: grpcio NACKs least request.
         let named = Subscription::Named(BTreeSet::from(["greeter".into()]));
-        assert_eq!(names(&r.view(ResourceType::Cluster, &named)), ["greeter"]);
+        let clusters = r.view(ResourceType::Cluster, &named, Balancing::RoundRobin);
+        assert_eq!(names(&clusters), ["greeter"]);
+        let c: Cluster = unpack(&clusters["greeter"]);
+        assert_eq!(c.lb_policy(), LbPolicy::RoundRobin);
+        assert_eq!(
+            c.common_lb_config.unwrap().healthy_panic_threshold,
+            Some(Percent { value: 0.0 })
+        );
+        let envoy: Cluster =
+            unpack(&r.view(ResourceType::Cluster, &named, Balancing::LeastRequest)["greeter"]);
+        assert_eq!(envoy.lb_policy(), LbPolicy::LeastRequest);
     }
 
     fn views(r: &Resources) -> BTreeMap<ResourceType, ResourceSet> {
         ResourceType::ALL
             .into_iter()
-            .map(|t| (t, r.view(t, &Subscription::Wildcard)))
+            .map(|t| {
+                (
+                    t,
+                    r.view(t, &Subscription::Wildcard, Balancing::LeastRequest),
+                )
+            })
             .collect()
     }
 
