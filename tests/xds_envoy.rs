@@ -10,8 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use common::{
-    completed, free_port, in_state, ip_of, wait_for, wait_in_service, Controller, FollowedGroup,
-    Load, Router, Scene,
+    completed, free_port, in_state, ip_of, wait_for, wait_in_service, FollowedGroup, Load, Router,
+    Scene,
 };
 use tokio::process::{Child, Command};
 
@@ -28,24 +28,9 @@ const HEALTH: (&str, &str) = ("500ms", "400ms");
 /// Envoy and 100 requests/s).
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The Envoy binary: `SIGNPOST_ENVOY` (tests/run.sh sets it), or installed
-/// by tests/xds/env.sh.
+/// The Envoy binary: `SIGNPOST_ENVOY`, or installed by tests/xds/env.sh.
 fn envoy_bin() -> PathBuf {
-    if let Ok(path) = std::env::var("SIGNPOST_ENVOY") {
-        return path.into();
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/xds/env.sh");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .arg("envoy")
-        .output()
-        .expect("run tests/xds/env.sh");
-    assert!(
-        out.status.success(),
-        "tests/xds/env.sh envoy failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().into()
+    common::xds_tool("envoy", "SIGNPOST_ENVOY")
 }
 
 /// The controller's `[xds]` section for an xDS port and Envoy listener port.
@@ -155,28 +140,6 @@ impl Drop for Envoy {
     }
 }
 
-/// The controller's record of router `id` from `/v1/routers`.
-async fn record(controller: &Controller, id: &str) -> Option<serde_json::Value> {
-    let (_, body) = controller.get("/v1/routers").await;
-    let routers = body["routers"].as_array()?;
-    routers.iter().find(|r| r["id"] == id).cloned()
-}
-
-/// Waits until Envoy `id` has applied the registry's current revision.
-async fn wait_envoy_in_sync(controller: &Controller, envoy: &Envoy) -> u64 {
-    wait_for(
-        &format!("Envoy {} to apply the registry's revision", envoy.id),
-        Duration::from_secs(20),
-        || async {
-            let (_, body) = controller.get("/v1/routers").await;
-            let revision = body["revision"].as_u64()?;
-            let acked = record(controller, &envoy.id).await?["acked_revision"].as_u64();
-            (acked == Some(revision)).then_some(revision)
-        },
-    )
-    .await
-}
-
 fn tags<'a>(service: &'a str, route: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("signpost:service", service),
@@ -213,7 +176,7 @@ async fn envoy_routes_by_whole_segment_prefix_to_each_services_instances() {
         .await;
 
     let envoy = Envoy::start("envoy-prefix", xds_port, listener).await;
-    wait_envoy_in_sync(&controller, &envoy).await;
+    controller.wait_router_in_sync(&envoy.id).await;
 
     let users_ids = common::ids(&users);
     let mut seen = std::collections::BTreeSet::new();
@@ -230,7 +193,7 @@ async fn envoy_routes_by_whole_segment_prefix_to_each_services_instances() {
         assert_eq!(envoy.get(path).await, (200, web_id.clone()), "{path}");
     }
 
-    let r = record(&controller, "envoy-prefix").await.unwrap();
+    let r = controller.record("envoy-prefix").await.unwrap();
     assert_eq!(r["kind"], "envoy", "{r}");
     assert!(r["connected"].as_bool().unwrap());
     let revision = r["acked_revision"].as_u64().unwrap();
@@ -267,7 +230,7 @@ async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
         )
         .await;
     let envoy = Envoy::start("envoy-drain", xds_port, listener).await;
-    wait_envoy_in_sync(&controller, &envoy).await;
+    controller.wait_router_in_sync(&envoy.id).await;
     let (id, ip) = instances[0].clone();
     assert_eq!(ip_of(&instances, &id), ip);
     let followed = FollowedGroup::start(&cloud, "web-drain", backends);
@@ -284,7 +247,7 @@ async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
         "Envoy's load report to show the request in flight",
         Duration::from_secs(10),
         || async {
-            let r = record(&controller, "envoy-drain").await?;
+            let r = controller.record("envoy-drain").await?;
             (r["in_flight"]["web"][&id].as_u64() == Some(1)).then_some(())
         },
     )
@@ -294,7 +257,7 @@ async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
     controller
         .wait_endpoints("web", "draining", std::slice::from_ref(&id))
         .await;
-    wait_envoy_in_sync(&controller, &envoy).await;
+    controller.wait_router_in_sync(&envoy.id).await;
     let hits_at_ack = followed.backends.lock().await.hits(ip);
     assert_eq!(
         in_state(&cloud, "web-drain", "Terminating:Wait").await,
@@ -354,7 +317,7 @@ async fn cycle_under_load(group: &str, cycles: usize, with_router: bool) -> (usi
     // signpost's.
     common::hold_launches_and_terminations(&cloud, group).await;
     let envoy = Envoy::start(&format!("envoy-{group}"), xds_port, listener).await;
-    wait_envoy_in_sync(&controller, &envoy).await;
+    controller.wait_router_in_sync(&envoy.id).await;
     let router = if with_router {
         let cache =
             std::env::temp_dir().join(format!("signpost-xds-{group}-{}.json", std::process::id()));

@@ -30,6 +30,26 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+/// A tool of tests/xds/env.sh (`envoy`, `python`: the venv with grpcio):
+/// from `env_var` (tests/run.sh sets it), else installed by the script.
+pub fn xds_tool(which: &str, env_var: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(env_var) {
+        return path.into();
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/xds/env.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .arg(which)
+        .output()
+        .expect("run tests/xds/env.sh");
+    assert!(
+        out.status.success(),
+        "tests/xds/env.sh {which} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}
+
 /// Polls `cond` every 50 ms until it returns `Some`, or panics with `what`
 /// after `limit`.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut cond: F) -> T
@@ -924,23 +944,33 @@ impl Controller {
         .await;
     }
 
-    /// The revision a router acked, from `/v1/routers`.
-    pub async fn acked(&self, router: &str) -> Option<u64> {
+    /// The controller's record of router `id` (any kind), from `/v1/routers`.
+    pub async fn record(&self, id: &str) -> Option<serde_json::Value> {
         let (_, body) = self.get("/v1/routers").await;
         let routers = body["routers"].as_array()?;
-        routers.iter().find(|r| r["id"] == router)?["acked_revision"].as_u64()
+        routers.iter().find(|r| r["id"] == id).cloned()
+    }
+
+    /// The revision a router acked, from `/v1/routers`.
+    pub async fn acked(&self, router: &str) -> Option<u64> {
+        self.record(router).await?["acked_revision"].as_u64()
     }
 
     /// Waits until `router` has acked the registry's current revision, and
     /// returns that revision.
     pub async fn wait_in_sync(&self, router: &Router) -> u64 {
+        self.wait_router_in_sync(&router.id).await
+    }
+
+    /// The same for a router of any kind (an Envoy, a gRPC client), by id.
+    pub async fn wait_router_in_sync(&self, id: &str) -> u64 {
         wait_for(
-            &format!("router {} to ack the registry's revision", router.id),
+            &format!("router {id} to apply the registry's revision"),
             Duration::from_secs(20),
             || async {
                 let (_, body) = self.get("/v1/routers").await;
                 let revision = body["revision"].as_u64()?;
-                (self.acked(&router.id).await == Some(revision)).then_some(revision)
+                (self.acked(id).await == Some(revision)).then_some(revision)
             },
         )
         .await
@@ -1162,17 +1192,38 @@ pub async fn http_get(url: &str) -> Result<(u16, Bytes), String> {
     Ok((status, body))
 }
 
-/// Backends that come and go with a group's instances, as the instances'
-/// applications would: a server starts when an instance joins the group and
-/// stops (connections cut) the moment EC2 terminates it, which with a
-/// terminate hook is when the hook completes.
-pub struct FollowedGroup {
-    pub backends: Arc<tokio::sync::Mutex<Backends>>,
+/// What runs on an instance: started when the instance appears, stopped
+/// when it dies. `Backends` (HTTP) is one; tests/xds_grpc.rs has gRPC.
+pub trait Application: Send + 'static {
+    /// The instances served now: (id, address).
+    fn serving(&self) -> Vec<(String, IpAddr)>;
+    fn start(&mut self, id: &str, ip: IpAddr) -> impl Future<Output = ()> + Send;
+    fn stop(&mut self, ip: IpAddr) -> impl Future<Output = ()> + Send;
+}
+
+impl Application for Backends {
+    fn serving(&self) -> Vec<(String, IpAddr)> {
+        Backends::serving(self)
+    }
+    async fn start(&mut self, id: &str, ip: IpAddr) {
+        Backends::start(self, id, ip).await
+    }
+    async fn stop(&mut self, ip: IpAddr) {
+        Backends::stop(self, ip)
+    }
+}
+
+/// Applications that come and go with a group's instances, as on real
+/// instances: a server starts when an instance joins the group and stops
+/// (connections cut) the moment EC2 terminates it, which with a terminate
+/// hook is when the hook completes.
+pub struct FollowedGroup<A: Application = Backends> {
+    pub backends: Arc<tokio::sync::Mutex<A>>,
     task: JoinHandle<()>,
 }
 
-impl FollowedGroup {
-    pub fn start(cloud: &Cloud, group: &str, backends: Backends) -> FollowedGroup {
+impl<A: Application> FollowedGroup<A> {
+    pub fn start(cloud: &Cloud, group: &str, backends: A) -> FollowedGroup<A> {
         let backends = Arc::new(tokio::sync::Mutex::new(backends));
         let task = tokio::spawn({
             let (cloud, group, backends) = (cloud.clone(), group.to_owned(), backends.clone());
@@ -1209,7 +1260,7 @@ impl FollowedGroup {
                         let state = cloud.ec2_state(&id).await;
                         if state != "running" {
                             let ip = serving.remove(&id).expect("serving");
-                            backends.stop(ip);
+                            backends.stop(ip).await;
                         }
                     }
                     for id in &ids {
@@ -1227,7 +1278,7 @@ impl FollowedGroup {
     }
 }
 
-impl Drop for FollowedGroup {
+impl<A: Application> Drop for FollowedGroup<A> {
     fn drop(&mut self) {
         self.task.abort();
     }
