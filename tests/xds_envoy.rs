@@ -155,26 +155,9 @@ impl Drop for Envoy {
     }
 }
 
-/// The controller's record of router `id` from `/v1/routers`.
-async fn record(controller: &Controller, id: &str) -> Option<serde_json::Value> {
-    let (_, body) = controller.get("/v1/routers").await;
-    let routers = body["routers"].as_array()?;
-    routers.iter().find(|r| r["id"] == id).cloned()
-}
-
 /// Waits until Envoy `id` has applied the registry's current revision.
 async fn wait_envoy_in_sync(controller: &Controller, envoy: &Envoy) -> u64 {
-    wait_for(
-        &format!("Envoy {} to apply the registry's revision", envoy.id),
-        Duration::from_secs(20),
-        || async {
-            let (_, body) = controller.get("/v1/routers").await;
-            let revision = body["revision"].as_u64()?;
-            let acked = record(controller, &envoy.id).await?["acked_revision"].as_u64();
-            (acked == Some(revision)).then_some(revision)
-        },
-    )
-    .await
+    controller.wait_acked_by(&envoy.id).await
 }
 
 fn tags<'a>(service: &'a str, route: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -230,7 +213,7 @@ async fn envoy_routes_by_whole_segment_prefix_to_each_services_instances() {
         assert_eq!(envoy.get(path).await, (200, web_id.clone()), "{path}");
     }
 
-    let r = record(&controller, "envoy-prefix").await.unwrap();
+    let r = controller.router_record("envoy-prefix").await.unwrap();
     assert_eq!(r["kind"], "envoy", "{r}");
     assert!(r["connected"].as_bool().unwrap());
     let revision = r["acked_revision"].as_u64().unwrap();
@@ -284,7 +267,7 @@ async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
         "Envoy's load report to show the request in flight",
         Duration::from_secs(10),
         || async {
-            let r = record(&controller, "envoy-drain").await?;
+            let r = controller.router_record("envoy-drain").await?;
             (r["in_flight"]["web"][&id].as_u64() == Some(1)).then_some(())
         },
     )
@@ -376,15 +359,7 @@ async fn cycle_under_load(group: &str, cycles: usize, with_router: bool) -> (usi
     }
     let started = std::time::Instant::now();
 
-    for cycle in 0..cycles {
-        cloud.set_desired(group, 6).await;
-        let six = wait_in_service(&cloud, group, 6, Duration::from_secs(30)).await;
-        controller.wait_endpoints("web", "healthy", &six).await;
-        cloud.set_desired(group, 2).await;
-        let two = wait_in_service(&cloud, group, 2, Duration::from_secs(30)).await;
-        controller.wait_endpoints("web", "healthy", &two).await;
-        eprintln!("{group}: cycle {} done", cycle + 1);
-    }
+    common::cycle_2_6_2(&cloud, &controller, group, "web", cycles).await;
     let mut sent = 0;
     let mut failures = Vec::new();
     let elapsed = started.elapsed().as_secs_f64();
@@ -405,19 +380,7 @@ async fn cycle_under_load(group: &str, cycles: usize, with_router: bool) -> (usi
         sent += n;
         failures.extend(failed.into_iter().map(|f| format!("{through}: {f}")));
     }
-    let (_, lifecycle) = controller.get("/v1/lifecycle").await;
-    assert_eq!(
-        lifecycle["active"],
-        serde_json::json!([]),
-        "nothing left waiting"
-    );
-    let recent = lifecycle["recent"].as_array().unwrap();
-    let timed_out: Vec<_> = recent.iter().filter(|a| !a["note"].is_null()).collect();
-    eprintln!(
-        "{group}: {} actions, {} decided by a timeout: {timed_out:#?}",
-        recent.len(),
-        timed_out.len()
-    );
+    common::lifecycle_settled(&controller, group).await;
     (sent, failures)
 }
 
