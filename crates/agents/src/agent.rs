@@ -233,3 +233,86 @@ async fn readyz(State(state): State<Arc<AgentState>>) -> Response {
     });
     (status, Json(body)).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signpost_protocol::{Message, PROTOCOL};
+    use std::sync::atomic::AtomicUsize;
+
+    /// A proxy that refuses while `failing` is set, and has one request in
+    /// flight to `i-1` once it applied.
+    struct FakeProxy {
+        failing: Arc<AtomicBool>,
+        applies: Arc<AtomicUsize>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("socket gone")]
+    struct Gone;
+
+    impl Proxy for FakeProxy {
+        const KIND: &'static str = "fake";
+        type Error = Gone;
+
+        async fn apply(&mut self, _desired: &Mirror) -> Result<(), Gone> {
+            self.applies.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                Err(Gone)
+            } else {
+                Ok(())
+            }
+        }
+
+        async fn in_flight(&mut self, _desired: &Mirror) -> Result<InFlight, Gone> {
+            Ok(InFlight::from([(
+                "web".to_owned(),
+                BTreeMap::from([("i-1".to_owned(), 1)]),
+            )]))
+        }
+    }
+
+    fn mirror(revision: u64) -> Mirror {
+        let line = format!(
+            r#"{{"type":"snapshot","protocol":{PROTOCOL},"epoch":1,"revision":{revision},"services":[]}}"#
+        );
+        let mut m = Mirror::default();
+        m.apply(Message::from_line(line.as_bytes()).unwrap())
+            .unwrap();
+        m
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revision_the_proxy_refused_is_not_acked_and_is_retried() {
+        let state = AgentState::new("fake");
+        let failing = Arc::new(AtomicBool::new(true));
+        let applies = Arc::new(AtomicUsize::new(0));
+        let proxy = FakeProxy {
+            failing: failing.clone(),
+            applies: applies.clone(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(drive(
+            proxy,
+            state.clone(),
+            Duration::from_millis(100),
+            stop.clone(),
+        ));
+        state.publish(&mirror(4), Source::Controller);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(state.report(Instant::now()).is_none(), "nothing acked");
+        assert_eq!(state.error.lock().unwrap().as_deref(), Some("socket gone"));
+        let tries = applies.load(Ordering::SeqCst);
+        assert!((3..30).contains(&tries), "retried with back-off: {tries}");
+
+        failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let ack = state.report(Instant::now()).expect("acked once applied");
+        assert_eq!(ack.revision, 4);
+        assert_eq!(ack.in_flight["web"]["i-1"], 1);
+        assert!(state.error.lock().unwrap().is_none());
+        assert_eq!(state.applied.borrow().source, Some(Source::Controller));
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

@@ -578,3 +578,182 @@ impl Proxy for Haproxy {
         Ok(in_flight)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signpost_protocol::{Message, PROTOCOL};
+
+    fn mirror(endpoints: &[(&str, &str, &str)]) -> Mirror {
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .map(|(id, ip, state)| {
+                format!(r#"{{"instance":"{id}","address":"{ip}","port":80,"zone":"a","state":"{state}"}}"#)
+            })
+            .collect();
+        let line = format!(
+            r#"{{"type":"snapshot","protocol":{PROTOCOL},"epoch":1,"revision":7,"services":[{{"name":"web","route":"/","endpoints":[{}]}},{{"name":"users","route":"/users","endpoints":[]}}]}}"#,
+            endpoints.join(",")
+        );
+        let mut m = Mirror::default();
+        m.apply(Message::from_line(line.as_bytes()).unwrap())
+            .unwrap();
+        m
+    }
+
+    fn server(addr: &str, admin: Admin, sessions: u64, unchanged_for: u64) -> Server {
+        Server {
+            addr: addr.into(),
+            admin,
+            sessions,
+            unchanged_for,
+        }
+    }
+
+    fn observed(servers: &[(&str, Server)]) -> Observed {
+        let web = servers
+            .iter()
+            .map(|(n, s)| (n.to_string(), s.clone()))
+            .collect();
+        Observed {
+            backends: BTreeMap::from([
+                ("signpost_web".to_owned(), web),
+                ("signpost_users".to_owned(), BTreeMap::new()),
+                ("other".to_owned(), BTreeMap::new()),
+            ]),
+        }
+    }
+
+    fn plan_for(desired: &Mirror, observed: &Observed) -> Vec<String> {
+        let (steps, missing) = plan(
+            desired,
+            observed,
+            |s| format!("{PREFIX}{s}"),
+            |b| b.strip_prefix(PREFIX).map(String::from),
+        );
+        assert!(missing.is_empty(), "{missing:?}");
+        steps.iter().map(|s| s.command().0).collect()
+    }
+
+    #[test]
+    fn stat_is_read_by_its_header() {
+        let csv = "# pxname,svname,qcur,scur,status,lastchg,addr\n\
+                   signpost,FRONTEND,,3,OPEN,,\n\
+                   signpost_web,i-1,0,2,no check,12,127.0.0.1:80\n\
+                   signpost_web,i-2,0,0,MAINT,40,127.0.0.2:80\n\
+                   signpost_web,i-3,0,1,DRAIN,3,127.0.0.3:80\n\
+                   signpost_web,BACKEND,0,3,UP,12,\n\
+                   signpost_users,BACKEND,0,0,DOWN,1,\n";
+        let o = parse_stat(csv).unwrap();
+        let web = &o.backends["signpost_web"];
+        assert_eq!(web["i-1"], server("127.0.0.1:80", Admin::Ready, 2, 12));
+        assert_eq!(web["i-2"].admin, Admin::Maint);
+        assert_eq!(web["i-3"].admin, Admin::Drain);
+        assert!(o.backends["signpost_users"].is_empty());
+        assert!(!o.backends.contains_key("signpost"));
+        assert!(parse_stat("garbage").is_err());
+    }
+
+    #[test]
+    fn a_new_endpoint_is_added_then_made_ready_and_a_draining_one_drained() {
+        let desired = mirror(&[
+            ("i-1", "127.0.0.1", "healthy"),
+            ("i-2", "127.0.0.2", "draining"),
+            ("i-3", "127.0.0.3", "starting"),
+        ]);
+        let have = observed(&[("i-2", server("127.0.0.2:80", Admin::Ready, 1, 0))]);
+        assert_eq!(
+            plan_for(&desired, &have),
+            [
+                "add server signpost_web/i-1 127.0.0.1:80",
+                "add server signpost_web/i-3 127.0.0.3:80",
+                "set server signpost_web/i-1 state ready",
+                "set server signpost_web/i-2 state drain",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_gone_server_is_drained_then_put_out_then_deleted_once_idle() {
+        let desired = mirror(&[("i-1", "127.0.0.1", "healthy")]);
+        let ready = server("127.0.0.1:80", Admin::Ready, 0, 0);
+        let step = |gone: Server| {
+            plan_for(
+                &desired,
+                &observed(&[("i-1", ready.clone()), ("i-9", gone)]),
+            )
+        };
+        let addr = "127.0.0.9:80";
+        assert_eq!(
+            step(server(addr, Admin::Ready, 3, 0)),
+            ["set server signpost_web/i-9 state drain"]
+        );
+        assert!(
+            step(server(addr, Admin::Drain, 3, 0)).is_empty(),
+            "busy: kept"
+        );
+        assert_eq!(
+            step(server(addr, Admin::Drain, 0, 0)),
+            ["set server signpost_web/i-9 state maint"]
+        );
+        assert!(
+            step(server(addr, Admin::Maint, 0, 5)).is_empty(),
+            "not idle long enough"
+        );
+        assert_eq!(
+            step(server(addr, Admin::Maint, 0, DELETE_AFTER_S)),
+            ["del server signpost_web/i-9"]
+        );
+        // Backends that are not ours are left alone.
+        let mut theirs = observed(&[("i-1", ready.clone())]);
+        theirs
+            .backends
+            .get_mut("other")
+            .unwrap()
+            .insert("x".into(), ready.clone());
+        assert!(plan_for(&desired, &theirs).is_empty());
+    }
+
+    #[test]
+    fn a_backend_haproxy_lacks_is_reported() {
+        let desired = mirror(&[]);
+        let (_, missing) = plan(
+            &desired,
+            &Observed::default(),
+            |s| format!("{PREFIX}{s}"),
+            |_| None,
+        );
+        assert_eq!(missing.len(), 2, "{missing:?}");
+    }
+
+    #[test]
+    fn map_keys_end_in_a_slash_longest_first() {
+        let mut desired = mirror(&[]);
+        let admin = desired.services["users"].clone();
+        desired.services.insert(
+            "admin".into(),
+            signpost_protocol::MirrorService {
+                route: "/users/admin".into(),
+                ..admin
+            },
+        );
+        let entries = map_entries(&desired, |s| format!("{PREFIX}{s}"));
+        let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["/users/admin/", "/users/", "/"]);
+    }
+
+    #[test]
+    fn the_backends_file_keeps_not_routable_servers_disabled() {
+        let desired = mirror(&[
+            ("i-1", "127.0.0.1", "healthy"),
+            ("i-2", "127.0.0.2", "draining"),
+        ]);
+        let text = render_backends(&desired, |s| format!("{PREFIX}{s}"));
+        assert!(text.contains("backend signpost_users\n"), "{text}");
+        assert!(text.contains("    server i-1 127.0.0.1:80\n"), "{text}");
+        assert!(
+            text.contains("    server i-2 127.0.0.2:80 disabled\n"),
+            "{text}"
+        );
+    }
+}

@@ -390,6 +390,38 @@ impl Proxy for Nginx {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use signpost_protocol::{Message, PROTOCOL};
+
+    #[test]
+    fn renders_whole_segment_locations_and_only_routable_servers() {
+        let line = format!(
+            r#"{{"type":"snapshot","protocol":{PROTOCOL},"epoch":1,"revision":7,"services":[{{"name":"web","route":"/","endpoints":[{{"instance":"i-1","address":"127.0.0.1","port":80,"zone":"a","state":"healthy"}},{{"instance":"i-2","address":"127.0.0.2","port":80,"zone":"a","state":"draining"}}]}},{{"name":"users","route":"/users","endpoints":[{{"instance":"i-3","address":"127.0.0.3","port":80,"zone":"a","state":"starting"}}]}}]}}"#
+        );
+        let mut m = Mirror::default();
+        m.apply(Message::from_line(line.as_bytes()).unwrap())
+            .unwrap();
+        let r = render(&m);
+        assert!(r.upstreams.contains("upstream signpost_web {\n    least_conn;\n    server 127.0.0.1:80 max_fails=0;\n    keepalive 32;\n}"), "{}", r.upstreams);
+        assert!(
+            r.upstreams.contains(
+                "upstream signpost_users {\n    least_conn;\n    server 127.0.0.1:1 down;\n"
+            ),
+            "{}",
+            r.upstreams
+        );
+        assert!(
+            r.locations.contains("location = /users {"),
+            "{}",
+            r.locations
+        );
+        assert!(
+            r.locations.contains("location /users/ {"),
+            "{}",
+            r.locations
+        );
+        assert!(r.locations.contains("location / {"), "{}", r.locations);
+        assert_eq!(r.endpoints.len(), 1);
+    }
 
     #[test]
     fn proc_net_addresses_parse() {
