@@ -18,9 +18,18 @@
 # own CPU time (user + system, from /proc) during the run divided by the
 # requests it served: what a request costs, whatever else loads the machine.
 #
+# Beside them, in the same rounds and on the same backends: HAProxy fed by
+# `signpost haproxy` and nginx fed by `signpost nginx`, both agents
+# subscribed to the same push source as the router. Then each agent's
+# change-to-applied latency: benches/agent_changes.py pushes CHANGES deltas
+# (an endpoint drained, then made healthy again, in turn) one at a time and
+# times each to the agent's ack (HAProxy: runtime API; nginx: render,
+# nginx -t, reload, new workers seen).
+#
 # Propagation: `cargo bench --bench propagation` (see benches/propagation.rs).
 #
-# Env: DURATION (default 10s), ROUNDS (3), THREADS (2), CONNECTIONS (64).
+# Env: DURATION (default 10s), ROUNDS (3), THREADS (2), CONNECTIONS (64),
+#      CHANGES (100), PROPAGATION (1; 0 skips that part).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,16 +37,18 @@ DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-64}
+CHANGES=${CHANGES:-100}
 CORES=$(nproc)
 
 need() { command -v "$1" >/dev/null || { echo "missing $1: apt-get install -y $2" >&2; exit 1; }; }
-if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
+if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+    apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy >/dev/null
   fi
 fi
 need wrk wrk
 need nginx nginx-light
+need haproxy haproxy
 need python3 python3
 
 ENVOY_BIN=${SIGNPOST_ENVOY:-$(bash tests/xds/env.sh envoy)}
@@ -130,6 +141,66 @@ push_source() { # port backends
   PIDS+=($!)
 }
 
+wait_file() {
+  for _ in $(seq 100); do [ -s "$1" ] && return 0; sleep 0.1; done
+  echo "no $1" >&2; exit 1
+}
+
+# HAProxy fed by `signpost haproxy` from the push source at port $1; sets
+# HAPROXY_PORT and HAPROXY_PID (the master).
+haproxy_fed() { # push_port tag
+  local d="$WORK/haproxy-$2" admin
+  mkdir -p "$d"; HAPROXY_PORT=$(free_port); admin=$(free_port)
+  cat > "$d/haproxy.cfg" <<EOF
+global
+    stats socket $d/admin.sock mode 600 level admin
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    balance leastconn
+    option idle-close-on-response
+frontend signpost
+    bind 127.0.0.1:$HAPROXY_PORT
+    use_backend %[path,concat(/),map_beg($d/haproxy.map)]
+EOF
+  SIGNPOST_LOG=warn "$SIGNPOST" haproxy --id "haproxy-$2" --controller "http://127.0.0.1:$1" \
+    --admin-listen "127.0.0.1:$admin" --socket "$d/admin.sock" --map "$d/haproxy.map" --backends "$d/backends.cfg" &
+  PIDS+=($!)
+  wait_file "$d/backends.cfg"
+  haproxy -W -db -f "$d/haproxy.cfg" -f "$d/backends.cfg" 2>"$d/haproxy.log" &
+  PIDS+=($!); HAPROXY_PID=$!
+  wait_http "http://127.0.0.1:$admin/readyz"
+}
+
+# nginx fed by `signpost nginx` likewise; sets NGINX_FED_PORT and NGINX_FED_PID.
+nginx_fed() { # push_port tag
+  local d="$WORK/nginx-$2" admin
+  mkdir -p "$d"; NGINX_FED_PORT=$(free_port); admin=$(free_port)
+  cat > "$d/nginx.conf" <<EOF
+daemon off;
+worker_processes $CORES;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  include $d/upstreams.conf;
+  server { listen 127.0.0.1:$NGINX_FED_PORT; include $d/locations.conf; }
+}
+EOF
+  SIGNPOST_LOG=warn "$SIGNPOST" nginx --id "nginx-$2" --controller "http://127.0.0.1:$1" \
+    --admin-listen "127.0.0.1:$admin" --nginx "$(command -v nginx)" --conf "$d/nginx.conf" \
+    --pid-file "$d/nginx.pid" --upstreams "$d/upstreams.conf" --locations "$d/locations.conf" &
+  PIDS+=($!)
+  wait_file "$d/locations.conf"
+  nginx -c "$d/nginx.conf" -e "$d/error.log" &
+  PIDS+=($!); NGINX_FED_PID=$!
+  wait_http "http://127.0.0.1:$admin/readyz"
+}
+
 # CPU time (user + system, in clock ticks) the processes $@ have used.
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 
@@ -199,15 +270,33 @@ http { access_log off; keepalive_requests 1000000;
     --listen "127.0.0.1:$router_port" --admin-listen "127.0.0.1:$admin_port" --cache "$WORK/cache$n.json" &
   PIDS+=($!); ROUTER_PID=${PIDS[-1]}
   wait_http "http://127.0.0.1:$admin_port/readyz"
+  haproxy_fed "$push_port" "$n"
+  nginx_fed "$push_port" "$n"
 
   for _ in $(seq "$ROUNDS"); do
     sample direct "$n" "http://127.0.0.1:19001/"
     sample nginx "$n" "http://127.0.0.1:$nginx_port/" $(pgrep -P "$NGINX_PID")
     sample envoy "$n" "http://127.0.0.1:$envoy_port/" "$ENVOY_PID"
     sample "signpost router" "$n" "http://127.0.0.1:$router_port/" "$ROUTER_PID"
+    sample "nginx + signpost nginx" "$n" "http://127.0.0.1:$NGINX_FED_PORT/" $(pgrep -P "$NGINX_FED_PID")
+    sample "HAProxy + signpost haproxy" "$n" "http://127.0.0.1:$HAPROXY_PORT/" $(pgrep -P "$HAPROXY_PID")
   done
   row direct "$n"; row nginx "$n"; row envoy "$n"; row "signpost router" "$n"
-  kill "$NGINX_PID" "$ENVOY_PID" "$ROUTER_PID" "$PUSH_PID"
+  row "nginx + signpost nginx" "$n"; row "HAProxy + signpost haproxy" "$n"
+  kill "$NGINX_PID" "$ENVOY_PID" "$ROUTER_PID" "$PUSH_PID" "$HAPROXY_PID" "$NGINX_FED_PID"
+done
+
+# Change to applied, per agent: its own source, its own proxy.
+LATENCY=()
+for kind in haproxy nginx; do
+  port=$(free_port)
+  python3 benches/agent_changes.py "$port" 2 "$CHANGES" > "$WORK/latency.$kind" &
+  PIDS+=($!); source_pid=$!
+  "${kind}_fed" "$port" latency
+  wait "$source_pid"
+  read -r p50 p99 max count < "$WORK/latency.$kind"
+  LATENCY+=("| signpost $kind | $count | $p50 ms | $p99 ms | $max ms |")
+  if [ "$kind" = haproxy ]; then kill "$HAPROXY_PID"; else kill "$NGINX_FED_PID"; fi
 done
 
 echo
@@ -217,6 +306,14 @@ echo "| target | backends | requests/s | p50 | p99 | CPU per request (µs) |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: |"
 printf '%s\n' "${ROWS[@]}"
 echo
-echo "Propagation: registry change → every subscribed router acked"
+echo "Change to applied: a delta written → the agent's ack of it (endpoint drained / made healthy in turn)"
 echo
-cargo bench --bench propagation 2>/dev/null
+echo "| agent | changes | p50 | p99 | max |"
+echo "| --- | ---: | ---: | ---: | ---: |"
+printf '%s\n' "${LATENCY[@]}"
+echo
+if [ "${PROPAGATION:-1}" != 0 ]; then
+  echo "Propagation: registry change → every subscribed router acked"
+  echo
+  cargo bench --bench propagation 2>/dev/null
+fi

@@ -33,6 +33,129 @@ enum Command {
     Controller(ControllerArgs),
     /// Route HTTP requests by path prefix to the controller's healthy endpoints.
     Router(RouterArgs),
+    /// Drive HAProxy (runtime API) with the controller's endpoints and routes.
+    Haproxy(HaproxyArgs),
+    /// Drive nginx (render, nginx -t, reload) with the controller's endpoints and routes.
+    Nginx(NginxArgs),
+}
+
+/// What every agent takes.
+#[derive(Args)]
+struct AgentArgs {
+    /// The controller's API base URL.
+    #[arg(long, env = "SIGNPOST_AGENT_CONTROLLER", default_value = "http://127.0.0.1:7070", value_parser = controller_url)]
+    controller: String,
+    /// Stable id (letters, digits, '.', '_', '-'), e.g. the host name.
+    #[arg(long, env = "SIGNPOST_AGENT_ID", value_parser = router_id)]
+    id: String,
+    /// Admin listen address (/healthz, /readyz).
+    #[arg(
+        long,
+        env = "SIGNPOST_AGENT_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9091"
+    )]
+    admin_listen: SocketAddr,
+    /// File holding the last snapshot; applied at start when the controller is unreachable.
+    #[arg(long, env = "SIGNPOST_AGENT_CACHE")]
+    cache: Option<PathBuf>,
+    /// Limit on connecting to the controller.
+    #[arg(long, env = "SIGNPOST_AGENT_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration::parse)]
+    connect_timeout: Duration,
+    /// How often the proxy is checked (state, requests in flight) besides on every change.
+    #[arg(long, env = "SIGNPOST_AGENT_POLL", default_value = "200ms", value_parser = duration::parse)]
+    poll: Duration,
+}
+
+impl AgentArgs {
+    fn config(self) -> signpost_agents::Config {
+        signpost_agents::Config {
+            controller: self.controller,
+            id: self.id,
+            admin_listen: self.admin_listen,
+            cache: self.cache,
+            connect_timeout: self.connect_timeout,
+            poll: self.poll,
+        }
+    }
+}
+
+#[derive(Args)]
+struct HaproxyArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// HAProxy's admin socket (`stats socket PATH level admin`).
+    #[arg(
+        long,
+        env = "SIGNPOST_HAPROXY_SOCKET",
+        default_value = "/run/haproxy/admin.sock"
+    )]
+    socket: PathBuf,
+    /// The map file the frontend reads with map_beg (written by the agent).
+    #[arg(
+        long,
+        env = "SIGNPOST_HAPROXY_MAP",
+        default_value = "/var/lib/signpost/haproxy.map"
+    )]
+    map: PathBuf,
+    /// The backends file HAProxy loads with -f (written by the agent).
+    #[arg(
+        long,
+        env = "SIGNPOST_HAPROXY_BACKENDS",
+        default_value = "/var/lib/signpost/haproxy-backends.cfg"
+    )]
+    backends: PathBuf,
+    /// SERVICE=BACKEND for a backend not named signpost_SERVICE; repeatable.
+    #[arg(long = "backend", value_parser = service_backend)]
+    names: Vec<(String, String)>,
+}
+
+fn service_backend(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((service, backend)) if !service.is_empty() && !backend.is_empty() => {
+            Ok((service.to_owned(), backend.to_owned()))
+        }
+        _ => Err(format!("{s:?}: expected SERVICE=BACKEND")),
+    }
+}
+
+#[derive(Args)]
+struct NginxArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// The nginx executable.
+    #[arg(long, env = "SIGNPOST_NGINX_BIN", default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
+    /// nginx's main config file (passed to nginx -t and -s reload with -c).
+    #[arg(
+        long,
+        env = "SIGNPOST_NGINX_CONF",
+        default_value = "/etc/nginx/nginx.conf"
+    )]
+    conf: PathBuf,
+    /// nginx's pid file (the `pid` directive): how the agent finds the master.
+    #[arg(
+        long,
+        env = "SIGNPOST_NGINX_PID_FILE",
+        default_value = "/run/nginx.pid"
+    )]
+    pid_file: PathBuf,
+    /// The upstreams file the http block includes (written by the agent).
+    #[arg(
+        long,
+        env = "SIGNPOST_NGINX_UPSTREAMS",
+        default_value = "/etc/nginx/signpost/upstreams.conf"
+    )]
+    upstreams: PathBuf,
+    /// The locations file the server block includes (written by the agent).
+    #[arg(
+        long,
+        env = "SIGNPOST_NGINX_LOCATIONS",
+        default_value = "/etc/nginx/signpost/locations.conf"
+    )]
+    locations: PathBuf,
+    /// Least time between two reloads: changes within it share one reload.
+    #[arg(long, env = "SIGNPOST_NGINX_RELOAD_INTERVAL", default_value = "200ms", value_parser = duration::parse)]
+    reload_interval: Duration,
 }
 
 #[derive(Args)]
@@ -194,8 +317,43 @@ impl Cli {
                     },
                     shutdown_signal(),
                 )),
+            Command::Haproxy(args) => {
+                let proxy = signpost_agents::haproxy::Haproxy::new(
+                    args.socket,
+                    args.map,
+                    args.backends,
+                    args.names.into_iter().collect(),
+                );
+                agent_runtime()?.block_on(signpost_agents::run(
+                    args.agent.config(),
+                    proxy,
+                    shutdown_signal(),
+                ))
+            }
+            Command::Nginx(args) => {
+                let proxy = signpost_agents::nginx::Nginx::new(signpost_agents::nginx::Files {
+                    nginx: args.nginx,
+                    conf: args.conf,
+                    pid_file: args.pid_file,
+                    upstreams: args.upstreams,
+                    locations: args.locations,
+                    reload_interval: args.reload_interval,
+                });
+                agent_runtime()?.block_on(signpost_agents::run(
+                    args.agent.config(),
+                    proxy,
+                    shutdown_signal(),
+                ))
+            }
         }
     }
+}
+
+/// An agent's work is a few requests a second: one thread.
+fn agent_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// SIGTERM or SIGINT: the one place signals are handled. Components take a

@@ -121,6 +121,15 @@ fn the_data_plane_depends_on_the_protocol_only_and_never_on_the_aws_sdk() {
     assert!(aws.is_empty(), "the router build pulls in {aws:?}");
 }
 
+#[test]
+fn the_agents_are_data_plane_too_and_never_pull_in_the_aws_sdk() {
+    let graph = resolved();
+    let deps = closure(graph, "signpost-agents");
+    assert_eq!(ours(&deps), vec!["signpost-protocol", "signpost-router"]);
+    let aws: Vec<_> = deps.iter().filter(|d| d.starts_with("aws-")).collect();
+    assert!(aws.is_empty(), "the agents' build pulls in {aws:?}");
+}
+
 /// A crate's top-level modules and the other top-level modules each one
 /// names (`crate::x`, or `super::x` from a top-level file). Test modules
 /// are left out: a test may use anything.
@@ -220,7 +229,7 @@ fn cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
 
 #[test]
 fn no_crate_has_a_cycle_between_its_modules() {
-    for krate in ["protocol", "controller", "router"] {
+    for krate in ["protocol", "controller", "router", "agents"] {
         let graph = module_graph(&repo().join("crates").join(krate).join("src"));
         assert!(!graph.is_empty() || krate == "protocol");
         if let Some(c) = cycle(&graph) {

@@ -15,6 +15,11 @@ export SIGNPOST_MOTO_SERVER SIGNPOST_LOCALSTACK_SERVER
 SIGNPOST_ENVOY="$(bash tests/xds/env.sh envoy)"
 SIGNPOST_XDS_PYTHON="$(bash tests/xds/env.sh python)"
 export SIGNPOST_ENVOY SIGNPOST_XDS_PYTHON
+# Real HAProxy and nginx for the agents' tests: Debian packages, installed
+# if missing (tests/proxies/env.sh).
+SIGNPOST_HAPROXY="$(bash tests/proxies/env.sh haproxy)"
+SIGNPOST_NGINX="$(bash tests/proxies/env.sh nginx)"
+export SIGNPOST_HAPROXY SIGNPOST_NGINX
 
 cargo test --workspace --locked
 

@@ -176,7 +176,7 @@ async fn envoy_routes_by_whole_segment_prefix_to_each_services_instances() {
         .await;
 
     let envoy = Envoy::start("envoy-prefix", xds_port, listener).await;
-    controller.wait_router_in_sync(&envoy.id).await;
+    controller.wait_acked_by(&envoy.id).await;
 
     let users_ids = common::ids(&users);
     let mut seen = std::collections::BTreeSet::new();
@@ -193,7 +193,7 @@ async fn envoy_routes_by_whole_segment_prefix_to_each_services_instances() {
         assert_eq!(envoy.get(path).await, (200, web_id.clone()), "{path}");
     }
 
-    let r = controller.record("envoy-prefix").await.unwrap();
+    let r = controller.router_record("envoy-prefix").await.unwrap();
     assert_eq!(r["kind"], "envoy", "{r}");
     assert!(r["connected"].as_bool().unwrap());
     let revision = r["acked_revision"].as_u64().unwrap();
@@ -230,7 +230,7 @@ async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
         )
         .await;
     let envoy = Envoy::start("envoy-drain", xds_port, listener).await;
-    controller.wait_router_in_sync(&envoy.id).await;
+    controller.wait_acked_by(&envoy.id).await;
     let (id, ip) = instances[0].clone();
     assert_eq!(ip_of(&instances, &id), ip);
     let followed = FollowedGroup::start(&cloud, "web-drain", backends);
@@ -247,7 +247,7 @@ async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
         "Envoy's load report to show the request in flight",
         Duration::from_secs(10),
         || async {
-            let r = controller.record("envoy-drain").await?;
+            let r = controller.router_record("envoy-drain").await?;
             (r["in_flight"]["web"][&id].as_u64() == Some(1)).then_some(())
         },
     )
@@ -257,7 +257,7 @@ async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
     controller
         .wait_endpoints("web", "draining", std::slice::from_ref(&id))
         .await;
-    controller.wait_router_in_sync(&envoy.id).await;
+    controller.wait_acked_by(&envoy.id).await;
     let hits_at_ack = followed.backends.lock().await.hits(ip);
     assert_eq!(
         in_state(&cloud, "web-drain", "Terminating:Wait").await,
@@ -317,7 +317,7 @@ async fn cycle_under_load(group: &str, cycles: usize, with_router: bool) -> (usi
     // signpost's.
     common::hold_launches_and_terminations(&cloud, group).await;
     let envoy = Envoy::start(&format!("envoy-{group}"), xds_port, listener).await;
-    controller.wait_router_in_sync(&envoy.id).await;
+    controller.wait_acked_by(&envoy.id).await;
     let router = if with_router {
         let cache =
             std::env::temp_dir().join(format!("signpost-xds-{group}-{}.json", std::process::id()));
@@ -339,15 +339,7 @@ async fn cycle_under_load(group: &str, cycles: usize, with_router: bool) -> (usi
     }
     let started = std::time::Instant::now();
 
-    for cycle in 0..cycles {
-        cloud.set_desired(group, 6).await;
-        let six = wait_in_service(&cloud, group, 6, Duration::from_secs(30)).await;
-        controller.wait_endpoints("web", "healthy", &six).await;
-        cloud.set_desired(group, 2).await;
-        let two = wait_in_service(&cloud, group, 2, Duration::from_secs(30)).await;
-        controller.wait_endpoints("web", "healthy", &two).await;
-        eprintln!("{group}: cycle {} done", cycle + 1);
-    }
+    common::cycle_2_6_2(&cloud, &controller, group, "web", cycles).await;
     let mut sent = 0;
     let mut failures = Vec::new();
     let elapsed = started.elapsed().as_secs_f64();
@@ -368,19 +360,7 @@ async fn cycle_under_load(group: &str, cycles: usize, with_router: bool) -> (usi
         sent += n;
         failures.extend(failed.into_iter().map(|f| format!("{through}: {f}")));
     }
-    let (_, lifecycle) = controller.get("/v1/lifecycle").await;
-    assert_eq!(
-        lifecycle["active"],
-        serde_json::json!([]),
-        "nothing left waiting"
-    );
-    let recent = lifecycle["recent"].as_array().unwrap();
-    let timed_out: Vec<_> = recent.iter().filter(|a| !a["note"].is_null()).collect();
-    eprintln!(
-        "{group}: {} actions, {} decided by a timeout: {timed_out:#?}",
-        recent.len(),
-        timed_out.len()
-    );
+    common::lifecycle_settled(&controller, group).await;
     (sent, failures)
 }
 

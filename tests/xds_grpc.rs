@@ -239,9 +239,9 @@ async fn grpc_client_follows_scale_out_and_in_through_xds_with_zero_failed_calls
     controller.wait_endpoints("echo", "healthy", &two).await;
 
     let client = GrpcClient::start("grpc-1", xds_port, 50);
-    controller.wait_router_in_sync("grpc-1").await;
+    controller.wait_acked_by("grpc-1").await;
     client.wait_answered_by(&two).await;
-    let record = controller.record("grpc-1").await.unwrap();
+    let record = controller.router_record("grpc-1").await.unwrap();
     assert_eq!(record["kind"], "grpc", "{record}");
     assert!(record["xds"]["last_nack"].is_null(), "{record}");
 

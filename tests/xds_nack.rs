@@ -93,7 +93,7 @@ async fn a_nacking_client_is_shown_and_holds_a_launch_until_the_ack_wait_ends() 
         "the client's NACK in /v1/routers",
         Duration::from_secs(10),
         || async {
-            controller.record("nacker").await?["xds"]["last_nack"]
+            controller.router_record("nacker").await?["xds"]["last_nack"]
                 .as_object()
                 .cloned()
         },
@@ -101,7 +101,7 @@ async fn a_nacking_client_is_shown_and_holds_a_launch_until_the_ack_wait_ends() 
     .await;
     assert_eq!(nack["type_url"], EDS, "{nack:?}");
     assert_eq!(nack["message"], REJECTION, "{nack:?}");
-    let record = controller.record("nacker").await.unwrap();
+    let record = controller.router_record("nacker").await.unwrap();
     assert!(
         record["acked_revision"].is_null(),
         "never applied: {record}"

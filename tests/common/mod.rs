@@ -944,28 +944,21 @@ impl Controller {
         .await;
     }
 
-    /// The controller's record of router `id` (any kind), from `/v1/routers`.
-    pub async fn record(&self, id: &str) -> Option<serde_json::Value> {
-        let (_, body) = self.get("/v1/routers").await;
-        let routers = body["routers"].as_array()?;
-        routers.iter().find(|r| r["id"] == id).cloned()
-    }
-
     /// The revision a router acked, from `/v1/routers`.
     pub async fn acked(&self, router: &str) -> Option<u64> {
-        self.record(router).await?["acked_revision"].as_u64()
+        self.router_record(router).await?["acked_revision"].as_u64()
     }
 
     /// Waits until `router` has acked the registry's current revision, and
     /// returns that revision.
     pub async fn wait_in_sync(&self, router: &Router) -> u64 {
-        self.wait_router_in_sync(&router.id).await
+        self.wait_acked_by(&router.id).await
     }
 
-    /// The same for a router of any kind (an Envoy, a gRPC client), by id.
-    pub async fn wait_router_in_sync(&self, id: &str) -> u64 {
+    /// The same for any data-plane client by id (an Envoy, an agent).
+    pub async fn wait_acked_by(&self, id: &str) -> u64 {
         wait_for(
-            &format!("router {id} to apply the registry's revision"),
+            &format!("router {id} to ack the registry's revision"),
             Duration::from_secs(20),
             || async {
                 let (_, body) = self.get("/v1/routers").await;
@@ -974,6 +967,13 @@ impl Controller {
             },
         )
         .await
+    }
+
+    /// The controller's record of router `id` (any kind), from `/v1/routers`.
+    pub async fn router_record(&self, id: &str) -> Option<serde_json::Value> {
+        let (_, body) = self.get("/v1/routers").await;
+        let routers = body["routers"].as_array()?;
+        routers.iter().find(|r| r["id"] == id).cloned()
     }
 
     pub async fn wait_ready(&self) {
@@ -1419,4 +1419,42 @@ pub async fn hold_launches_and_terminations(cloud: &Cloud, group: &str) {
     cloud
         .put_hook(group, "signpost-terminate", "terminating", 600, "CONTINUE")
         .await;
+}
+
+/// The zero-failure test's scaling: `group` (of `service`) goes 2 → 6 → 2
+/// `cycles` times, each step waiting until the group is InService and the
+/// controller has the instances healthy.
+pub async fn cycle_2_6_2(
+    cloud: &Cloud,
+    controller: &Controller,
+    group: &str,
+    service: &str,
+    cycles: usize,
+) {
+    for cycle in 0..cycles {
+        for n in [6, 2] {
+            cloud.set_desired(group, n).await;
+            let ids = wait_in_service(cloud, group, n as usize, Duration::from_secs(30)).await;
+            controller.wait_endpoints(service, "healthy", &ids).await;
+        }
+        eprintln!("{group}: cycle {} done", cycle + 1);
+    }
+}
+
+/// After a test's scaling: nothing may be left waiting. Prints how many
+/// lifecycle actions there were and which a timeout decided.
+pub async fn lifecycle_settled(controller: &Controller, group: &str) {
+    let (_, lifecycle) = controller.get("/v1/lifecycle").await;
+    assert_eq!(
+        lifecycle["active"],
+        serde_json::json!([]),
+        "nothing left waiting"
+    );
+    let recent = lifecycle["recent"].as_array().unwrap();
+    let timed_out: Vec<_> = recent.iter().filter(|a| !a["note"].is_null()).collect();
+    eprintln!(
+        "{group}: {} actions, {} decided by a timeout: {timed_out:#?}",
+        recent.len(),
+        timed_out.len()
+    );
 }

@@ -230,12 +230,10 @@ fn page(state: &ApiState) -> Page {
     page.gauge(&metrics::ROUTERS_CONNECTED, connected.len() as f64);
     page.gauges(
         &metrics::ROUTERS_BY_KIND,
-        [RouterKind::Signpost, RouterKind::Envoy, RouterKind::Grpc]
-            .into_iter()
-            .map(|kind| {
-                let n = connected.iter().filter(|r| r.kind == kind).count();
-                ([kind.label()], n as f64)
-            }),
+        RouterKind::ALL.into_iter().map(|kind| {
+            let n = connected.iter().filter(|r| r.kind == kind).count();
+            ([kind.label()], n as f64)
+        }),
     );
     let xds = &state.xds;
     page.counters(

@@ -148,7 +148,7 @@ pub const ROUTERS_CONNECTED: Family<0> = Family {
 pub const ROUTERS_BY_KIND: Family<1> = Family {
     name: "signpost_routers_connected_by_kind",
     kind: Kind::Gauge,
-    help: "Routers subscribed now, by kind: signpost (NDJSON), envoy and grpc (xDS).",
+    help: "Routers subscribed now, by kind: signpost, haproxy and nginx (NDJSON), envoy and grpc (xDS).",
     labels: ["kind"],
 };
 pub const XDS_NACKS: Family<1> = Family {

@@ -31,6 +31,12 @@ pub enum RouterKind {
     /// Proxyless gRPC over xDS: ACKs, but load reports per locality only,
     /// so nothing in flight per endpoint is ever known.
     Grpc,
+    /// `signpost haproxy`, an agent driving HAProxy (NDJSON, acks as a
+    /// signpost router does, in flight from HAProxy's sessions).
+    Haproxy,
+    /// `signpost nginx`, an agent driving nginx (NDJSON, acks as a signpost
+    /// router does, in flight from nginx workers' upstream connections).
+    Nginx,
 }
 
 impl RouterKind {
@@ -40,7 +46,28 @@ impl RouterKind {
             RouterKind::Signpost => "signpost",
             RouterKind::Envoy => "envoy",
             RouterKind::Grpc => "grpc",
+            RouterKind::Haproxy => "haproxy",
+            RouterKind::Nginx => "nginx",
         }
+    }
+
+    pub const ALL: [RouterKind; 5] = [
+        RouterKind::Signpost,
+        RouterKind::Envoy,
+        RouterKind::Grpc,
+        RouterKind::Haproxy,
+        RouterKind::Nginx,
+    ];
+
+    /// The kinds that subscribe to `/v1/watch` (`kind=` in its query).
+    pub fn of_watch(name: &str) -> Option<RouterKind> {
+        [RouterKind::Signpost, RouterKind::Haproxy, RouterKind::Nginx]
+            .into_iter()
+            .find(|k| k.label() == name)
+    }
+
+    fn is_xds(self) -> bool {
+        matches!(self, RouterKind::Envoy | RouterKind::Grpc)
     }
 }
 
@@ -196,7 +223,7 @@ impl RouterRecord {
     /// gRPC client never says so: its drain ends at `drain_timeout`.
     pub fn drained(&self, instance: &str) -> bool {
         let known = match self.kind {
-            RouterKind::Signpost => true,
+            RouterKind::Signpost | RouterKind::Haproxy | RouterKind::Nginx => true,
             RouterKind::Grpc => false,
             RouterKind::Envoy => self.xds.as_ref().is_some_and(|x| {
                 x.reports_in_flight
@@ -438,7 +465,7 @@ impl Routers {
                 last_seen: now,
                 in_flight: BTreeMap::new(),
                 ejected: Vec::new(),
-                xds: (kind != RouterKind::Signpost).then(XdsDetails::default),
+                xds: kind.is_xds().then(XdsDetails::default),
                 acked_at: None,
                 connection,
                 disconnected_at: None,

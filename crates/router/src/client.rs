@@ -1,6 +1,6 @@
 //! The router's side of push: subscribe, apply, acknowledge, reconnect.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,13 +13,35 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::table::{Endpoint, RouteTable};
-use super::{cache, RouterState, Source};
+use super::table::RouteTable;
+use super::{cache, Applied, RouterState, Source};
 use signpost_protocol::{Ack, Message, Mirror, WireError, PROTOCOL};
+
+/// What a subscription drives: the router's own route table, or a proxy
+/// that an agent drives (crates/agents). The subscriber hands it every
+/// snapshot; the reporter acks what it says it has applied.
+pub trait Dataplane: Send + Sync + 'static {
+    /// Takes `mirror` (from the controller or the cache file) to route on.
+    fn publish(&self, mirror: &Mirror, source: Source);
+    /// What is applied: the reporter acks each change, the cache file keeps it.
+    fn applied(&self) -> watch::Receiver<Applied>;
+    /// The ack to send now (applied revision, requests in flight); `None`
+    /// before anything is applied.
+    fn report(&self, now: Instant) -> Option<Ack>;
+    /// Wakes the reporter for news other than an applied revision.
+    fn nudged(&self) -> &Notify;
+    /// Whether a subscription is open right now (`/readyz` detail).
+    fn set_connected(&self, connected: bool);
+    /// Its kind in the controller's `/v1/routers`; `None`: a signpost router.
+    fn kind(&self) -> Option<&'static str> {
+        None
+    }
+}
 
 /// A line longer than this is not a registry, it is a broken peer.
 const MAX_LINE: usize = 256 << 20;
@@ -53,7 +75,7 @@ pub struct Subscriber {
     /// The controller pings every few seconds; silence this long means the
     /// stream is dead even if TCP has not noticed.
     pub idle: Duration,
-    pub state: Arc<RouterState>,
+    pub state: Arc<dyn Dataplane>,
 }
 
 impl Subscriber {
@@ -67,15 +89,14 @@ impl Subscriber {
             .without_max_times();
         let mut delays = backoff.build();
         let mut mirror = Mirror::default();
-        let mut known = HashMap::new();
         let mut tried_cache = false;
         loop {
             let mut got_snapshot = false;
             let ended = tokio::select! {
-                e = self.session(&http, &mut mirror, &mut known, &mut got_snapshot) => e,
+                e = self.session(&http, &mut mirror, &mut got_snapshot) => e,
                 _ = stop.cancelled() => return,
             };
-            self.state.connected.store(false, Ordering::Relaxed);
+            self.state.set_connected(false);
             match &ended {
                 SessionError::Wire(_) => {
                     error!(error = %ended, revision = ?mirror.revision, "keeping the last good snapshot and reconnecting")
@@ -89,7 +110,7 @@ impl Subscriber {
             }
             if mirror.revision.is_none() && !tried_cache {
                 tried_cache = true;
-                self.load_cache(&mut mirror, &mut known).await;
+                self.load_cache(&mut mirror).await;
             }
             let delay = delays.next().unwrap_or(Duration::from_secs(5));
             tokio::select! {
@@ -99,17 +120,13 @@ impl Subscriber {
         }
     }
 
-    async fn load_cache(
-        &self,
-        mirror: &mut Mirror,
-        known: &mut HashMap<(String, String), Arc<Endpoint>>,
-    ) {
+    async fn load_cache(&self, mirror: &mut Mirror) {
         let Some(path) = &self.cache else { return };
         match cache::load(path).await {
             Ok(cached) => {
                 info!(path = %path.display(), revision = ?cached.revision, "controller unreachable; routing from the cache file");
                 *mirror = cached;
-                self.state.publish(mirror, known, Source::Cache);
+                self.state.publish(mirror, Source::Cache);
             }
             Err(e) => warn!(error = %e, "controller unreachable and no usable cache"),
         }
@@ -119,13 +136,15 @@ impl Subscriber {
         &self,
         http: &Client<HttpConnector, Full<Bytes>>,
         mirror: &mut Mirror,
-        known: &mut HashMap<(String, String), Arc<Endpoint>>,
         got_snapshot: &mut bool,
     ) -> SessionError {
-        let url = format!(
+        let mut url = format!(
             "{}/v1/watch?router={}&protocol={PROTOCOL}",
             self.controller, self.id
         );
+        if let Some(kind) = self.state.kind() {
+            url.push_str(&format!("&kind={kind}"));
+        }
         let uri = match url.parse() {
             Ok(uri) => uri,
             Err(_) => unreachable!("controller URL and id are validated at start"),
@@ -144,7 +163,7 @@ impl Subscriber {
             };
             return SessionError::Refused { status, body };
         }
-        self.state.connected.store(true, Ordering::Relaxed);
+        self.state.set_connected(true);
         let mut body = response.into_body();
         let mut buf = BytesMut::new();
         let mut scanned = 0;
@@ -174,7 +193,7 @@ impl Subscriber {
                             info!(epoch = ?mirror.epoch, was = ?epoch, revision = ?mirror.revision, "a new controller lifetime: its snapshot replaces the table");
                         }
                         *got_snapshot |= is_snapshot;
-                        self.state.publish(mirror, known, Source::Controller);
+                        self.state.publish(mirror, Source::Controller);
                         debug!(revision = ?mirror.revision, "applied");
                     }
                     Ok(false) => {}
@@ -193,20 +212,28 @@ impl Subscriber {
     }
 }
 
-impl RouterState {
+impl Dataplane for RouterState {
     /// Swaps in the table for `mirror` and tells the reporter and the cache.
-    pub(super) fn publish(
-        &self,
-        mirror: &Mirror,
-        known: &mut HashMap<(String, String), Arc<Endpoint>>,
-        source: Source,
-    ) {
-        self.table.store(Arc::new(RouteTable::build(mirror, known)));
+    fn publish(&self, mirror: &Mirror, source: Source) {
+        let table = RouteTable::build(mirror, &mut self.known.lock().unwrap());
+        self.table.store(Arc::new(table));
         let mirror = Arc::new(mirror.clone());
         self.applied.send_modify(|a| {
             a.source = Some(source);
             a.mirror = mirror;
         });
+    }
+
+    fn applied(&self) -> watch::Receiver<Applied> {
+        self.applied.subscribe()
+    }
+
+    fn nudged(&self) -> &Notify {
+        &self.ejected
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
     }
 
     /// In-flight counts and current ejections, from the table in use;
@@ -248,14 +275,14 @@ pub(super) fn connector(connect_timeout: Duration) -> HttpConnector {
 pub async fn report(
     controller: String,
     id: String,
-    state: Arc<RouterState>,
+    state: Arc<dyn Dataplane>,
     connect_timeout: Duration,
     stop: CancellationToken,
 ) {
     let http: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector(connect_timeout));
     let url = format!("{controller}/v1/routers/{id}/ack");
-    let mut applied = state.applied.subscribe();
+    let mut applied = state.applied();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_busy = false;
@@ -263,7 +290,7 @@ pub async fn report(
     loop {
         let fresh = tokio::select! {
             _ = applied.changed() => true,
-            _ = state.ejected.notified() => true,
+            _ = state.nudged().notified() => true,
             _ = tick.tick() => false,
             _ = stop.cancelled() => return,
         };

@@ -24,11 +24,12 @@ pub mod proxy;
 pub mod table;
 pub mod upstream;
 
+use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -93,6 +94,9 @@ pub struct RouterState {
     /// Whether a subscription is open right now (`/readyz` detail).
     pub connected: AtomicBool,
     pub ejected: Arc<Notify>,
+    /// The endpoints of the table in use, by (service, instance), so that
+    /// the next table keeps their in-flight counts: the subscriber's alone.
+    known: Mutex<HashMap<(String, String), Arc<table::Endpoint>>>,
 }
 
 impl RouterState {
@@ -102,6 +106,7 @@ impl RouterState {
             applied: watch::Sender::new(Applied::default()),
             connected: AtomicBool::new(false),
             ejected: Arc::new(Notify::new()),
+            known: Mutex::default(),
         })
     }
 }

@@ -27,7 +27,7 @@ use signpost_protocol::{Ack, Message, Revision, PROTOCOL};
 
 use super::encode;
 use crate::model::Snapshot;
-use crate::routers::{AckRefused, RouterRecord, Routers};
+use crate::routers::{AckRefused, RouterKind, RouterRecord, Routers};
 
 /// How often an idle stream carries a ping. Routers give up on a stream
 /// silent for three times this.
@@ -55,6 +55,8 @@ pub struct Hub {
 struct WatchQuery {
     router: String,
     protocol: u32,
+    /// `haproxy` or `nginx` for an agent; a signpost router leaves it out.
+    kind: Option<String>,
 }
 
 impl Hub {
@@ -154,8 +156,19 @@ async fn watch_stream(
         let error = "router id must be 1 to 253 characters";
         return (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response();
     }
-    let connection = hub.routers.connect(&query.router, address);
-    info!(router = %query.router, %address, "router subscribed");
+    let kind = match query.kind.as_deref().map(RouterKind::of_watch) {
+        None => RouterKind::Signpost,
+        Some(Some(kind)) => kind,
+        Some(None) => {
+            let error = format!(
+                "router kind {:?} not known; expected signpost, haproxy or nginx",
+                query.kind.unwrap_or_default()
+            );
+            return (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response();
+        }
+    };
+    let connection = hub.routers.connect_kind(&query.router, address, kind);
+    info!(router = %query.router, %address, kind = kind.label(), "router subscribed");
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(hub.clone().feed(query.router, connection, tx));
     (
