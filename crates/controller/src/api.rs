@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::events::EventCounts;
+use crate::lease::Leadership;
 use crate::lifecycle::LifecycleLog;
 use crate::metrics::{self, Page};
 use crate::model::{
@@ -31,6 +32,46 @@ pub struct ApiState {
     pub routers: Arc<Routers>,
     pub lifecycle: Arc<LifecycleLog>,
     pub xds: Arc<XdsMetrics>,
+    pub leadership: LeaderView,
+}
+
+/// Who leads, as `/readyz`, `/v1/lifecycle` and `/metrics` say it.
+#[derive(Clone)]
+pub struct LeaderView {
+    pub leadership: watch::Receiver<Leadership>,
+    pub replica: String,
+}
+
+impl LeaderView {
+    pub fn single() -> LeaderView {
+        LeaderView {
+            leadership: watch::channel(Leadership::Single).1,
+            replica: String::new(),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let since =
+            |t: &crate::lease::Term| humantime::format_rfc3339_millis(t.since_wall).to_string();
+        match &*self.leadership.borrow() {
+            Leadership::Single => json!({ "role": "single" }),
+            Leadership::Leader(t) => json!({
+                "role": "leader",
+                "replica": self.replica,
+                "token": t.token,
+                "since": since(t),
+            }),
+            Leadership::Follower { leader } => json!({
+                "role": "follower",
+                "replica": self.replica,
+                "leader": leader.as_ref().map(|l| json!({
+                    "replica": l.owner,
+                    "address": l.address,
+                    "token": l.token,
+                })),
+            }),
+        }
+    }
 }
 
 pub fn routes(state: ApiState) -> Router {
@@ -129,6 +170,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         "revision": revision,
         "sync": sync,
         "events": &*state.events,
+        "leadership": state.leadership.json(),
     });
     (status, Json(body)).into_response()
 }
@@ -183,6 +225,23 @@ fn page(state: &ApiState) -> Page {
         .readiness(SystemTime::now(), state.resync_interval)
         .is_ok();
     page.gauge(&metrics::READY, f64::from(u8::from(ready)));
+    let leadership = state.leadership.leadership.borrow().clone();
+    page.gauge(
+        &metrics::LEADER,
+        f64::from(u8::from(leadership.is_leader())),
+    );
+    let (token, since) = match &leadership {
+        Leadership::Single => (0, None),
+        Leadership::Leader(t) => (t.token, Some(t.since_wall)),
+        Leadership::Follower { leader } => (leader.as_ref().map_or(0, |l| l.token), None),
+    };
+    page.gauge(&metrics::LEASE_TOKEN, token as f64);
+    page.gauge(
+        &metrics::LEADER_SINCE,
+        since
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
     let last_success = sync
         .last_success
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -305,7 +364,8 @@ fn page(state: &ApiState) -> Page {
 /// `GET /v1/lifecycle`: hook actions under way and the last completed ones.
 async fn lifecycle_actions(State(state): State<ApiState>) -> Response {
     let (active, recent) = state.lifecycle.actions();
-    Json(json!({ "active": active, "recent": recent })).into_response()
+    Json(json!({ "leadership": state.leadership.json(), "active": active, "recent": recent }))
+        .into_response()
 }
 
 #[cfg(test)]
@@ -363,6 +423,7 @@ mod tests {
             routers,
             lifecycle: Arc::default(),
             xds: Arc::default(),
+            leadership: LeaderView::single(),
         }
     }
 

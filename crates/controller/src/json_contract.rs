@@ -121,6 +121,7 @@ fn api_state(snapshot: Snapshot, routers: Arc<Routers>, lifecycle: Arc<Lifecycle
         routers,
         lifecycle,
         xds: Arc::default(),
+        leadership: api::LeaderView::single(),
     }
 }
 
@@ -189,6 +190,7 @@ async fn routers_json_is_unchanged() {
         Duration::from_secs(5),
         CancellationToken::new(),
         watch::channel(Some(tokio::time::Instant::now())).1,
+        crate::push::hub::Leaders::single(),
     );
     let body = get(hub.routes(), "/v1/routers").await;
     let body = mask(&mask(&body, "connected_since"), "last_seen");
@@ -238,6 +240,7 @@ async fn lifecycle_json_is_unchanged() {
         },
         log: log.clone(),
         serving: watch::channel(Some(tokio::time::Instant::now())).1,
+        leadership: watch::channel(crate::lease::Leadership::Single).1,
     };
     let hook = |name: &str, transition| LifecycleHook {
         name: name.into(),
@@ -295,7 +298,11 @@ async fn lifecycle_json_is_unchanged() {
     );
     assert_eq!(
         body,
-        format!(r#"{{"active":[{launch}],"recent":[{terminate}]}}"#)
+        // A single controller (no `[ha]`) says so; with a lease it names the
+        // replica, its role and token.
+        format!(
+            r#"{{"active":[{launch}],"leadership":{{"role":"single"}},"recent":[{terminate}]}}"#
+        )
     );
 }
 
