@@ -37,7 +37,7 @@ enum Command {
 
 #[derive(Args)]
 struct RouterArgs {
-    /// The controller's API base URL.
+    /// The controller's API base URL, or several replicas' separated by commas.
     #[arg(long, env = "SIGNPOST_ROUTER_CONTROLLER", default_value = "http://127.0.0.1:7070", value_parser = controller_url)]
     controller: String,
     /// Proxy listen address.
@@ -71,12 +71,16 @@ struct RouterArgs {
     threads: Option<NonZeroUsize>,
 }
 
-fn controller_url(s: &str) -> Result<String, String> {
-    let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(format!("{s:?}: expected http://HOST:PORT"));
+fn controller_url(list: &str) -> Result<String, String> {
+    let mut urls = Vec::new();
+    for s in list.split(',').map(str::trim) {
+        let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(format!("{s:?}: expected http://HOST:PORT"));
+        }
+        urls.push(s.trim_end_matches('/'));
     }
-    Ok(s.trim_end_matches('/').to_owned())
+    Ok(urls.join(","))
 }
 
 fn router_id(s: &str) -> Result<String, String> {
