@@ -124,6 +124,12 @@ struct ControllerArgs {
     /// AWS endpoint (config key `aws.endpoint_url`; default: the AWS chain, AWS_ENDPOINT_URL).
     #[arg(long, env = "SIGNPOST_AWS_ENDPOINT_URL")]
     endpoint_url: Option<String>,
+    /// This replica's name in the HA lease (config key `ha.replica_id`), e.g. the pod name.
+    #[arg(long, env = "SIGNPOST_HA_REPLICA_ID")]
+    ha_replica_id: Option<String>,
+    /// The URL routers reach this replica at (config key `ha.advertise`), e.g. from the pod IP.
+    #[arg(long, env = "SIGNPOST_HA_ADVERTISE")]
+    ha_advertise: Option<String>,
 }
 
 impl ControllerArgs {
@@ -149,6 +155,12 @@ impl ControllerArgs {
         }
         if let Some(v) = &self.endpoint_url {
             c.aws.endpoint_url = Some(v.clone());
+        }
+        if let Some(v) = &self.ha_replica_id {
+            c.ha.replica_id = Some(v.clone());
+        }
+        if let Some(v) = &self.ha_advertise {
+            c.ha.advertise = Some(v.clone());
         }
         c.validate()?;
         Ok(c)
