@@ -140,13 +140,20 @@ async fn three_replicas_started_together_elect_one_leader() {
         replica(&emulator, "b", replica_toml("b", "", None)),
         replica(&emulator, "c", replica_toml("c", "", None)),
     );
-    let (_, token) = one_leader(&[&a, &b, &c], Duration::from_secs(10)).await;
+    let (leader, token) = one_leader(&[&a, &b, &c], Duration::from_secs(10)).await;
     assert_eq!(token, 1, "one takeover: nobody took the lease from another");
     let mut leaders = 0.0;
     for r in [&a, &b, &c] {
         leaders += r.metric("signpost_leader").await.unwrap();
     }
     assert_eq!(leaders, 1.0, "signpost_leader is 1 on the leader alone");
+    let renewals = [&a, &b, &c][leader]
+        .metric("signpost_lease_calls_total{call=\"UpdateItem\",result=\"ok\"}")
+        .await;
+    assert!(
+        renewals >= Some(1.0),
+        "the leader's take counted: {renewals:?}"
+    );
 }
 
 /// The product under failover: continuous load through two routers while
@@ -442,4 +449,138 @@ async fn without_dynamodb_nobody_leads_routers_keep_routing_and_leadership_retur
         "{} of {sent} failed: {failures:#?}",
         failures.len()
     );
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn summary(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    eprintln!(
+        "{name}: p50 {:?}, p99 {:?}, min {:?}, max {:?} ({} takeovers)",
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        samples[0],
+        samples[samples.len() - 1],
+        samples.len()
+    );
+}
+
+/// The README's takeover benchmark. Each round: the group scales by one (a
+/// launch or a terminate waits on its hook), the leader is SIGKILLed at
+/// once, and the time is taken from the kill to the follower leading, to
+/// the router acking the new leader's revision, and to the new leader's
+/// first CompleteLifecycleAction (the emulator's record); then the killed
+/// replica starts again on its port as the next follower. Then the lease's
+/// DynamoDB calls in one minute of steady state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release --test ha -- --ignored --nocapture takeover"]
+async fn takeover_times_over_20_kills() {
+    let _alone = HEAVY.lock().await;
+    let group = "web-ha-bench";
+    let emulator = Emulator::start().await;
+    emulator.create_lease_table(TABLE).await;
+    let cloud = Cloud::new(&emulator).await;
+    cloud.create_group(group, &tags(), 1).await;
+    hold_launches_and_terminations(&cloud, group).await;
+    let _followed = FollowedGroup::start(&cloud, group, Backends::new(PORT));
+    let ports = [common::free_port(), common::free_port()];
+    let start = |slot: usize, n: usize| {
+        let id = format!("{}{n}", ["a", "b"][slot]);
+        let emulator = &emulator;
+        async move {
+            let toml = replica_toml(&id, LIFECYCLE, None);
+            let key = format!("key-{id}");
+            let c = Controller::start_at_with_env(
+                emulator,
+                ports[slot],
+                &toml,
+                HEALTH.0,
+                HEALTH.1,
+                &[("AWS_ACCESS_KEY_ID", &key)],
+            )
+            .await;
+            (c, key)
+        }
+    };
+    let mut replicas = [Some(start(0, 0).await), Some(start(1, 0).await)];
+    let urls = format!(
+        "http://127.0.0.1:{},http://127.0.0.1:{}",
+        ports[0], ports[1]
+    );
+    let router = Router::start(&urls, "r1", &cache_file("bench-r1"), &[]).await;
+    let (mut leading, mut serving, mut completing) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..20 {
+        let views: Vec<&Controller> = replicas.iter().map(|r| &r.as_ref().unwrap().0).collect();
+        let (leader, _) = one_leader(&views, Duration::from_secs(30)).await;
+        let follower = 1 - leader;
+        views[leader].wait_in_sync(&router).await;
+        let desired = if round % 2 == 0 { 2 } else { 1 };
+        cloud.set_desired(group, desired).await;
+        let (old, _) = replicas[leader].take().unwrap();
+        old.kill().await;
+        let killed = Instant::now();
+        let killed_wall = now();
+        let (new, new_key) = replicas[follower].as_ref().unwrap();
+        wait_for("the follower to lead", Duration::from_secs(30), || async {
+            (leadership(new).await["role"] == "leader").then_some(())
+        })
+        .await;
+        leading.push(killed.elapsed());
+        new.wait_in_sync(&router).await;
+        serving.push(killed.elapsed());
+        wait_for(
+            "the new leader's first completion",
+            Duration::from_secs(60),
+            || async {
+                emulator
+                    .complete_calls()
+                    .iter()
+                    .any(|c| c.caller == *new_key && c.found && c.time > killed_wall)
+                    .then_some(())
+            },
+        )
+        .await;
+        completing.push(killed.elapsed());
+        wait_in_service(&cloud, group, desired as usize, Duration::from_secs(60)).await;
+        replicas[leader] = Some(start(leader, round + 1).await);
+        eprintln!(
+            "round {round}: leading {:?}, serving {:?}, completed {:?}",
+            leading[round], serving[round], completing[round]
+        );
+    }
+    summary("kill -> new leader", leading);
+    summary("kill -> router acked the new leader", serving);
+    summary("kill -> first completion", completing);
+
+    // Steady state: one minute of the lease's DynamoDB calls on each replica.
+    let calls = |c: &Controller| {
+        let c = c.url("/metrics");
+        async move {
+            let (_, body) = common::http_get(&c).await.unwrap();
+            String::from_utf8(body.to_vec())
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("signpost_lease_calls_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        }
+    };
+    let before = [
+        calls(&replicas[0].as_ref().unwrap().0).await,
+        calls(&replicas[1].as_ref().unwrap().0).await,
+    ];
+    // A measurement window, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    for (slot, was) in before.iter().enumerate() {
+        let c = &replicas[slot].as_ref().unwrap().0;
+        let role = leadership(c).await["role"].clone();
+        eprintln!(
+            "steady state, {role}: {} DynamoDB calls in 60 s (lease {:?})",
+            calls(c).await - was,
+            LEASE
+        );
+    }
 }

@@ -40,6 +40,7 @@ pub struct ApiState {
 pub struct LeaderView {
     pub leadership: watch::Receiver<Leadership>,
     pub replica: String,
+    pub calls: Arc<crate::lease::LeaseCalls>,
 }
 
 impl LeaderView {
@@ -47,6 +48,7 @@ impl LeaderView {
         LeaderView {
             leadership: watch::channel(Leadership::Single).1,
             replica: String::new(),
+            calls: Arc::default(),
         }
     }
 
@@ -236,6 +238,7 @@ fn page(state: &ApiState) -> Page {
         Leadership::Follower { leader } => (leader.as_ref().map_or(0, |l| l.token), None),
     };
     page.gauge(&metrics::LEASE_TOKEN, token as f64);
+    page.counters(&metrics::LEASE_CALLS, state.leadership.calls.counts());
     page.gauge(
         &metrics::LEADER_SINCE,
         since

@@ -34,7 +34,9 @@
 //!
 //! DynamoDB's TTL deletion is never relied on: it runs up to days late.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::error::SdkError;
@@ -183,6 +185,39 @@ impl Leadership {
     }
 }
 
+/// DynamoDB calls of the lease by API call and outcome, for `/metrics`:
+/// what the lease costs, and whether the table answers.
+#[derive(Debug, Default)]
+pub struct LeaseCalls {
+    counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl LeaseCalls {
+    /// `call`: `GetItem` or `UpdateItem`; `outcome`: `ok`,
+    /// `condition_failed` (someone else holds the lease) or `error`.
+    fn count(&self, call: &'static str, outcome: &'static str) {
+        *self
+            .counts
+            .lock()
+            .expect("lease calls lock")
+            .entry((call, outcome))
+            .or_default() += 1;
+    }
+
+    pub fn counts(&self) -> Vec<([&'static str; 2], u64)> {
+        let counts = self.counts.lock().expect("lease calls lock");
+        counts.iter().map(|((c, o), n)| ([*c, *o], *n)).collect()
+    }
+}
+
+fn outcome<T>(r: &Result<T, LeaseError>, ok: impl FnOnce(&T) -> bool) -> &'static str {
+    match r {
+        Ok(v) if ok(v) => "ok",
+        Ok(_) => "condition_failed",
+        Err(_) => "error",
+    }
+}
+
 /// Resolves when this replica stops leading; never without `[ha]` (the
 /// sender of a single controller's leadership is gone: nothing changes).
 pub async fn stopped_leading(rx: &mut watch::Receiver<Leadership>) {
@@ -293,6 +328,7 @@ pub async fn run<S: LeaseStore>(
     me: Candidate,
     timing: Timing,
     tx: watch::Sender<Leadership>,
+    calls: std::sync::Arc<LeaseCalls>,
     stop: CancellationToken,
 ) {
     let mut elector = Elector::new(timing);
@@ -308,7 +344,7 @@ pub async fn run<S: LeaseStore>(
             _ => sent + timing.renew_every,
         };
         let answer = tokio::select! {
-            a = tokio::time::timeout_at(limit, ask(&store, &me, call, sent_wall, timing)) => match a {
+            a = tokio::time::timeout_at(limit, ask(&store, &me, call, sent_wall, timing, &calls)) => match a {
                 Ok(Ok(answer)) => { last_failure = None; answer }
                 Ok(Err(e)) => {
                     let message = e.to_string();
@@ -359,7 +395,9 @@ pub async fn run<S: LeaseStore>(
     }
     if let Leadership::Leader(t) = &elector.leadership {
         tx.send_replace(Leadership::Follower { leader: None });
-        match store.release(&me, t.token).await {
+        let released = store.release(&me, t.token).await;
+        calls.count("UpdateItem", outcome(&released, |_| true));
+        match released {
             Ok(()) => info!(token = t.token, "lease released"),
             Err(e) => warn!(error = %e, "could not release the lease; it expires on its own"),
         }
@@ -372,21 +410,33 @@ async fn ask<S: LeaseStore>(
     call: Call,
     now: SystemTime,
     timing: Timing,
+    calls: &LeaseCalls,
 ) -> Result<Answer, LeaseError> {
     let expires = now + timing.lease;
+    let read = || async {
+        let r = store.read().await;
+        calls.count("GetItem", outcome(&r, |_| true));
+        r
+    };
     Ok(match call {
         Call::Renew { token } => {
-            if store.renew(me, token, expires).await? {
+            let r = store.renew(me, token, expires).await;
+            calls.count("UpdateItem", outcome(&r, |renewed| *renewed));
+            if r? {
                 Answer::Renewed
             } else {
                 Answer::Lost
             }
         }
-        Call::Acquire => match store.acquire(me, now, expires).await? {
-            Some(item) => Answer::Acquired(item),
-            None => Answer::Read(store.read().await?),
-        },
-        Call::Read => Answer::Read(store.read().await?),
+        Call::Acquire => {
+            let r = store.acquire(me, now, expires).await;
+            calls.count("UpdateItem", outcome(&r, Option::is_some));
+            match r? {
+                Some(item) => Answer::Acquired(item),
+                None => Answer::Read(read().await?),
+            }
+        }
+        Call::Read => Answer::Read(read().await?),
     })
 }
 
@@ -799,6 +849,7 @@ mod tests {
             candidate("a"),
             timing,
             a_tx,
+            Default::default(),
             a_stop.clone(),
         ));
         a_rx.wait_for(Leadership::is_leader).await.unwrap();
@@ -807,6 +858,7 @@ mod tests {
             candidate("b"),
             timing,
             b_tx,
+            Default::default(),
             b_stop.clone(),
         ));
         b_rx.wait_for(|l| l.leader_address() == Some("http://a"))
@@ -831,7 +883,14 @@ mod tests {
         let timing = Timing::new(Duration::from_secs(3));
         let (tx, mut rx) = watch::channel(Leadership::Follower { leader: None });
         let stop = CancellationToken::new();
-        tokio::spawn(run(store.clone(), candidate("a"), timing, tx, stop.clone()));
+        tokio::spawn(run(
+            store.clone(),
+            candidate("a"),
+            timing,
+            tx,
+            Default::default(),
+            stop.clone(),
+        ));
         rx.wait_for(Leadership::is_leader).await.unwrap();
         let cut = Instant::now();
         store.down.store(true, Ordering::SeqCst);

@@ -115,6 +115,12 @@ pub const LEASE_TOKEN: Family<0> = Family {
     help: "Fencing token of the lease as this replica knows it (its own term's, or the leader's); 0 without [ha].",
     labels: [],
 };
+pub const LEASE_CALLS: Family<2> = Family {
+    name: "signpost_lease_calls_total",
+    kind: Kind::Counter,
+    help: "DynamoDB calls of the HA lease by call (GetItem, UpdateItem) and result (ok, condition_failed: another replica holds it, error).",
+    labels: ["call", "result"],
+};
 pub const LEADER_SINCE: Family<0> = Family {
     name: "signpost_leader_since_timestamp_seconds",
     kind: Kind::Gauge,
@@ -262,6 +268,7 @@ pub fn families() -> Vec<(&'static str, Kind, Vec<&'static str>)> {
         declared(&READY),
         declared(&LEADER),
         declared(&LEASE_TOKEN),
+        declared(&LEASE_CALLS),
         declared(&LEADER_SINCE),
         declared(&SYNC_LAST_SUCCESS),
         declared(&SYNC_LAST_DURATION),

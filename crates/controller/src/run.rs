@@ -116,6 +116,7 @@ pub async fn run(
         None => Leadership::Single,
         Some(_) => Leadership::Follower { leader: None },
     });
+    let lease_calls = Arc::new(lease::LeaseCalls::default());
     if let Some(table) = &config.ha.table {
         let timing = lease::Timing::new(config.ha.lease_duration);
         let store = DynamoLease {
@@ -133,6 +134,7 @@ pub async fn run(
             me,
             timing,
             leadership_tx,
+            lease_calls.clone(),
             stop.clone(),
         )));
     }
@@ -224,6 +226,7 @@ pub async fn run(
         leadership: api::LeaderView {
             leadership,
             replica,
+            calls: lease_calls,
         },
     })
     .merge(hub.routes());
