@@ -79,7 +79,7 @@ async fn run(routers: usize, changes: usize) {
         PING_INTERVAL,
         stop.clone(),
         tokio::sync::watch::channel(Some(tokio::time::Instant::now())).1,
-        signpost_controller::push::hub::Leaders::single(),
+        signpost_controller::lease::Leaders::single(),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

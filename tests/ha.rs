@@ -476,7 +476,7 @@ fn summary(name: &str, mut samples: Vec<Duration>) {
 /// replica starts again on its port as the next follower. Then the lease's
 /// DynamoDB calls in one minute of steady state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: cargo test --release --test ha -- --ignored --nocapture takeover"]
+#[ignore = "benchmark: cargo test --test ha -- --ignored --nocapture takeover"]
 async fn takeover_times_over_20_kills() {
     let _alone = HEAVY.lock().await;
     let group = "web-ha-bench";

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::events::EventCounts;
-use crate::lease::Leadership;
+use crate::lease::{Leaders, Leadership};
 use crate::lifecycle::LifecycleLog;
 use crate::metrics::{self, Page};
 use crate::model::{
@@ -32,48 +32,7 @@ pub struct ApiState {
     pub routers: Arc<Routers>,
     pub lifecycle: Arc<LifecycleLog>,
     pub xds: Arc<XdsMetrics>,
-    pub leadership: LeaderView,
-}
-
-/// Who leads, as `/readyz`, `/v1/lifecycle` and `/metrics` say it.
-#[derive(Clone)]
-pub struct LeaderView {
-    pub leadership: watch::Receiver<Leadership>,
-    pub replica: String,
-    pub calls: Arc<crate::lease::LeaseCalls>,
-}
-
-impl LeaderView {
-    pub fn single() -> LeaderView {
-        LeaderView {
-            leadership: watch::channel(Leadership::Single).1,
-            replica: String::new(),
-            calls: Arc::default(),
-        }
-    }
-
-    fn json(&self) -> serde_json::Value {
-        let since =
-            |t: &crate::lease::Term| humantime::format_rfc3339_millis(t.since_wall).to_string();
-        match &*self.leadership.borrow() {
-            Leadership::Single => json!({ "role": "single" }),
-            Leadership::Leader(t) => json!({
-                "role": "leader",
-                "replica": self.replica,
-                "token": t.token,
-                "since": since(t),
-            }),
-            Leadership::Follower { leader } => json!({
-                "role": "follower",
-                "replica": self.replica,
-                "leader": leader.as_ref().map(|l| json!({
-                    "replica": l.owner,
-                    "address": l.address,
-                    "token": l.token,
-                })),
-            }),
-        }
-    }
+    pub leaders: Leaders,
 }
 
 pub fn routes(state: ApiState) -> Router {
@@ -172,7 +131,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         "revision": revision,
         "sync": sync,
         "events": &*state.events,
-        "leadership": state.leadership.json(),
+        "leadership": state.leaders.json(),
     });
     (status, Json(body)).into_response()
 }
@@ -227,7 +186,7 @@ fn page(state: &ApiState) -> Page {
         .readiness(SystemTime::now(), state.resync_interval)
         .is_ok();
     page.gauge(&metrics::READY, f64::from(u8::from(ready)));
-    let leadership = state.leadership.leadership.borrow().clone();
+    let leadership = state.leaders.leadership.borrow().clone();
     page.gauge(
         &metrics::LEADER,
         f64::from(u8::from(leadership.is_leader())),
@@ -238,7 +197,7 @@ fn page(state: &ApiState) -> Page {
         Leadership::Follower { leader } => (leader.as_ref().map_or(0, |l| l.token), None),
     };
     page.gauge(&metrics::LEASE_TOKEN, token as f64);
-    page.counters(&metrics::LEASE_CALLS, state.leadership.calls.counts());
+    page.counters(&metrics::LEASE_CALLS, state.leaders.calls.counts());
     page.gauge(
         &metrics::LEADER_SINCE,
         since
@@ -367,7 +326,7 @@ fn page(state: &ApiState) -> Page {
 /// `GET /v1/lifecycle`: hook actions under way and the last completed ones.
 async fn lifecycle_actions(State(state): State<ApiState>) -> Response {
     let (active, recent) = state.lifecycle.actions();
-    Json(json!({ "leadership": state.leadership.json(), "active": active, "recent": recent }))
+    Json(json!({ "leadership": state.leaders.json(), "active": active, "recent": recent }))
         .into_response()
 }
 
@@ -426,7 +385,7 @@ mod tests {
             routers,
             lifecycle: Arc::default(),
             xds: Arc::default(),
-            leadership: LeaderView::single(),
+            leaders: Leaders::single(),
         }
     }
 

@@ -185,6 +185,70 @@ impl Leadership {
     }
 }
 
+/// This replica's view of who leads, shared by the API (`/readyz`,
+/// `/v1/lifecycle`, `/metrics`), the push hub (redirects) and xDS.
+#[derive(Clone)]
+pub struct Leaders {
+    pub leadership: watch::Receiver<Leadership>,
+    /// This replica's name in the lease.
+    pub replica: String,
+    /// This replica's advertised URL: a lease that names it is no leader to
+    /// send routers to (this replica stepped down, its item not yet taken).
+    pub address: String,
+    pub calls: std::sync::Arc<LeaseCalls>,
+}
+
+impl Leaders {
+    /// A single controller (no `[ha]`): always leading.
+    pub fn single() -> Leaders {
+        Leaders {
+            leadership: watch::channel(Leadership::Single).1,
+            replica: String::new(),
+            address: String::new(),
+            calls: Default::default(),
+        }
+    }
+
+    /// The leader's URL for a follower to send routers to, if another
+    /// replica leads; `None` while this one leads.
+    pub fn redirect(&self) -> Option<Result<String, ()>> {
+        let leadership = self.leadership.borrow();
+        if leadership.is_leader() {
+            return None;
+        }
+        Some(
+            leadership
+                .leader_address()
+                .filter(|a| *a != self.address)
+                .map(str::to_owned)
+                .ok_or(()),
+        )
+    }
+
+    /// Who leads, as `/readyz` and `/v1/lifecycle` show it.
+    pub fn json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match &*self.leadership.borrow() {
+            Leadership::Single => json!({ "role": "single" }),
+            Leadership::Leader(t) => json!({
+                "role": "leader",
+                "replica": self.replica,
+                "token": t.token,
+                "since": humantime::format_rfc3339_millis(t.since_wall).to_string(),
+            }),
+            Leadership::Follower { leader } => json!({
+                "role": "follower",
+                "replica": self.replica,
+                "leader": leader.as_ref().map(|l| json!({
+                    "replica": l.owner,
+                    "address": l.address,
+                    "token": l.token,
+                })),
+            }),
+        }
+    }
+}
+
 /// DynamoDB calls of the lease by API call and outcome, for `/metrics`:
 /// what the lease costs, and whether the table answers.
 #[derive(Debug, Default)]
@@ -316,8 +380,6 @@ impl Elector {
                 Leadership::Follower { leader: None }
             }
         };
-        // A follower that knows no holder tries to take the lease next,
-        // which a write condition keeps safe.
     }
 }
 
@@ -618,10 +680,7 @@ impl LeaseStore for DynamoLease {
     async fn release(&self, me: &Candidate, token: u64) -> Result<(), LeaseError> {
         // Expired at the Unix epoch: free for anyone, with the token kept so
         // that the next holder's is higher.
-        match self.renew(me, token, UNIX_EPOCH).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.renew(me, token, UNIX_EPOCH).await.map(|_| ())
     }
 }
 

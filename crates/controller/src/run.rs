@@ -23,10 +23,10 @@ use crate::endpoints::Endpoints;
 use crate::events::{EventCounts, EventQueue};
 use crate::guard::RemovalGuard;
 use crate::health::{HealthScheduler, NetProbe};
-use crate::lease::{self, Candidate, DynamoLease, Leadership};
+use crate::lease::{self, Candidate, DynamoLease, Leaders, Leadership};
 use crate::lifecycle::{Lifecycle, LifecycleLog};
 use crate::model::Fleet;
-use crate::push::hub::{Hub, Leaders, PING_INTERVAL};
+use crate::push::hub::{Hub, PING_INTERVAL};
 use crate::reconcile::{self, Reconciler, SyncStatus};
 use crate::registry::Registry;
 use crate::routers::Routers;
@@ -139,6 +139,12 @@ pub async fn run(
         )));
     }
 
+    let leaders = Leaders {
+        leadership: leadership.clone(),
+        replica,
+        address: config.advertised(),
+        calls: lease_calls,
+    };
     let epoch = new_epoch();
     info!(%epoch, "controller epoch");
     let routers = Arc::new(Routers::new(epoch));
@@ -148,10 +154,7 @@ pub async fn run(
         PING_INTERVAL,
         stop.clone(),
         serving.clone(),
-        Leaders {
-            leadership: leadership.clone(),
-            own_address: config.advertised(),
-        },
+        leaders.clone(),
     );
 
     let xds_metrics = Arc::new(XdsMetrics::default());
@@ -223,11 +226,7 @@ pub async fn run(
         routers,
         lifecycle: lifecycle_log,
         xds: xds_metrics,
-        leadership: api::LeaderView {
-            leadership,
-            replica,
-            calls: lease_calls,
-        },
+        leaders,
     })
     .merge(hub.routes());
     let served = axum::serve(

@@ -26,7 +26,7 @@ use tracing::info;
 use signpost_protocol::{Ack, Message, Revision, PROTOCOL};
 
 use super::encode;
-use crate::lease::{self, Leadership};
+use crate::lease::{self, Leaders};
 use crate::model::Snapshot;
 use crate::routers::{AckRefused, RouterRecord, Routers};
 
@@ -51,26 +51,6 @@ pub struct Hub {
     /// restarted controller must not swap its table for an empty one.
     ready: watch::Receiver<Option<Instant>>,
     leaders: Leaders,
-}
-
-/// Who leads, for sending routers to the leader: only the leader's streams
-/// and acks count (see `lease`).
-#[derive(Clone)]
-pub struct Leaders {
-    pub leadership: watch::Receiver<Leadership>,
-    /// This replica's advertised URL: a lease that names it is not a leader
-    /// to send routers to (this replica stepped down, its item not yet taken).
-    pub own_address: String,
-}
-
-impl Leaders {
-    /// Always leading: a single controller.
-    pub fn single() -> Leaders {
-        Leaders {
-            leadership: watch::channel(Leadership::Single).1,
-            own_address: String::new(),
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -212,24 +192,14 @@ impl Hub {
     /// A follower's answer to a subscription: a redirect to the leader named
     /// in the lease, or 503 while none is known. Routers follow either.
     fn not_the_leader(&self, query: &str) -> Option<Response> {
-        let leadership = self.leaders.leadership.borrow().clone();
-        if leadership.is_leader() {
-            return None;
-        }
-        let leader = leadership
-            .leader_address()
-            .filter(|a| *a != self.leaders.own_address);
-        Some(match leader {
-            Some(leader) => {
-                let location = format!("{leader}/v1/watch?{query}");
-                (
-                    StatusCode::TEMPORARY_REDIRECT,
-                    [(header::LOCATION, location)],
-                    Json(json!({ "error": "not the leader", "leader": leader })),
-                )
-                    .into_response()
-            }
-            None => (
+        Some(match self.leaders.redirect()? {
+            Ok(leader) => (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, format!("{leader}/v1/watch?{query}"))],
+                Json(json!({ "error": "not the leader", "leader": leader })),
+            )
+                .into_response(),
+            Err(()) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({ "error": "not the leader, and no leader is known yet: try again or another replica" })),
             )
