@@ -124,6 +124,7 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
                 PING_INTERVAL,
                 stop.clone(),
                 serving,
+                signpost_controller::lease::Leaders::single(),
             );
             tasks.push(tokio::spawn(async move {
                 let routes = hub.routes();
@@ -159,6 +160,7 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
                 routers: routers_set.clone(),
                 metrics: Arc::default(),
                 stop: stop.clone(),
+                leadership: signpost_controller::lease::Leaders::single().leadership,
             });
             let lrs = Arc::new(xds::lrs::Lrs {
                 registry: registry.subscribe(),

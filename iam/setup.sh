@@ -4,13 +4,16 @@
 #      policy that lets only our EventBridge rules send to it;
 #   2. the EventBridge rules (Auto Scaling lifecycle/launch/terminate events,
 #      EC2 state changes) targeting that queue;
-#   3. the controller's IAM role: trust for IRSA or EKS Pod Identity, and
-#      controller-policy.json (rendered for this account/region/queue) inline.
+#   3. the DynamoDB table of the controllers' leader lease (partition key
+#      `name`, on-demand billing: a few calls a second at most);
+#   4. the controller's IAM role: trust for IRSA or EKS Pod Identity, and
+#      controller-policy.json (rendered for this account/region/queue/table) inline.
 # The caller needs setup-policy.json (rendered the same way) or more.
 #
 #   iam/setup.sh --cluster NAME [--trust irsa|pod-identity] [--region R]
 #                [--namespace signpost] [--service-account signpost]
 #                [--role-name signpost-controller] [--queue-name signpost-events]
+#                [--lease-table signpost-lease | --no-lease-table]
 #                [--oidc-provider oidc.eks.REGION.amazonaws.com/id/XXXX]
 #   iam/setup.sh --render FILE ...   print FILE with placeholders filled, no AWS calls
 #
@@ -26,6 +29,7 @@ AWS=aws_cli
 REGION="${AWS_REGION:-${AWS_DEFAULT_REGION:-}}"
 CLUSTER="" TRUST="irsa" NAMESPACE="signpost" SERVICE_ACCOUNT="signpost"
 ROLE_NAME="signpost-controller" QUEUE_NAME="signpost-events" OIDC_PROVIDER="" ACCOUNT_ID=""
+LEASE_TABLE="signpost-lease" MAKE_LEASE_TABLE=1
 RENDER=""
 
 die() { echo "setup.sh: $*" >&2; exit 1; }
@@ -38,6 +42,8 @@ while [[ $# -gt 0 ]]; do
         --service-account) SERVICE_ACCOUNT="$2"; shift 2 ;;
         --role-name) ROLE_NAME="$2"; shift 2 ;;
         --queue-name) QUEUE_NAME="$2"; shift 2 ;;
+        --lease-table) LEASE_TABLE="$2"; shift 2 ;;
+        --no-lease-table) MAKE_LEASE_TABLE=""; shift ;;
         --oidc-provider) OIDC_PROVIDER="${2#https://}"; shift 2 ;;
         --account-id) ACCOUNT_ID="$2"; shift 2 ;;
         --render) RENDER="$2"; shift 2 ;;
@@ -54,7 +60,8 @@ render() {
     sed -e "s|__REGION__|$REGION|g" -e "s|__ACCOUNT_ID__|$ACCOUNT_ID|g" \
         -e "s|__QUEUE_NAME__|$QUEUE_NAME|g" -e "s|__OIDC_PROVIDER__|$OIDC_PROVIDER|g" \
         -e "s|__NAMESPACE__|$NAMESPACE|g" -e "s|__SERVICE_ACCOUNT__|$SERVICE_ACCOUNT|g" \
-        -e "s|__CLUSTER__|$CLUSTER|g" -e "s|__ROLE_NAME__|$ROLE_NAME|g" "$1"
+        -e "s|__CLUSTER__|$CLUSTER|g" -e "s|__ROLE_NAME__|$ROLE_NAME|g" \
+        -e "s|__LEASE_TABLE__|$LEASE_TABLE|g" "$1"
 }
 
 if [[ -z "$ACCOUNT_ID" ]]; then
@@ -103,7 +110,22 @@ JSON
 ATTRS="$(python3 -c 'import json,sys; print(json.dumps({"Policy": json.dumps(json.loads(sys.argv[1]))}))' "$QUEUE_POLICY")"
 "$AWS" sqs set-queue-attributes --queue-url "$QUEUE_URL" --attributes "$ATTRS"
 
-# 3. The role.
+# 3. The lease table. Expiry is an attribute compared in conditional writes,
+#    never DynamoDB's TTL deletion (which runs up to days late).
+#    --no-lease-table: a single controller (no [ha]) needs none.
+if [[ -z "$MAKE_LEASE_TABLE" ]]; then
+    log "no lease table (--no-lease-table)"
+elif ! "$AWS" dynamodb describe-table --table-name "$LEASE_TABLE" >/dev/null 2>&1; then
+    "$AWS" dynamodb create-table --table-name "$LEASE_TABLE" \
+        --attribute-definitions AttributeName=name,AttributeType=S \
+        --key-schema AttributeName=name,KeyType=HASH \
+        --billing-mode PAY_PER_REQUEST >/dev/null
+    log "lease table $LEASE_TABLE"
+else
+    log "lease table $LEASE_TABLE"
+fi
+
+# 4. The role.
 if [[ "$TRUST" == irsa ]]; then
     if [[ -z "$OIDC_PROVIDER" ]]; then
         OIDC_PROVIDER="$("$AWS" eks describe-cluster --name "$CLUSTER" \

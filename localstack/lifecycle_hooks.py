@@ -64,6 +64,11 @@ _LOCK = threading.RLock()
 # backend so the timer can find them; an action whose group or instance is gone
 # (deleted group, POST /moto-api/reset) is dropped when next looked at.
 _ACTIONS: dict[str, "Action"] = {}
+# Set: every CompleteLifecycleAction call is appended to this file as a JSON
+# line (wall time, caller's access key id, group, hook, instance, result,
+# whether an action was found), so that tests can tell which controller
+# replica completed what, and when, against the lease's history.
+CALLS_LOG = os.environ.get("SIGNPOST_HOOKS_CALLS_LOG")
 
 
 class Action:
@@ -502,6 +507,25 @@ def create_auto_scaling_group(self):
         return result
 
 
+def _caller(self) -> str:
+    """The access key id of a SigV4-signed request (Credential=KEY/...)."""
+    auth = self.headers.get("Authorization", "")
+    _, _, rest = auth.partition("Credential=")
+    return rest.split("/", 1)[0]
+
+
+def _record_call(self, result: str, found: bool) -> None:
+    if not CALLS_LOG:
+        return
+    line = json.dumps({
+        "time": time.time(), "caller": _caller(self), "group": self._get_param("AutoScalingGroupName"),
+        "hook": self._get_param("LifecycleHookName"), "instance": self._get_param("InstanceId"),
+        "result": result, "found": found,
+    })
+    with open(CALLS_LOG, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
 def complete_lifecycle_action(self):
     """[API] CompleteLifecycleAction, by LifecycleActionToken or InstanceId."""
     with _LOCK:
@@ -509,8 +533,13 @@ def complete_lifecycle_action(self):
         if result not in ("CONTINUE", "ABANDON"):
             raise ValidationError(f"Invalid LifecycleActionResult: {result}. "
                                   "Valid values are CONTINUE and ABANDON.")
-        action = _find_action(self._get_param("AutoScalingGroupName"), self._get_param("LifecycleHookName"),
-                              self._get_param("InstanceId"), self._get_param("LifecycleActionToken"))
+        try:
+            action = _find_action(self._get_param("AutoScalingGroupName"), self._get_param("LifecycleHookName"),
+                                  self._get_param("InstanceId"), self._get_param("LifecycleActionToken"))
+        except ValidationError:
+            _record_call(self, result, found=False)
+            raise
+        _record_call(self, result, found=True)
         _complete(action, result)
         return EmptyResult()
 

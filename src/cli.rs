@@ -160,7 +160,7 @@ struct NginxArgs {
 
 #[derive(Args)]
 struct RouterArgs {
-    /// The controller's API base URL.
+    /// The controller's API base URL, or several replicas' separated by commas.
     #[arg(long, env = "SIGNPOST_ROUTER_CONTROLLER", default_value = "http://127.0.0.1:7070", value_parser = controller_url)]
     controller: String,
     /// Proxy listen address.
@@ -194,12 +194,16 @@ struct RouterArgs {
     threads: Option<NonZeroUsize>,
 }
 
-fn controller_url(s: &str) -> Result<String, String> {
-    let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(format!("{s:?}: expected http://HOST:PORT"));
+fn controller_url(list: &str) -> Result<String, String> {
+    let mut urls = Vec::new();
+    for s in list.split(',').map(str::trim) {
+        let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(format!("{s:?}: expected http://HOST:PORT"));
+        }
+        urls.push(s.trim_end_matches('/'));
     }
-    Ok(s.trim_end_matches('/').to_owned())
+    Ok(urls.join(","))
 }
 
 fn router_id(s: &str) -> Result<String, String> {
@@ -243,6 +247,12 @@ struct ControllerArgs {
     /// AWS endpoint (config key `aws.endpoint_url`; default: the AWS chain, AWS_ENDPOINT_URL).
     #[arg(long, env = "SIGNPOST_AWS_ENDPOINT_URL")]
     endpoint_url: Option<String>,
+    /// This replica's name in the HA lease (config key `ha.replica_id`), e.g. the pod name.
+    #[arg(long, env = "SIGNPOST_HA_REPLICA_ID")]
+    ha_replica_id: Option<String>,
+    /// The URL routers reach this replica at (config key `ha.advertise`), e.g. from the pod IP.
+    #[arg(long, env = "SIGNPOST_HA_ADVERTISE")]
+    ha_advertise: Option<String>,
 }
 
 impl ControllerArgs {
@@ -268,6 +278,12 @@ impl ControllerArgs {
         }
         if let Some(v) = &self.endpoint_url {
             c.aws.endpoint_url = Some(v.clone());
+        }
+        if let Some(v) = &self.ha_replica_id {
+            c.ha.replica_id = Some(v.clone());
+        }
+        if let Some(v) = &self.ha_advertise {
+            c.ha.advertise = Some(v.clone());
         }
         c.validate()?;
         Ok(c)

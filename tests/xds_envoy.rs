@@ -10,8 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use common::{
-    completed, free_port, in_state, ip_of, wait_for, wait_in_service, FollowedGroup, Load, Router,
-    Scene,
+    completed, free_port, in_state, ip_of, wait_for, wait_in_service, Controller, FollowedGroup,
+    Load, Router, Scene,
 };
 use tokio::process::{Child, Command};
 
@@ -52,6 +52,19 @@ struct Envoy {
 
 impl Envoy {
     async fn start(id: &str, xds_port: u16, port: u16) -> Envoy {
+        Envoy::start_with_servers(id, &[xds_port], port).await
+    }
+
+    /// With several xDS servers (controller replicas) in its xDS cluster: a
+    /// refused or ended stream is retried on the next one.
+    async fn start_with_servers(id: &str, xds_ports: &[u16], port: u16) -> Envoy {
+        let servers: Vec<String> = xds_ports
+            .iter()
+            .map(|p| {
+                format!("{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}}}")
+            })
+            .collect();
+        let servers = servers.join(", ");
         let admin = free_port();
         let dir = std::env::temp_dir().join(format!("signpost-envoy-{id}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -84,7 +97,7 @@ static_resources:
         explicit_http_config: {{http2_protocol_options: {{}}}}
     load_assignment:
       cluster_name: signpost_xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}}}]}}]
+      endpoints: [{{lb_endpoints: [{servers}]}}]
 "#
             ),
         )
@@ -381,5 +394,81 @@ async fn zero_failed_requests_through_envoy_and_a_signpost_router_side_by_side()
         failures.is_empty(),
         "{} of {sent} failed: {failures:#?}",
         failures.len()
+    );
+}
+
+/// Two controller replicas with the DynamoDB lease, both in Envoy's xDS
+/// cluster: the follower refuses the ADS stream (UNAVAILABLE), so Envoy
+/// ends up on the leader; when the leader is SIGKILLed, Envoy reconnects
+/// to the new leader on its own, applies its snapshot and keeps routing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_the_leader_of_two_controller_replicas() {
+    let _alone = HEAVY.lock().await;
+    let emulator = common::Emulator::start().await;
+    emulator.create_lease_table("signpost-lease").await;
+    let cloud = common::Cloud::new(&emulator).await;
+    let mut backends = common::Backends::new(PORT);
+    cloud
+        .create_group("users-ha", &tags("users", "/users"), 2)
+        .await;
+    backends.follow(&cloud.instances("users-ha").await).await;
+    let listener = free_port();
+    let xds_ports = [free_port(), free_port()];
+    let mut replicas = Vec::new();
+    for (id, xds_port) in ["a", "b"].into_iter().zip(xds_ports) {
+        let toml = format!(
+            "{}[ha]\ntable = \"signpost-lease\"\nlease_duration = \"3s\"\nreplica_id = \"{id}\"\n",
+            xds_toml(xds_port, listener)
+        );
+        replicas.push(Some(
+            Controller::start_with_health(&emulator, &toml, HEALTH.0, HEALTH.1).await,
+        ));
+    }
+    let role = |c: &Controller| {
+        let url = c.url("/readyz");
+        async move {
+            let (_, body) = common::http_get(&url).await.ok()?;
+            let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            body["leadership"]["role"].as_str().map(str::to_owned)
+        }
+    };
+    let leader = wait_for("a leader", Duration::from_secs(10), || async {
+        for (i, r) in replicas.iter().enumerate() {
+            if role(r.as_ref().unwrap()).await.as_deref() == Some("leader") {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let envoy = Envoy::start_with_servers("envoy-ha", &xds_ports, listener).await;
+    replicas[leader]
+        .as_ref()
+        .unwrap()
+        .wait_acked_by(&envoy.id)
+        .await;
+    let routed = || async {
+        let (status, body) = envoy.get("/users/x").await;
+        (status == 200 && body.starts_with("instance=")).then_some(())
+    };
+    wait_for(
+        "Envoy to route through the leader's config",
+        Duration::from_secs(20),
+        routed,
+    )
+    .await;
+
+    replicas[leader].take().unwrap().kill().await;
+    let new = replicas[1 - leader].as_ref().unwrap();
+    wait_for("the follower to lead", Duration::from_secs(10), || async {
+        (role(new).await.as_deref() == Some("leader")).then_some(())
+    })
+    .await;
+    new.wait_acked_by(&envoy.id).await;
+    let (status, body) = envoy.get("/users/x").await;
+    assert!(
+        status == 200 && body.starts_with("instance="),
+        "routed after the takeover: {status} {body}\n{}",
+        envoy.log()
     );
 }

@@ -23,6 +23,8 @@ HERE = Path(__file__).resolve().parent
 SERVER = HERE.parent / "moto_server_hooks"
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
+# Where the server records CompleteLifecycleAction calls (SIGNPOST_HOOKS_CALLS_LOG).
+CALLS_LOG = Path(os.environ.get("TMPDIR", "/tmp")) / f"signpost-hooks-calls-{os.getpid()}.jsonl"
 
 
 def wait_for(what, check, timeout=10.0, interval=0.1):
@@ -54,8 +56,10 @@ def endpoint():
     port = s.getsockname()[1]
     s.close()
     ep = f"http://127.0.0.1:{port}"
+    CALLS_LOG.unlink(missing_ok=True)
     proc = subprocess.Popen([str(SERVER), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "SIGNPOST_HOOKS_CALLS_LOG": str(CALLS_LOG)})
     try:
         wait_for("the patched moto_server to answer",
                  lambda: proc.poll() is not None and "exited" or _answers(ep), timeout=30)
@@ -244,6 +248,14 @@ def test_continue_by_instance_id_or_token_puts_instance_in_service(aws):
                            LifecycleHookName="launch", LifecycleActionResult="CONTINUE",
                            InstanceId=by_id["EC2InstanceId"])
     assert msg == f"No active Lifecycle Action found with instance ID {by_id['EC2InstanceId']}"
+    # Every call is recorded with its caller's access key, found or not (by
+    # token, the instance is not in the request).
+    calls = [json.loads(line) for line in CALLS_LOG.read_text().splitlines()]
+    mine = [(c["caller"], c["instance"], c["result"], c["found"]) for c in calls
+            if c["group"] == "web" and c["instance"] in (by_id["EC2InstanceId"], None)]
+    assert mine[-3:] == [("test", by_id["EC2InstanceId"], "CONTINUE", True),
+                         ("test", None, "CONTINUE", True),
+                         ("test", by_id["EC2InstanceId"], "CONTINUE", False)], calls
 
 
 def test_abandon_on_launch_terminates_and_launches_a_replacement(aws):

@@ -102,19 +102,42 @@ fn moto_server() -> PathBuf {
 pub struct Emulator {
     pub port: u16,
     child: Child,
+    /// Where the emulator records every CompleteLifecycleAction call
+    /// (localstack/lifecycle_hooks.py, `SIGNPOST_HOOKS_CALLS_LOG`).
+    calls_log: PathBuf,
+}
+
+/// One CompleteLifecycleAction call as the emulator recorded it.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct CompleteCall {
+    /// Wall time, seconds since the Unix epoch.
+    pub time: f64,
+    /// The caller's access key id: tests give each controller replica its own.
+    pub caller: String,
+    pub instance: Option<String>,
+    pub result: String,
+    /// False: no such waiting action (already completed).
+    pub found: bool,
 }
 
 impl Emulator {
     pub async fn start() -> Emulator {
         let port = free_port();
+        let calls_log = std::env::temp_dir().join(format!("signpost-moto-calls-{port}.jsonl"));
+        let _ = std::fs::remove_file(&calls_log);
         let child = Command::new(moto_server())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("SIGNPOST_HOOKS_CALLS_LOG", &calls_log)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("start moto_server");
-        let emulator = Emulator { port, child };
+        let emulator = Emulator {
+            port,
+            child,
+            calls_log,
+        };
         let url = format!("{}/moto-api/", emulator.endpoint());
         wait_for(
             "the emulator to answer",
@@ -137,6 +160,49 @@ impl Emulator {
 
     pub fn resume(&self) {
         signal(&self.child, "-CONT");
+    }
+
+    /// Every CompleteLifecycleAction call so far, in order.
+    pub fn complete_calls(&self) -> Vec<CompleteCall> {
+        let text = std::fs::read_to_string(&self.calls_log).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
+    /// Creates the DynamoDB table of the HA lease (partition key `name`).
+    pub async fn create_lease_table(&self, table: &str) {
+        let creds = aws_sdk_ec2::config::Credentials::new("test", "test", None, None, "test");
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(creds)
+            .load()
+            .await;
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        };
+        aws_sdk_dynamodb::Client::new(&shared)
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("name")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .unwrap(),
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("name")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .expect("create the lease table");
     }
 }
 
@@ -840,7 +906,7 @@ impl Controller {
         Controller::start_at_with_env(emulator, port, extra, interval, timeout, &[]).await
     }
 
-    async fn start_at_with_env(
+    pub async fn start_at_with_env(
         emulator: &Emulator,
         port: u16,
         extra: &str,
@@ -1457,4 +1523,64 @@ pub async fn lifecycle_settled(controller: &Controller, group: &str) {
         recent.len(),
         timed_out.len()
     );
+}
+
+/// A TCP forwarder from a loopback port to `target`, which a test can cut
+/// (every connection closed, the port refusing) and restore on the same
+/// port: one AWS service out of reach while the others answer.
+pub struct TcpProxy {
+    pub port: u16,
+    target: SocketAddr,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: SocketAddr) -> TcpProxy {
+        let mut proxy = TcpProxy {
+            port: free_port(),
+            target,
+            task: None,
+        };
+        proxy.restore().await;
+        proxy
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes the port and every connection through it.
+    pub fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restore(&mut self) {
+        self.cut();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("the proxy port is free again");
+        let target = self.target;
+        self.task = Some(tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
 }

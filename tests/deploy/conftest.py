@@ -32,6 +32,7 @@ PLACEHOLDERS = {
     "__SERVICE_ACCOUNT__": "signpost",
     "__CLUSTER__": "prod",
     "__ROLE_NAME__": "signpost-controller",
+    "__LEASE_TABLE__": "signpost-lease",
 }
 
 

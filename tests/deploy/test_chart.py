@@ -101,10 +101,53 @@ def test_every_manifest_is_valid_kubernetes(values):
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
 
+def test_controller_runs_two_replicas_with_a_lease_spread_over_nodes():
+    docs = render({})
+    (deploy,) = by_kind(docs, "Deployment")
+    spec = deploy["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate",
+                                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    pod = spec["template"]["spec"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
+        spec["selector"]["matchLabels"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["SIGNPOST_HA_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["SIGNPOST_HA_ADVERTISE"]["value"] == "http://$(POD_IP):7070"
+    (pdb,) = [d for d in by_kind(docs, "PodDisruptionBudget")]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert '[ha]\ntable = "signpost-lease"' in cm["data"]["controller.toml"]
+    hard = render({"controller": {"antiAffinity": "hard"}})
+    (deploy,) = by_kind(hard, "Deployment")
+    assert "requiredDuringSchedulingIgnoredDuringExecution" in \
+        deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+
+
+def test_one_replica_without_a_lease_is_recreated_never_overlapped():
+    values = {"controller": {"replicas": 1, "config": {"ha": {"table": ""}}}}
+    docs = render(values)
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert "[ha]" not in cm["data"]["controller.toml"]
+    env = [e["name"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert "SIGNPOST_HA_ADVERTISE" not in env
+
+
+def test_two_replicas_without_a_lease_are_refused():
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError) as e:
+            chart.render({"controller": {"config": {"ha": {"table": ""}}}},
+                         name="signpost", namespace="signpost")
+    assert "controller.config.ha.table" in str(e.value), str(e.value)
+
+
 def test_controller_pod_is_locked_down_and_probed():
     (deploy,) = [d for d in by_kind(render({}), "Deployment")]
     spec = deploy["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -132,7 +175,8 @@ def test_irsa_role_annotation_and_router_wiring():
 
 
 @pytest.mark.parametrize("values,message", [
-    ({"controller": {"replicas": 2}}, "replicas"),
+    ({"controller": {"replicas": -1}}, "replicas"),
+    ({"controller": {"config": {"ha": {"lease_duration": "long"}}}}, "lease_duration"),
     ({"controller": {"config": {"resync_interval": "soon"}}}, "resync_interval"),
     ({"controller": {"config": {"health": {"healthy_threshold": 0}}}}, "healthy_threshold"),
     ({"controller": {"config": {"default_port": 70000}}}, "default_port"),
@@ -140,7 +184,7 @@ def test_irsa_role_annotation_and_router_wiring():
     ({"serviceAccount": {"roleArn": "signpost-role"}}, "roleArn"),
     ({"service": {"port": "http"}}, "port"),
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
-], ids=["two-replicas", "bad-duration", "zero-threshold", "bad-port", "typo-key",
+], ids=["negative-replicas", "bad-lease-duration", "bad-duration", "zero-threshold", "bad-port", "typo-key",
         "bad-role-arn", "port-not-int", "bad-pull-policy"])
 def test_bad_values_are_rejected_by_the_schema(values, message):
     with helm.Chart.load(str(CHART)) as chart:
@@ -156,8 +200,11 @@ def test_configmap_toml_is_accepted_by_the_controller(values, signpost_bin, tmp_
     (cm,) = by_kind(render(values), "ConfigMap")
     path = tmp_path / "controller.toml"
     path.write_text(cm["data"]["controller.toml"])
+    # As the pod's environment gives them (the Deployment's env).
+    env = {"PATH": "/usr/bin:/bin", "SIGNPOST_HA_REPLICA_ID": "signpost-0",
+           "SIGNPOST_HA_ADVERTISE": f"http://10.0.0.7:{values.get('service', {}).get('port', 7070)}"}
     out = subprocess.run([str(signpost_bin), "controller", "--config", str(path), "--check-config"],
-                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+                         capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr + path.read_text()
     effective = out.stdout
     port = values.get("service", {}).get("port", 7070)
@@ -168,6 +215,7 @@ def test_configmap_toml_is_accepted_by_the_controller(values, signpost_bin, tmp_
         assert '[health.services.users]' in effective and '[health.services.billing-api]' in effective, effective
         assert 'listen = "0.0.0.0:18001"' in effective and 'envoy_listener = "0.0.0.0:10001"' in effective, effective
     else:
+        assert 'table = "signpost-lease"' in effective and 'replica_id = "signpost-0"' in effective, effective
         # xDS is off: its section has no `listen`.
         assert "\nlisten" not in effective.split("[xds]")[1].split("\n[")[0], effective
 

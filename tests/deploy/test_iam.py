@@ -300,3 +300,42 @@ def test_policy_without_read_lifecycle_hooks_names_the_action(world, run_control
     finally:
         remove_group(world, "iam-unread")
         backends.stop()
+
+
+HA = '\n[ha]\ntable = "signpost-lease"\nlease_duration = "3s"\nreplica_id = "{id}"\n'
+
+
+def leadership(controller):
+    status, body = controller.get("/readyz")
+    return body.get("leadership", {}) if isinstance(body, dict) else {}
+
+
+def test_policy_lets_two_controllers_elect_one_leader(world, run_controller):
+    """HoldTheLeaderLease is enough for the lease (GetItem, conditional
+    UpdateItem); without it nobody leads and the log names the action."""
+    dynamodb = world.client("dynamodb")
+    if "signpost-lease" not in dynamodb.list_tables()["TableNames"]:
+        dynamodb.create_table(TableName="signpost-lease", BillingMode="PAY_PER_REQUEST",
+                              AttributeDefinitions=[{"AttributeName": "name", "AttributeType": "S"}],
+                              KeySchema=[{"AttributeName": "name", "KeyType": "HASH"}])
+    policy = render_policy("controller-policy.json")
+    # moto checks DynamoDB calls against Resource "*" only (as Auto Scaling's,
+    # iam/README): this proves the action list; test_iam_lint pins the ARN.
+    (lease,) = [s for s in policy["Statement"] if s["Sid"] == "HoldTheLeaderLease"]
+    lease["Resource"] = "*"
+    _, creds = world.user_with(policy)
+    a = run_controller(creds, extra=HA.format(id="a"))
+    b = run_controller(creds, extra=HA.format(id="b"))
+
+    def one_leader():
+        roles = sorted(leadership(c).get("role", "") for c in (a, b))
+        return roles == ["follower", "leader"]
+
+    wait_for("one leader, one follower", one_leader)
+    assert not PERMISSION_ERROR.search(a.log() + b.log()), a.log() + b.log()
+
+    _, denied = world.user_with(without(policy, "HoldTheLeaderLease"))
+    c = run_controller(denied, extra=HA.format(id="c"))
+    wait_for("the log naming the lease's DynamoDB action",
+             lambda: PERMISSION_ERROR.search(c.log()) and "dynamodb:" in c.log())
+    assert leadership(c).get("role") == "follower"

@@ -76,7 +76,8 @@ def test_controller_policy_is_least_privilege():
     assert actions == sorted([
         "autoscaling:DescribeAutoScalingGroups", "ec2:DescribeInstances",
         "autoscaling:DescribeLifecycleHooks", "autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat",
-        "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]), actions
+        "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes",
+        "dynamodb:GetItem", "dynamodb:UpdateItem"]), actions
     # Describe* support no resource-level permissions: "*" is the only choice,
     # narrowed to the controller's region.
     for sid in ("ListTaggedAutoScalingGroups", "ReadInstanceAddresses", "ReadLifecycleHooks"):
@@ -90,6 +91,10 @@ def test_controller_policy_is_least_privilege():
     assert hooks["Condition"] == {"Null": {"autoscaling:ResourceTag/signpost:service": "false"}}
     assert statements["ConsumeLifecycleEvents"]["Resource"] == \
         "arn:aws:sqs:us-east-1:123456789012:signpost-events"
+    # The lease: read and conditional writes on the one table, nothing else
+    # (no PutItem, no Scan, no DeleteItem: the controller never needs them).
+    assert statements["HoldTheLeaderLease"]["Resource"] == \
+        "arn:aws:dynamodb:us-east-1:123456789012:table/signpost-lease"
 
 
 def test_readme_lists_every_action():

@@ -24,6 +24,7 @@ pub mod nginx;
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use agent::{AgentState, Proxy};
-use signpost_router::{cache, client};
+use signpost_router::{cache, client, controllers};
 
 /// How long the agent waits for any line from the controller (it pings
 /// every few seconds) before it declares the stream dead.
@@ -40,7 +41,9 @@ const IDLE: Duration = Duration::from_secs(15);
 
 /// What every agent takes, whatever its proxy.
 pub struct Config {
-    /// Base URL of the controller's API, e.g. `http://controller:7070`.
+    /// Base URL of the controller's API, e.g. `http://controller:7070`, or
+    /// the URLs of several replicas separated by commas (see
+    /// `signpost_router::controllers`).
     pub controller: String,
     /// Stable id: how the controller tells this agent from other routers.
     pub id: String,
@@ -63,6 +66,7 @@ pub async fn run<P: Proxy>(
         .await
         .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
     let controller = config.controller.trim_end_matches('/').to_owned();
+    let controllers = Arc::new(controllers::Controllers::new(&controller));
     info!(id = %config.id, %controller, kind = P::KIND, admin = %admin.local_addr()?, "agent starting");
     let state = AgentState::new(P::KIND);
     let stop = CancellationToken::new();
@@ -72,7 +76,7 @@ pub async fn run<P: Proxy>(
             .into_future(),
     );
     let subscriber = client::Subscriber {
-        controller: controller.clone(),
+        controllers: controllers.clone(),
         id: config.id.clone(),
         cache: config.cache.clone(),
         connect_timeout: config.connect_timeout,
@@ -82,7 +86,7 @@ pub async fn run<P: Proxy>(
     let mut background = vec![
         tokio::spawn(subscriber.run(stop.clone())),
         tokio::spawn(client::report(
-            controller,
+            controllers,
             config.id,
             state.clone(),
             config.connect_timeout,

@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::events::EventCounts;
+use crate::lease::{Leaders, Leadership};
 use crate::lifecycle::LifecycleLog;
 use crate::metrics::{self, Page};
 use crate::model::{
@@ -31,6 +32,7 @@ pub struct ApiState {
     pub routers: Arc<Routers>,
     pub lifecycle: Arc<LifecycleLog>,
     pub xds: Arc<XdsMetrics>,
+    pub leaders: Leaders,
 }
 
 pub fn routes(state: ApiState) -> Router {
@@ -129,6 +131,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         "revision": revision,
         "sync": sync,
         "events": &*state.events,
+        "leadership": state.leaders.json(),
     });
     (status, Json(body)).into_response()
 }
@@ -183,6 +186,24 @@ fn page(state: &ApiState) -> Page {
         .readiness(SystemTime::now(), state.resync_interval)
         .is_ok();
     page.gauge(&metrics::READY, f64::from(u8::from(ready)));
+    let leadership = state.leaders.leadership.borrow().clone();
+    page.gauge(
+        &metrics::LEADER,
+        f64::from(u8::from(leadership.is_leader())),
+    );
+    let (token, since) = match &leadership {
+        Leadership::Single => (0, None),
+        Leadership::Leader(t) => (t.token, Some(t.since_wall)),
+        Leadership::Follower { leader } => (leader.as_ref().map_or(0, |l| l.token), None),
+    };
+    page.gauge(&metrics::LEASE_TOKEN, token as f64);
+    page.counters(&metrics::LEASE_CALLS, state.leaders.calls.counts());
+    page.gauge(
+        &metrics::LEADER_SINCE,
+        since
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
     let last_success = sync
         .last_success
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -303,7 +324,8 @@ fn page(state: &ApiState) -> Page {
 /// `GET /v1/lifecycle`: hook actions under way and the last completed ones.
 async fn lifecycle_actions(State(state): State<ApiState>) -> Response {
     let (active, recent) = state.lifecycle.actions();
-    Json(json!({ "active": active, "recent": recent })).into_response()
+    Json(json!({ "leadership": state.leaders.json(), "active": active, "recent": recent }))
+        .into_response()
 }
 
 #[cfg(test)]
@@ -361,6 +383,7 @@ mod tests {
             routers,
             lifecycle: Arc::default(),
             xds: Arc::default(),
+            leaders: Leaders::single(),
         }
     }
 

@@ -53,6 +53,44 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     pub removal_guard: GuardConfig,
     pub xds: XdsConfig,
+    pub ha: HaConfig,
+}
+
+/// Several replicas, one leader, by a lease in DynamoDB (see `lease`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HaConfig {
+    /// The DynamoDB table (partition key `name`, a string) that holds the
+    /// lease. Unset (the default): a single controller, always leading.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// The lease item's key: replicas with the same table and name elect one
+    /// leader among them.
+    pub lease_name: String,
+    /// How long a lease lasts without renewal. The leader renews every third
+    /// of it and stops acting two thirds into it without a renewal.
+    #[serde(with = "duration")]
+    pub lease_duration: Duration,
+    /// This replica's name in the lease. Unset: the host name and process id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_id: Option<String>,
+    /// The URL at which routers reach this replica's API, written into the
+    /// lease so that followers can send routers to the leader. Unset: taken
+    /// from `listen` when it is a specific address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            table: None,
+            lease_name: "signpost-controller".into(),
+            lease_duration: Duration::from_secs(15),
+            replica_id: None,
+            advertise: None,
+        }
+    }
 }
 
 /// The xDS management server for Envoy and proxyless gRPC (see `xds`).
@@ -174,15 +212,18 @@ pub struct ServiceEndpoints {
     pub ec2: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sqs: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamodb: Option<String>,
 }
 
 impl ServiceEndpoints {
     /// Each endpoint with its config key.
-    fn keyed(&self) -> [(&'static str, Option<&str>); 3] {
+    fn keyed(&self) -> [(&'static str, Option<&str>); 4] {
         [
             ("aws.endpoints.autoscaling", self.autoscaling.as_deref()),
             ("aws.endpoints.ec2", self.ec2.as_deref()),
             ("aws.endpoints.sqs", self.sqs.as_deref()),
+            ("aws.endpoints.dynamodb", self.dynamodb.as_deref()),
         ]
     }
 }
@@ -246,6 +287,7 @@ impl Default for Config {
             lifecycle: LifecycleConfig::default(),
             removal_guard: GuardConfig::default(),
             xds: XdsConfig::default(),
+            ha: HaConfig::default(),
         }
     }
 }
@@ -408,12 +450,54 @@ impl Config {
                 ));
             }
         }
+        self.validate_ha()?;
         validate_health("health", &self.health.defaults())?;
         for name in self.health.services.keys() {
             let key = format!("health.services.{name}");
             validate_health(&key, &self.health.for_service(name))?;
         }
         Ok(())
+    }
+
+    fn validate_ha(&self) -> Result<(), ConfigError> {
+        let ha = &self.ha;
+        if ha.table.as_deref() == Some("") {
+            return Err(invalid(
+                "ha.table",
+                "is empty; leave it out for a single controller",
+            ));
+        }
+        if ha.lease_duration < Duration::from_secs(3) {
+            return Err(invalid("ha.lease_duration", "must be at least 3s"));
+        }
+        if ha.lease_name.is_empty() {
+            return Err(invalid("ha.lease_name", "must not be empty"));
+        }
+        if ha.replica_id.as_deref() == Some("") {
+            return Err(invalid(
+                "ha.replica_id",
+                "must not be empty; leave it out for host name and process id",
+            ));
+        }
+        if let Some(url) = &ha.advertise {
+            validate_endpoint("ha.advertise", url)?;
+        } else if ha.table.is_some() && self.listen.ip().is_unspecified() {
+            return Err(invalid(
+                "ha.advertise",
+                format!("is needed when listen ({}) is not a specific address: followers send routers to the leader at this URL", self.listen),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The URL written into the lease for routers to reach this replica.
+    pub fn advertised(&self) -> String {
+        self.ha
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .trim_end_matches('/')
+            .to_owned()
     }
 
     pub fn to_toml(&self) -> String {
@@ -561,6 +645,7 @@ mod tests {
                 autoscaling: Some("https://autoscaling.eu-west-1.amazonaws.com".into()),
                 ec2: None,
                 sqs: Some("http://127.0.0.1:4566".into()),
+                dynamodb: None,
             }
         );
         let users = c.health.for_service("users");
@@ -606,6 +691,21 @@ mod tests {
             .contains("unknown field `lambda`"));
         assert!(err("[health.services.users]\nhealthy_threshold = 0")
             .contains("health.services.users.healthy_threshold"));
+    }
+
+    #[test]
+    fn ha_is_off_by_default_and_needs_an_address_routers_can_reach() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.ha.table, None);
+        assert_eq!(c.ha.lease_duration, Duration::from_secs(15));
+        let ha = Config::from_toml("[ha]\ntable = \"lease\"\nlease_duration = \"6s\"").unwrap();
+        ha.validate().unwrap();
+        assert_eq!(ha.advertised(), "http://127.0.0.1:7070");
+        assert!(err("listen = \"0.0.0.0:7070\"\n[ha]\ntable = \"lease\"")
+            .contains("config key ha.advertise"));
+        assert!(err("[ha]\nlease_duration = \"1s\"").contains("ha.lease_duration"));
+        assert!(err("[ha]\ntable = \"\"").contains("ha.table"));
+        assert!(err("[ha]\nadvertise = \"10.0.0.1\"").contains("ha.advertise"));
     }
 
     #[test]

@@ -33,10 +33,16 @@ pub enum Service {
     AutoScaling,
     Ec2,
     Sqs,
+    DynamoDb,
 }
 
 impl Service {
-    pub const ALL: [Service; 3] = [Service::AutoScaling, Service::Ec2, Service::Sqs];
+    pub const ALL: [Service; 4] = [
+        Service::AutoScaling,
+        Service::Ec2,
+        Service::Sqs,
+        Service::DynamoDb,
+    ];
 
     /// The SDK's service id, from which its service-specific settings are
     /// named (`AWS_ENDPOINT_URL_` + the id in upper snake case; the
@@ -46,6 +52,7 @@ impl Service {
             Service::AutoScaling => "Auto Scaling",
             Service::Ec2 => "EC2",
             Service::Sqs => "SQS",
+            Service::DynamoDb => "DynamoDB",
         }
     }
 
@@ -55,6 +62,7 @@ impl Service {
             Service::AutoScaling => "AWS_ENDPOINT_URL_AUTO_SCALING",
             Service::Ec2 => "AWS_ENDPOINT_URL_EC2",
             Service::Sqs => "AWS_ENDPOINT_URL_SQS",
+            Service::DynamoDb => "AWS_ENDPOINT_URL_DYNAMODB",
         }
     }
 
@@ -64,6 +72,7 @@ impl Service {
             Service::AutoScaling => endpoints.autoscaling.as_deref(),
             Service::Ec2 => endpoints.ec2.as_deref(),
             Service::Sqs => endpoints.sqs.as_deref(),
+            Service::DynamoDb => endpoints.dynamodb.as_deref(),
         }
     }
 }
@@ -187,6 +196,14 @@ impl Endpoints {
             b.set_endpoint_url(Some(url.to_owned()));
         }
         b.build()
+    }
+
+    pub fn dynamodb(&self, shared: &SdkConfig) -> aws_sdk_dynamodb::config::Builder {
+        let mut b = aws_sdk_dynamodb::config::Builder::from(shared);
+        if let Some(url) = self.url(Service::DynamoDb) {
+            b.set_endpoint_url(Some(url.to_owned()));
+        }
+        b
     }
 
     /// A builder, so that the event queue can set its long-poll timeouts.

@@ -121,6 +121,7 @@ fn api_state(snapshot: Snapshot, routers: Arc<Routers>, lifecycle: Arc<Lifecycle
         routers,
         lifecycle,
         xds: Arc::default(),
+        leaders: crate::lease::Leaders::single(),
     }
 }
 
@@ -189,6 +190,7 @@ async fn routers_json_is_unchanged() {
         Duration::from_secs(5),
         CancellationToken::new(),
         watch::channel(Some(tokio::time::Instant::now())).1,
+        crate::lease::Leaders::single(),
     );
     let body = get(hub.routes(), "/v1/routers").await;
     let body = mask(&mask(&body, "connected_since"), "last_seen");
@@ -238,6 +240,7 @@ async fn lifecycle_json_is_unchanged() {
         },
         log: log.clone(),
         serving: watch::channel(Some(tokio::time::Instant::now())).1,
+        leadership: watch::channel(crate::lease::Leadership::Single).1,
     };
     let hook = |name: &str, transition| LifecycleHook {
         name: name.into(),
@@ -295,7 +298,11 @@ async fn lifecycle_json_is_unchanged() {
     );
     assert_eq!(
         body,
-        format!(r#"{{"active":[{launch}],"recent":[{terminate}]}}"#)
+        // A single controller (no `[ha]`) says so; with a lease it names the
+        // replica, its role and token.
+        format!(
+            r#"{{"active":[{launch}],"leadership":{{"role":"single"}},"recent":[{terminate}]}}"#
+        )
     );
 }
 
@@ -317,4 +324,57 @@ async fn readyz_counts_failures_under_api_slash_kind_keys() {
     let body = get(api::routes(state), "/readyz").await;
     let failures = r#""failures_total":{"DescribeAutoScalingGroups/throttled":1,"DescribeInstances/timeout":2}"#;
     assert!(body.contains(failures), "{body}");
+}
+
+/// A follower sends a subscriber to the leader named in the lease, with the
+/// same query; it answers 503 while it knows no leader, or only itself (it
+/// just stepped down and its own item has not expired yet).
+#[tokio::test]
+async fn a_follower_redirects_subscriptions_to_the_leader() {
+    use crate::lease::{Leaders, Leadership, LeaseItem};
+    let leader = |address: &str| Leadership::Follower {
+        leader: Some(LeaseItem {
+            owner: "b".into(),
+            address: address.into(),
+            token: 4,
+            expires: SystemTime::now() + Duration::from_secs(60),
+        }),
+    };
+    let (tx, rx) = watch::channel(leader("http://10.0.0.2:7070"));
+    let hub = Hub::new(
+        watch::channel(Arc::new(snapshot())).1,
+        Arc::new(Routers::new(Epoch::from_bits(7))),
+        Duration::from_secs(5),
+        CancellationToken::new(),
+        watch::channel(None).1,
+        Leaders {
+            leadership: rx,
+            replica: "a".into(),
+            address: "http://10.0.0.1:7070".into(),
+            calls: Arc::default(),
+        },
+    );
+    let app = hub
+        .routes()
+        .layer(axum::extract::connect_info::MockConnectInfo(
+            SocketAddr::from(([127, 0, 0, 1], 40000)),
+        ));
+    let path = format!(
+        "/v1/watch?router=r1&protocol={}",
+        signpost_protocol::PROTOCOL
+    );
+    let subscribe = || async {
+        let request = Request::get(path.as_str()).body(Body::empty()).unwrap();
+        app.clone().oneshot(request).await.unwrap()
+    };
+    let redirected = subscribe().await;
+    assert_eq!(redirected.status(), 307);
+    assert_eq!(
+        redirected.headers()["location"],
+        format!("http://10.0.0.2:7070{path}").as_str()
+    );
+    tx.send_replace(leader("http://10.0.0.1:7070"));
+    assert_eq!(subscribe().await.status(), 503, "not to itself");
+    tx.send_replace(Leadership::Follower { leader: None });
+    assert_eq!(subscribe().await.status(), 503);
 }

@@ -32,6 +32,7 @@ pub mod guard;
 pub mod health;
 #[cfg(test)]
 mod json_contract;
+pub mod lease;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;

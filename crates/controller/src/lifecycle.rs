@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::cloud::{ActionCall, AutoScaling};
 use crate::config::LifecycleConfig;
+use crate::lease::Leadership;
 use crate::metrics::Histogram;
 use crate::model::{
     rfc3339, EndpointState, Fleet, HookResult, InstanceId, LifecycleAction, Snapshot, Transition,
@@ -435,6 +436,11 @@ pub struct Lifecycle<C> {
     /// does not know cannot be waited for. Counting from the process start
     /// instead let a slow first listing eat the whole grace.
     pub serving: watch::Receiver<Option<Instant>>,
+    /// Completions and heartbeats are sent only while this replica may act
+    /// (see `lease`): checked right before each call, not only when the
+    /// term ends, so that a replica that slept through its deadline (a
+    /// paused process) acts on nothing when it wakes.
+    pub leadership: watch::Receiver<Leadership>,
 }
 
 impl<C: AutoScaling> Lifecycle<C> {
@@ -508,6 +514,11 @@ impl<C: AutoScaling> Lifecycle<C> {
             never = self.keep_alive(action, w.heartbeat_timeout) => match never {},
         };
         self.log.stage(action, Stage::Completing);
+        let Some(token) = self.leadership.borrow().acting(Instant::now()) else {
+            warn!(group = %action.group, instance = %action.instance, hook = %action.hook, "not leading any more; the completion is left to the leader");
+            self.log.forget(action);
+            return false;
+        };
         let outcome = self
             .cloud
             .complete_action(action, decided)
@@ -516,13 +527,13 @@ impl<C: AutoScaling> Lifecycle<C> {
             .map_err(|e| e.to_string());
         match &outcome {
             Ok((result, ActionCall::Done)) => {
-                info!(group = %action.group, instance = %action.instance, hook = %action.hook, result = result.as_aws(), "lifecycle action completed")
+                info!(group = %action.group, instance = %action.instance, hook = %action.hook, result = result.as_aws(), token, "lifecycle action completed")
             }
             Ok((_, ActionCall::NotWaiting)) => {
-                debug!(group = %action.group, instance = %action.instance, hook = %action.hook, "lifecycle action was already complete")
+                debug!(group = %action.group, instance = %action.instance, hook = %action.hook, token, "lifecycle action was already complete")
             }
             Err(e) => {
-                warn!(group = %action.group, instance = %action.instance, hook = %action.hook, error = %e, "completing the lifecycle action failed; retried after the next listing");
+                warn!(group = %action.group, instance = %action.instance, hook = %action.hook, error = %e, token, "completing the lifecycle action failed; retried after the next listing");
                 self.log.note(action, e.clone());
             }
         }
@@ -648,6 +659,9 @@ impl<C: AutoScaling> Lifecycle<C> {
         let every = (heartbeat_timeout / 3).max(Duration::from_millis(500));
         loop {
             tokio::time::sleep(every).await;
+            if self.leadership.borrow().acting(Instant::now()).is_none() {
+                continue;
+            }
             match self.cloud.heartbeat(action).await {
                 Ok(_) => {
                     debug!(group = %action.group, instance = %action.instance, "lifecycle heartbeat");
@@ -758,6 +772,7 @@ mod tests {
         registry: Arc<Registry>,
         routers: Arc<Routers>,
         serving: watch::Sender<Option<Instant>>,
+        leadership: watch::Sender<Leadership>,
     }
 
     const EPOCH: Epoch = Epoch::from_bits(7);
@@ -779,6 +794,7 @@ mod tests {
         let routers = Arc::new(Routers::new(EPOCH));
         routers.connect(ROUTER, SocketAddr::from(([127, 0, 0, 1], 1)));
         let (serving_tx, serving) = watch::channel(Some(Instant::now()));
+        let (leadership_tx, leadership) = watch::channel(Leadership::Single);
         let lifecycle = Arc::new(Lifecycle {
             cloud: Arc::new(FakeAutoScaling::default()),
             registry: registry.clone(),
@@ -789,12 +805,14 @@ mod tests {
             },
             log: Arc::default(),
             serving,
+            leadership,
         });
         World {
             lifecycle,
             registry,
             routers,
             serving: serving_tx,
+            leadership: leadership_tx,
         }
     }
 
@@ -905,6 +923,38 @@ mod tests {
             (Some(ActionResult::Continue), Stage::Done)
         );
         assert!(recent[0].healthy_ms.is_some() && recent[0].acked_ms.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_past_its_lease_deadline_neither_completes_nor_heartbeats() {
+        let w = world(LifecycleConfig::default(), Duration::ZERO);
+        let now = Instant::now();
+        // Leading until 1 s from now; the lease task has not noticed the
+        // deadline pass (a paused process wakes with every timer due).
+        w.leadership
+            .send_replace(Leadership::Leader(crate::lease::Term {
+                token: 3,
+                since: now,
+                since_wall: SystemTime::now(),
+                valid_until: now + Duration::from_secs(1),
+            }));
+        set(&w.registry, add("i-1"));
+        let lifecycle = w.lifecycle.clone();
+        let action = waiting("i-1", Transition::Launching, Duration::from_secs(3));
+        let task = tokio::spawn(async move { lifecycle.handle(action).await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let healthy = set(&w.registry, state("i-1", EndpointState::Healthy));
+        ack(&w.routers, healthy, &[]);
+        assert!(!task.await.unwrap(), "not completed: left to the leader");
+        assert!(completed(&w).is_empty());
+        assert!(
+            w.lifecycle.cloud.heartbeats.lock().unwrap().is_empty(),
+            "the heartbeat at 1 s fell after the deadline"
+        );
+        assert!(
+            w.lifecycle.log.actions().0.is_empty(),
+            "not shown as under way"
+        );
     }
 
     #[tokio::test(start_paused = true)]

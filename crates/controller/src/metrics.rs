@@ -103,6 +103,30 @@ pub const READY: Family<0> = Family {
     help: "1 while /readyz answers 200.",
     labels: [],
 };
+pub const LEADER: Family<0> = Family {
+    name: "signpost_leader",
+    kind: Kind::Gauge,
+    help: "1 while this replica leads (always, without [ha]): it alone serves routers and completes lifecycle actions.",
+    labels: [],
+};
+pub const LEASE_TOKEN: Family<0> = Family {
+    name: "signpost_lease_token",
+    kind: Kind::Gauge,
+    help: "Fencing token of the lease as this replica knows it (its own term's, or the leader's); 0 without [ha].",
+    labels: [],
+};
+pub const LEASE_CALLS: Family<2> = Family {
+    name: "signpost_lease_calls_total",
+    kind: Kind::Counter,
+    help: "DynamoDB calls of the HA lease by call (GetItem, UpdateItem) and result (ok, condition_failed: another replica holds it, error).",
+    labels: ["call", "result"],
+};
+pub const LEADER_SINCE: Family<0> = Family {
+    name: "signpost_leader_since_timestamp_seconds",
+    kind: Kind::Gauge,
+    help: "When this replica's current term began; 0 while it follows.",
+    labels: [],
+};
 pub const SYNC_LAST_SUCCESS: Family<0> = Family {
     name: "signpost_sync_last_success_timestamp_seconds",
     kind: Kind::Gauge,
@@ -242,6 +266,10 @@ pub fn families() -> Vec<(&'static str, Kind, Vec<&'static str>)> {
         declared(&MISCONFIGURED_GROUPS),
         declared(&REMOVALS_HELD),
         declared(&READY),
+        declared(&LEADER),
+        declared(&LEASE_TOKEN),
+        declared(&LEASE_CALLS),
+        declared(&LEADER_SINCE),
         declared(&SYNC_LAST_SUCCESS),
         declared(&SYNC_LAST_DURATION),
         declared(&SYNCS),

@@ -10,19 +10,22 @@ use anyhow::Context;
 use aws_config::timeout::TimeoutConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use signpost_protocol::Epoch;
 
 use crate::api::{self, ApiState};
-use crate::cloud::{self, AwsFleet, Hints};
+use crate::cloud::{self, AutoScaling, AwsFleet, Hints};
 use crate::config::Config;
 use crate::endpoints::Endpoints;
 use crate::events::{EventCounts, EventQueue};
 use crate::guard::RemovalGuard;
 use crate::health::{HealthScheduler, NetProbe};
+use crate::lease::{self, Candidate, DynamoLease, Leaders, Leadership};
 use crate::lifecycle::{Lifecycle, LifecycleLog};
+use crate::model::Fleet;
 use crate::push::hub::{Hub, PING_INTERVAL};
 use crate::reconcile::{self, Reconciler, SyncStatus};
 use crate::registry::Registry;
@@ -82,10 +85,10 @@ pub async fn run(
         tasks.push(tokio::spawn(queue.run(trigger, stop.clone())));
     }
 
-    // Routers are served once the registry has warmed up: first listing
-    // applied, first health verdicts in. Long enough for a healthy endpoint
-    // to pass its checks.
-    let (serving_tx, serving) = watch::channel(None);
+    // Routers are served once the registry has warmed up (first listing
+    // applied, first health verdicts in: long enough for a healthy endpoint
+    // to pass its checks) and this replica leads.
+    let (warm_tx, warm) = watch::channel(false);
     let checks = config.health.defaults();
     let warm_limit = checks.interval * checks.healthy_threshold + checks.timeout;
     tasks.push(tokio::spawn({
@@ -94,8 +97,8 @@ pub async fn run(
         async move {
             tokio::select! {
                 _ = warmed => {
-                    info!("registry warmed up; serving routers");
-                    let _ = serving_tx.send(Some(tokio::time::Instant::now()));
+                    info!("registry warmed up");
+                    let _ = warm_tx.send(true);
                 }
                 // Stopping before the first listing (AWS unreachable, say)
                 // must not leave shutdown waiting on this task.
@@ -103,6 +106,45 @@ pub async fn run(
             }
         }
     }));
+    let (serving_tx, serving) = watch::channel(None);
+    let replica = config
+        .ha
+        .replica_id
+        .clone()
+        .unwrap_or_else(default_replica_id);
+    let (leadership_tx, leadership) = watch::channel(match &config.ha.table {
+        None => Leadership::Single,
+        Some(_) => Leadership::Follower { leader: None },
+    });
+    let lease_calls = Arc::new(lease::LeaseCalls::default());
+    if let Some(table) = &config.ha.table {
+        let timing = lease::Timing::new(config.ha.lease_duration);
+        let store = DynamoLease {
+            client: lease_client(&aws, &endpoints, &config, timing),
+            table: table.clone(),
+            name: config.ha.lease_name.clone(),
+        };
+        let me = Candidate {
+            id: replica.clone(),
+            address: config.advertised(),
+        };
+        info!(%table, replica = %me.id, address = %me.address, lease = ?timing.lease, "high availability: electing a leader");
+        tasks.push(tokio::spawn(lease::run(
+            store,
+            me,
+            timing,
+            leadership_tx,
+            lease_calls.clone(),
+            stop.clone(),
+        )));
+    }
+
+    let leaders = Leaders {
+        leadership: leadership.clone(),
+        replica,
+        address: config.advertised(),
+        calls: lease_calls,
+    };
     let epoch = new_epoch();
     info!(%epoch, "controller epoch");
     let routers = Arc::new(Routers::new(epoch));
@@ -112,6 +154,7 @@ pub async fn run(
         PING_INTERVAL,
         stop.clone(),
         serving.clone(),
+        leaders.clone(),
     );
 
     let xds_metrics = Arc::new(XdsMetrics::default());
@@ -136,6 +179,7 @@ pub async fn run(
             routers: routers.clone(),
             metrics: xds_metrics.clone(),
             stop: stop.clone(),
+            leadership: leadership.clone(),
         });
         let lrs = Arc::new(xds::lrs::Lrs {
             registry: registry.subscribe(),
@@ -150,15 +194,29 @@ pub async fn run(
         }));
     }
 
-    let lifecycle = Lifecycle {
-        cloud,
-        registry: registry.clone(),
-        routers: routers.clone(),
-        config: config.lifecycle.clone(),
-        log: lifecycle_log.clone(),
-        serving,
-    };
-    tasks.push(tokio::spawn(lifecycle.run(fleet_rx, stop.clone())));
+    tasks.push(tokio::spawn(terms(
+        leadership.clone(),
+        warm,
+        serving_tx,
+        {
+            let registry = registry.clone();
+            let routers = routers.clone();
+            let config = config.lifecycle.clone();
+            let log = lifecycle_log.clone();
+            let leadership = leadership.clone();
+            move || Lifecycle {
+                cloud: cloud.clone(),
+                registry: registry.clone(),
+                routers: routers.clone(),
+                config: config.clone(),
+                log: log.clone(),
+                serving: serving.clone(),
+                leadership: leadership.clone(),
+            }
+        },
+        fleet_rx,
+        stop.clone(),
+    )));
 
     let app = api::routes(ApiState {
         registry: registry.subscribe(),
@@ -168,6 +226,7 @@ pub async fn run(
         routers,
         lifecycle: lifecycle_log,
         xds: xds_metrics,
+        leaders,
     })
     .merge(hub.routes());
     let served = axum::serve(
@@ -191,6 +250,87 @@ pub async fn run(
         let _ = task.await;
     }
     Ok(())
+}
+
+/// One term of leadership after another: while this replica leads and its
+/// registry is warm, routers are served (`serving` says since when: the
+/// router grace counts from the takeover) and the lifecycle runs, taking up
+/// every waiting action again from the newest listing. When the term ends,
+/// both stop and router streams close, so that routers go to the new leader.
+async fn terms<C: AutoScaling>(
+    mut leadership: watch::Receiver<Leadership>,
+    mut warm: watch::Receiver<bool>,
+    serving: watch::Sender<Option<Instant>>,
+    lifecycle: impl Fn() -> Lifecycle<C>,
+    fleets: watch::Receiver<Arc<Fleet>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let ready = async {
+            warm.wait_for(|w| *w).await.ok()?;
+            leadership.wait_for(Leadership::is_leader).await.ok()
+        };
+        tokio::select! {
+            r = ready => if r.is_none() { return },
+            _ = stop.cancelled() => return,
+        }
+        let token = leadership.borrow().acting(Instant::now());
+        info!(
+            ?token,
+            "leading: serving routers and completing lifecycle actions"
+        );
+        serving.send_replace(Some(Instant::now()));
+        let term = stop.child_token();
+        let mut fleets = fleets.clone();
+        // The newest listing is taken up at once, not at the next resync.
+        fleets.mark_changed();
+        let running = tokio::spawn(lifecycle().run(fleets, term.clone()));
+        tokio::select! {
+            _ = leadership.wait_for(|l| !l.is_leader()) => {}
+            _ = stop.cancelled() => {}
+        }
+        term.cancel();
+        serving.send_replace(None);
+        let _ = running.await;
+        if stop.is_cancelled() {
+            return;
+        }
+        info!(
+            ?token,
+            "no longer leading: router streams closed, lifecycle actions left to the leader"
+        );
+    }
+}
+
+/// The lease's DynamoDB client: each call must end within a renew period,
+/// so that a slow store cannot hold a leader past its deadline unnoticed.
+fn lease_client(
+    aws: &aws_config::SdkConfig,
+    endpoints: &Endpoints,
+    config: &Config,
+    timing: lease::Timing,
+) -> aws_sdk_dynamodb::Client {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(1).min(timing.renew_every / 2))
+        .operation_attempt_timeout(config.aws.attempt_timeout.min(timing.renew_every / 2))
+        .operation_timeout(timing.renew_every)
+        .build();
+    let dynamodb = endpoints.dynamodb(aws).timeout_config(timeouts).build();
+    aws_sdk_dynamodb::Client::from_conf(dynamodb)
+}
+
+/// The host name and process id: unique among replicas, readable in logs.
+fn default_replica_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "controller".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// An SQS client whose attempt timeout leaves room for the long poll, which

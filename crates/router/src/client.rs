@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::controllers::Controllers;
 use super::table::RouteTable;
 use super::{cache, Applied, RouterState, Source};
 use signpost_protocol::{Ack, Message, Mirror, WireError, PROTOCOL};
@@ -56,6 +57,8 @@ pub enum SessionError {
     Timeout(Duration),
     #[error("the controller refused the subscription: {status} {body}")]
     Refused { status: StatusCode, body: String },
+    #[error("this controller replica does not lead; the leader is at {0}")]
+    Redirected(String),
     #[error("the stream failed: {0}")]
     Stream(#[source] hyper::Error),
     #[error("nothing heard for {0:?}")]
@@ -67,8 +70,8 @@ pub enum SessionError {
 }
 
 pub struct Subscriber {
-    /// Base URL of the controller, without a trailing slash.
-    pub controller: String,
+    /// Which controller replica to subscribe to (see `controllers`).
+    pub controllers: Arc<Controllers>,
     pub id: String,
     pub cache: Option<PathBuf>,
     pub connect_timeout: Duration,
@@ -90,6 +93,7 @@ impl Subscriber {
         let mut delays = backoff.build();
         let mut mirror = Mirror::default();
         let mut tried_cache = false;
+        let mut redirects = 0;
         loop {
             let mut got_snapshot = false;
             let ended = tokio::select! {
@@ -97,6 +101,18 @@ impl Subscriber {
                 _ = stop.cancelled() => return,
             };
             self.state.set_connected(false);
+            // Straight to the leader a follower named; anything else: the
+            // next configured replica, after the back-off.
+            // A few hops at most without back-off: two replicas that each
+            // name the other (stale reads of the lease) must not spin.
+            redirects = if got_snapshot { 0 } else { redirects + 1 };
+            if let SessionError::Redirected(leader) = &ended {
+                if redirects <= 3 && self.controllers.follow(leader) {
+                    info!(leader = %leader, "following the controller's redirect to the leader");
+                    continue;
+                }
+            }
+            self.controllers.failed();
             match &ended {
                 SessionError::Wire(_) => {
                     error!(error = %ended, revision = ?mirror.revision, "keeping the last good snapshot and reconnecting")
@@ -140,7 +156,8 @@ impl Subscriber {
     ) -> SessionError {
         let mut url = format!(
             "{}/v1/watch?router={}&protocol={PROTOCOL}",
-            self.controller, self.id
+            self.controllers.current(),
+            self.id
         );
         if let Some(kind) = self.state.kind() {
             url.push_str(&format!("&kind={kind}"));
@@ -155,6 +172,11 @@ impl Subscriber {
             Ok(Err(e)) => return SessionError::Connect(e),
             Ok(Ok(r)) => r,
         };
+        if response.status() == StatusCode::TEMPORARY_REDIRECT {
+            if let Some(to) = response.headers().get(hyper::header::LOCATION) {
+                return SessionError::Redirected(String::from_utf8_lossy(to.as_bytes()).into());
+            }
+        }
         if !response.status().is_success() {
             let status = response.status();
             let body = match tokio::time::timeout(limit, response.into_body().collect()).await {
@@ -273,7 +295,7 @@ pub(super) fn connector(connect_timeout: Duration) -> HttpConnector {
 /// once more when they drop to none, so the controller does not keep a
 /// stale count).
 pub async fn report(
-    controller: String,
+    controllers: Arc<Controllers>,
     id: String,
     state: Arc<dyn Dataplane>,
     connect_timeout: Duration,
@@ -281,7 +303,6 @@ pub async fn report(
 ) {
     let http: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector(connect_timeout));
-    let url = format!("{controller}/v1/routers/{id}/ack");
     let mut applied = state.applied();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -305,6 +326,7 @@ pub async fn report(
             continue;
         }
         was_busy = busy;
+        let url = format!("{}/v1/routers/{id}/ack", controllers.current());
         let request = Request::builder()
             .method(Method::POST)
             .uri(&url)

@@ -19,6 +19,7 @@
 pub mod balance;
 pub mod cache;
 pub mod client;
+pub mod controllers;
 pub mod http1;
 pub mod proxy;
 pub mod table;
@@ -55,7 +56,8 @@ use table::RouteTable;
 const IDLE: Duration = Duration::from_secs(15);
 
 pub struct Config {
-    /// Base URL of the controller's API, e.g. `http://controller:7070`.
+    /// Base URL of the controller's API, e.g. `http://controller:7070`, or
+    /// the URLs of several replicas separated by commas (see `controllers`).
     pub controller: String,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -150,8 +152,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future()
     });
+    let controllers = Arc::new(controllers::Controllers::new(&config.controller));
     let subscriber = client::Subscriber {
-        controller: config.controller.trim_end_matches('/').to_owned(),
+        controllers: controllers.clone(),
         id: config.id.clone(),
         cache: config.cache.clone(),
         connect_timeout: config.connect_timeout,
@@ -161,7 +164,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut background = vec![
         tokio::spawn(subscriber.run(stop.clone())),
         tokio::spawn(client::report(
-            config.controller.trim_end_matches('/').to_owned(),
+            controllers,
             config.id.clone(),
             state.clone(),
             config.connect_timeout,

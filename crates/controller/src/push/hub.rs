@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +26,7 @@ use tracing::info;
 use signpost_protocol::{Ack, Message, Revision, PROTOCOL};
 
 use super::encode;
+use crate::lease::{self, Leaders};
 use crate::model::Snapshot;
 use crate::routers::{AckRefused, RouterKind, RouterRecord, Routers};
 
@@ -49,6 +50,7 @@ pub struct Hub {
     /// nothing, and keeps routing on what it has: a router reconnecting to a
     /// restarted controller must not swap its table for an empty one.
     ready: watch::Receiver<Option<Instant>>,
+    leaders: Leaders,
 }
 
 #[derive(Deserialize)]
@@ -66,6 +68,7 @@ impl Hub {
         ping_interval: Duration,
         stop: CancellationToken,
         ready: watch::Receiver<Option<Instant>>,
+        leaders: Leaders,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             registry,
@@ -73,6 +76,7 @@ impl Hub {
             ping_interval,
             stop,
             ready,
+            leaders,
         })
     }
 
@@ -91,8 +95,10 @@ impl Hub {
         let mut registry = self.registry.clone();
         let stop = self.stop.clone();
         let mut ready = self.ready.clone();
+        let mut leadership = self.leaders.leadership.clone();
         let warmed = tokio::select! {
             r = ready.wait_for(Option::is_some) => r.is_ok(),
+            _ = lease::stopped_leading(&mut leadership) => false,
             _ = tx.closed() => false,
             _ = stop.cancelled() => false,
         };
@@ -127,6 +133,8 @@ impl Hub {
                         message.to_line()
                     }
                     _ = ping.tick() => Message::Ping { revision: sent.revision }.to_line(),
+                    // The term ended: the router goes to the new leader.
+                    _ = until(&mut ready, Option::is_none) => break,
                     _ = tx.closed() => break,
                     _ = stop.cancelled() => break,
                 };
@@ -143,8 +151,12 @@ impl Hub {
 async fn watch_stream(
     State(hub): State<Arc<Hub>>,
     ConnectInfo(address): ConnectInfo<SocketAddr>,
+    uri: Uri,
     Query(query): Query<WatchQuery>,
 ) -> Response {
+    if let Some(refusal) = hub.not_the_leader(uri.query().unwrap_or_default()) {
+        return refusal;
+    }
     if query.protocol != PROTOCOL {
         let error = format!(
             "protocol {} not supported; this controller speaks {PROTOCOL}",
@@ -179,6 +191,34 @@ async fn watch_stream(
         Body::new(Lines(rx)),
     )
         .into_response()
+}
+
+/// Resolves once `holds` does; never when the sender is gone, as nothing
+/// changes any more.
+async fn until<T>(rx: &mut watch::Receiver<T>, holds: impl FnMut(&T) -> bool) {
+    if rx.wait_for(holds).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+impl Hub {
+    /// A follower's answer to a subscription: a redirect to the leader named
+    /// in the lease, or 503 while none is known. Routers follow either.
+    fn not_the_leader(&self, query: &str) -> Option<Response> {
+        Some(match self.leaders.redirect()? {
+            Ok(leader) => (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, format!("{leader}/v1/watch?{query}"))],
+                Json(json!({ "error": "not the leader", "leader": leader })),
+            )
+                .into_response(),
+            Err(()) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "error": "not the leader, and no leader is known yet: try again or another replica" })),
+            )
+                .into_response(),
+        })
+    }
 }
 
 /// The response body of a watch: whatever its feeder queues, until the

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::resources::{ordered, Balancing, ResourceSet, Resources, Subscription};
 use super::{ResourceType, Version};
+use crate::lease::{self, Leadership};
 use crate::metrics::Histogram;
 use crate::model::Revision;
 use crate::routers::{Nack, RouterKind, Routers};
@@ -64,6 +65,10 @@ pub struct Ads {
     pub routers: Arc<Routers>,
     pub metrics: Arc<XdsMetrics>,
     pub stop: CancellationToken,
+    /// Only the leader serves (see `lease`): a follower refuses streams as
+    /// UNAVAILABLE, so that a client with several controller addresses
+    /// retries another, and the leader ends its streams when its term ends.
+    pub leadership: watch::Receiver<Leadership>,
 }
 
 /// How a node says what it is: Envoy sets `user_agent_name` to `envoy`,
@@ -347,6 +352,7 @@ impl Ads {
         };
         let mut resources = self.resources.clone();
         let mut current = resources.borrow_and_update().clone();
+        let mut leadership = self.leadership.clone();
         let ended = async {
             stream.request(first, current.as_deref()).await?;
             loop {
@@ -369,6 +375,7 @@ impl Ads {
                         }
                     }
                     _ = stream.tx.closed() => return Ok(()),
+                    _ = lease::stopped_leading(&mut leadership) => return Ok(()),
                     _ = self.stop.cancelled() => return Ok(()),
                 }
             }
@@ -413,6 +420,13 @@ impl AggregatedDiscoveryService for AdsService {
         let address = request
             .remote_addr()
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let leadership = self.0.leadership.borrow().clone();
+        if !leadership.is_leader() {
+            let leader = leadership.leader_address().unwrap_or("not known yet");
+            return Err(Status::unavailable(format!(
+                "this controller is not the leader (the leader's API: {leader}); connect to another replica"
+            )));
+        }
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(self.0.clone().serve(address, request.into_inner(), tx));
         Ok(Response::new(Responses::new(rx)))
