@@ -311,6 +311,90 @@ async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
     );
 }
 
+/// The ACK gate with a real Envoy: frozen (SIGSTOP), it cannot ACK the
+/// revision in which a new instance is healthy, and the launch waits; the
+/// moment it runs again and ACKs, the launch continues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_envoy_holds_a_launch_until_it_acks() {
+    let (xds_port, listener) = (free_port(), free_port());
+    let toml = format!("{LIFECYCLE}{}", xds_toml(xds_port, listener));
+    let scene =
+        Scene::start_with_health(PORT, "web-frozen", &tags("web", "/"), 1, &toml, HEALTH).await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        backends,
+        controller,
+        ..
+    } = scene;
+    common::hold_launches_and_terminations(&cloud, "web-frozen").await;
+    let envoy = Envoy::start("envoy-frozen", xds_port, listener).await;
+    controller.wait_acked_by(&envoy.id).await;
+    let _followed = FollowedGroup::start(&cloud, "web-frozen", backends);
+
+    let pid = envoy.child.id().expect("running").to_string();
+    let kill = |signal: &str| {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    };
+    kill("-STOP");
+    cloud.set_desired("web-frozen", 2).await;
+    let new = wait_for(
+        "the new instance to be healthy while Envoy is frozen",
+        Duration::from_secs(30),
+        || async {
+            let waiting = in_state(&cloud, "web-frozen", "Pending:Wait").await;
+            let healthy = controller.endpoints("web", "healthy").await;
+            waiting.into_iter().find(|id| healthy.contains(id))
+        },
+    )
+    .await;
+    // Healthy and pushed, but not ACKed: the launch waits for Envoy.
+    wait_for(
+        "the launch to wait for the routers",
+        Duration::from_secs(10),
+        || async {
+            let (_, lifecycle) = controller.get("/v1/lifecycle").await;
+            let active = lifecycle["active"].as_array()?.clone();
+            active
+                .iter()
+                .any(|a| a["instance"] == new.as_str() && a["stage"] == "waiting_for_routers")
+                .then_some(())
+        },
+    )
+    .await;
+    let frozen_for = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        in_state(&cloud, "web-frozen", "Pending:Wait").await,
+        vec![new.clone()],
+        "still held {:?} after it was healthy",
+        frozen_for.elapsed()
+    );
+    assert!(completed(&controller, &new).await.is_none());
+
+    kill("-CONT");
+    let record = wait_for(
+        "the launch to complete once Envoy ACKs",
+        Duration::from_secs(20),
+        || completed(&controller, &new),
+    )
+    .await;
+    assert_eq!(record["result"], "continue", "{record}");
+    assert!(
+        record["note"].is_null(),
+        "by Envoy's ACK, not a timeout: {record}"
+    );
+    assert!(
+        record["acked_ms"].as_u64() > record["healthy_ms"].as_u64(),
+        "{record}"
+    );
+    wait_in_service(&cloud, "web-frozen", 2, Duration::from_secs(10)).await;
+}
+
 /// Cycles the group 2 → 6 → 2 `cycles` times under load through Envoy (and
 /// a signpost router beside it, `with_router`) and returns (requests sent,
 /// failures).
