@@ -53,6 +53,18 @@ struct RouterArgs {
     /// File holding the last applied snapshot; read at start when the controller is unreachable.
     #[arg(long, env = "SIGNPOST_ROUTER_CACHE")]
     cache: Option<PathBuf>,
+    /// CA that signed the controller's certificate (PEM); required with https://.
+    #[arg(long, env = "SIGNPOST_ROUTER_CONTROLLER_CA")]
+    controller_ca: Option<PathBuf>,
+    /// Client certificate (PEM) naming this router (its CN or URI SAN is the id); re-read on change.
+    #[arg(long, env = "SIGNPOST_ROUTER_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Private key of --client-cert (PEM).
+    #[arg(long, env = "SIGNPOST_ROUTER_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// File holding a bearer token for the controller; read again for every request.
+    #[arg(long, env = "SIGNPOST_ROUTER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Stable router id (letters, digits, '.', '_', '-'), e.g. the host name.
     #[arg(long, env = "SIGNPOST_ROUTER_ID", value_parser = router_id)]
     id: String,
@@ -73,8 +85,10 @@ struct RouterArgs {
 
 fn controller_url(s: &str) -> Result<String, String> {
     let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(format!("{s:?}: expected http://HOST:PORT"));
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        return Err(format!(
+            "{s:?}: expected http://HOST:PORT or https://HOST:PORT"
+        ));
     }
     Ok(s.trim_end_matches('/').to_owned())
 }
@@ -184,6 +198,12 @@ impl Cli {
                         admin_listen: args.admin_listen,
                         cache: args.cache,
                         id: args.id,
+                        credentials: signpost_router::transport::Credentials {
+                            controller_ca: args.controller_ca,
+                            client_cert: args.client_cert,
+                            client_key: args.client_key,
+                            token_file: args.token_file,
+                        },
                         balance: args.balance,
                         connect_timeout: args.connect_timeout,
                         response_timeout: args.response_timeout,

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::auth::Refusals;
 use crate::events::EventCounts;
 use crate::lifecycle::LifecycleLog;
 use crate::metrics::{self, Page};
@@ -31,6 +32,7 @@ pub struct ApiState {
     pub routers: Arc<Routers>,
     pub lifecycle: Arc<LifecycleLog>,
     pub xds: Arc<XdsMetrics>,
+    pub refusals: Arc<Refusals>,
 }
 
 pub fn routes(state: ApiState) -> Router {
@@ -270,6 +272,14 @@ fn page(state: &ApiState) -> Page {
             (["not_subscribed"], ignored.not_subscribed.load(Relaxed)),
         ],
     );
+    page.counters(
+        &metrics::AUTH_REFUSALS,
+        state
+            .refusals
+            .counts()
+            .into_iter()
+            .map(|(why, n)| ([why], n)),
+    );
 
     let lifecycle = state.lifecycle.metrics();
     page.counters(
@@ -363,6 +373,7 @@ mod tests {
             routers,
             lifecycle: Arc::default(),
             xds: Arc::default(),
+            refusals: Arc::default(),
         }
     }
 

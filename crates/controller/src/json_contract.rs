@@ -121,6 +121,7 @@ fn api_state(snapshot: Snapshot, routers: Arc<Routers>, lifecycle: Arc<Lifecycle
         routers,
         lifecycle,
         xds: Arc::default(),
+        refusals: Arc::default(),
     }
 }
 

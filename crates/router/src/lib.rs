@@ -22,6 +22,7 @@ pub mod client;
 pub mod http1;
 pub mod proxy;
 pub mod table;
+pub mod transport;
 pub mod upstream;
 
 use std::future::{Future, IntoFuture};
@@ -62,6 +63,8 @@ pub struct Config {
     /// Stable id: how the controller tells this router from others, across
     /// reconnects.
     pub id: String,
+    /// How the router proves who it is to the controller, over TLS or not.
+    pub credentials: transport::Credentials,
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
@@ -145,9 +148,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future()
     });
+    let link = transport::Controller::new(
+        &config.credentials,
+        config.controller.starts_with("https://"),
+        config.connect_timeout,
+    )?;
     let subscriber = client::Subscriber {
         controller: config.controller.trim_end_matches('/').to_owned(),
         id: config.id.clone(),
+        link: link.clone(),
         cache: config.cache.clone(),
         connect_timeout: config.connect_timeout,
         idle: IDLE,
@@ -159,7 +168,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             config.controller.trim_end_matches('/').to_owned(),
             config.id.clone(),
             state.clone(),
-            config.connect_timeout,
+            link,
             stop.clone(),
         )),
     ];

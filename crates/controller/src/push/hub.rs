@@ -2,7 +2,6 @@
 //! records both in `routers::Routers`, which lifecycle hooks wait on.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,6 +25,7 @@ use tracing::info;
 use signpost_protocol::{Ack, Message, Revision, PROTOCOL};
 
 use super::encode;
+use crate::listener::Peer;
 use crate::model::Snapshot;
 use crate::routers::{AckRefused, RouterRecord, Routers};
 
@@ -140,7 +140,7 @@ impl Hub {
 
 async fn watch_stream(
     State(hub): State<Arc<Hub>>,
-    ConnectInfo(address): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Query(query): Query<WatchQuery>,
 ) -> Response {
     if query.protocol != PROTOCOL {
@@ -154,6 +154,7 @@ async fn watch_stream(
         let error = "router id must be 1 to 253 characters";
         return (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response();
     }
+    let address = peer.address;
     let connection = hub.routers.connect(&query.router, address);
     info!(router = %query.router, %address, "router subscribed");
     let (tx, rx) = mpsc::channel(QUEUE);
