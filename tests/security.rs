@@ -464,4 +464,15 @@ async fn a_forged_ack_cannot_complete_a_scale_in() {
         completed_at >= answered_at,
         "CONTINUE only after r1 drained: {record}"
     );
+    // The audit names the acks that justified it: r1's own, nothing in flight.
+    let acks = &record["acks"];
+    assert!(acks[0]["revision"].as_u64().is_some(), "{record}");
+    assert_eq!(
+        *acks,
+        serde_json::json!([{
+            "router": "r1", "identity": "r1",
+            "revision": acks[0]["revision"], "in_flight": 0,
+        }]),
+        "{record}"
+    );
 }

@@ -12,6 +12,7 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use bytes::Bytes;
 use hyper::body::Frame;
@@ -25,6 +26,7 @@ use tracing::info;
 use signpost_protocol::{Ack, Message, Revision, PROTOCOL};
 
 use super::encode;
+use crate::auth::{Caller, Credential};
 use crate::listener::Peer;
 use crate::model::Snapshot;
 use crate::routers::{AckRefused, RouterRecord, Routers};
@@ -141,6 +143,7 @@ impl Hub {
 async fn watch_stream(
     State(hub): State<Arc<Hub>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    caller: Option<Extension<Caller>>,
     Query(query): Query<WatchQuery>,
 ) -> Response {
     if query.protocol != PROTOCOL {
@@ -156,6 +159,10 @@ async fn watch_stream(
     }
     let address = peer.address;
     let connection = hub.routers.connect(&query.router, address);
+    if let Some(Extension(caller)) = caller.filter(|c| c.credential != Credential::None) {
+        hub.routers
+            .identify(&query.router, connection, &caller.identity);
+    }
     info!(router = %query.router, %address, "router subscribed");
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(hub.clone().feed(query.router, connection, tx));
