@@ -476,3 +476,62 @@ async fn a_forged_ack_cannot_complete_a_scale_in() {
         "{record}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_holds_at_most_its_share_of_subscriptions() {
+    let dir = dir("limits");
+    let ca = Ca::new(&dir, "signpost");
+    let server = ca.server("controller");
+    let tokens = dir.join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        token_entry("ops-token", "ops", "admin") + &token_entry("edge-token", "edge", "router"),
+    )
+    .unwrap();
+    let emulator = Emulator::start().await;
+    let rest = format!(
+        "[auth]\ntokens_file = {:?}\n[limits]\nsubscriptions_per_identity = 2\n",
+        tokens.display().to_string()
+    );
+    let ops = write_token(&dir, "ops", "ops-token");
+    let controller = Controller::start_tls(
+        &emulator,
+        &tls_toml(&server, None, &rest),
+        &credentials(&ca, None, Some(&ops)),
+    )
+    .await;
+    let edge = link(&credentials(
+        &ca,
+        None,
+        Some(&write_token(&dir, "edge", "edge-token")),
+    ));
+    let open = || async {
+        let request = Request::get(watch(&controller, "edge"))
+            .body(Full::default())
+            .unwrap();
+        edge.send(request).await.unwrap()
+    };
+    let first = open().await;
+    let second = open().await;
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let third = open().await;
+    assert_eq!(third.status(), 429);
+    let body = third.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("subscriptions_per_identity"),
+        "{body:?}"
+    );
+    assert_eq!(
+        controller
+            .metric("signpost_auth_refusals_total{reason=\"too_many_subscriptions\"}")
+            .await,
+        Some(1.0)
+    );
+    // A stream that ends gives its slot back.
+    drop(first);
+    wait_for("a slot to free up", Duration::from_secs(20), || async {
+        let again = open().await;
+        (again.status() == 200).then_some(again)
+    })
+    .await;
+}

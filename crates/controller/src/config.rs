@@ -47,6 +47,7 @@ pub struct Config {
     pub insecure_plaintext: bool,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    pub limits: LimitsConfig,
     /// How often the whole fleet is listed again (the safety net behind events).
     #[serde(with = "duration")]
     pub resync_interval: Duration,
@@ -127,6 +128,27 @@ impl AuthConfig {
     /// Whether callers must authenticate (as soon as a way to is set).
     pub fn required(&self, tls: &TlsConfig) -> bool {
         self.tokens_file.is_some() || tls.client_ca.is_some()
+    }
+}
+
+/// Limits on what one caller can cost the controller.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body in bytes (acks carry in-flight counts per
+    /// endpoint: 1 MiB holds tens of thousands).
+    pub max_body: usize,
+    /// Open `/v1/watch` streams per identity (a reconnecting router briefly
+    /// holds two).
+    pub subscriptions_per_identity: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body: 1 << 20,
+            subscriptions_per_identity: 4,
+        }
     }
 }
 
@@ -329,6 +351,7 @@ impl Default for Config {
             insecure_plaintext: false,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
             resync_interval: Duration::from_secs(30),
             default_port: None,
             aws: AwsConfig::default(),
@@ -535,6 +558,15 @@ impl Config {
         }
         if tls.identity == IdentitySource::UriSan && tls.uri_prefix.is_empty() {
             return Err(invalid("tls.uri_prefix", "is empty; give the URI SAN prefix before the identity, e.g. \"spiffe://signpost/router/\""));
+        }
+        if self.limits.max_body < 1024 {
+            return Err(invalid("limits.max_body", "must be at least 1024 (bytes)"));
+        }
+        if self.limits.subscriptions_per_identity == 0 {
+            return Err(invalid(
+                "limits.subscriptions_per_identity",
+                "must be at least 1",
+            ));
         }
         if tls.reload_interval < Duration::from_millis(100) {
             return Err(invalid("tls.reload_interval", "must be at least 100ms"));

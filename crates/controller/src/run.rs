@@ -175,7 +175,8 @@ pub async fn run(
         refusals: gate.refusals.clone(),
     })
     .merge(hub.routes())
-    .layer(axum::middleware::from_fn_with_state(gate, Gate::check));
+    .layer(axum::middleware::from_fn_with_state(gate, Gate::check))
+    .layer(axum::extract::DefaultBodyLimit::max(config.limits.max_body));
     let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown({
             // Watch streams never end on their own: stop them before the server
@@ -238,6 +239,8 @@ fn secure(
         tokens,
         certificate_roles: config.auth.roles.clone(),
         refusals: Arc::default(),
+        subscriptions_per_identity: config.limits.subscriptions_per_identity,
+        subscriptions: Arc::default(),
     });
     Ok((ApiListener::new(tcp, tls)?, gate))
 }

@@ -20,11 +20,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
@@ -147,16 +152,19 @@ pub enum Refusal {
     },
     #[error("router id {router:?} is not 1 to 253 letters, digits, '.', '_' or '-'")]
     BadId { router: String },
+    #[error("identity {identity:?} already has {limit} open subscriptions (limits.subscriptions_per_identity)")]
+    TooManySubscriptions { identity: String, limit: usize },
 }
 
 impl Refusal {
-    pub const LABELS: [&'static str; 6] = [
+    pub const LABELS: [&'static str; 7] = [
         "no_credentials",
         "unknown_token",
         "bad_certificate",
         "role",
         "not_itself",
         "bad_id",
+        "too_many_subscriptions",
     ];
 
     pub fn label(&self) -> &'static str {
@@ -167,6 +175,7 @@ impl Refusal {
             Refusal::Role { .. } => "role",
             Refusal::NotItself { .. } => "not_itself",
             Refusal::BadId { .. } => "bad_id",
+            Refusal::TooManySubscriptions { .. } => "too_many_subscriptions",
         }
     }
 
@@ -174,6 +183,7 @@ impl Refusal {
         match self {
             Refusal::NoCredentials | Refusal::UnknownToken => StatusCode::UNAUTHORIZED,
             Refusal::BadId { .. } => StatusCode::BAD_REQUEST,
+            Refusal::TooManySubscriptions { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::FORBIDDEN,
         }
     }
@@ -276,9 +286,67 @@ pub struct Gate {
     /// Roles of certificate identities that are not routers.
     pub certificate_roles: BTreeMap<String, Role>,
     pub refusals: Arc<Refusals>,
+    pub subscriptions_per_identity: usize,
+    /// Open watch streams by identity: a stolen or buggy credential must
+    /// not open streams (each a task and a socket) without end.
+    pub subscriptions: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One open watch stream of an identity, given back when its response
+/// body is dropped (the stream ended or the client went away).
+struct Slot {
+    subscriptions: Arc<Mutex<HashMap<String, usize>>>,
+    identity: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.subscriptions.lock().unwrap();
+        if let Some(n) = open.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// A response body that holds a `Slot` for as long as it lives.
+struct Holding {
+    body: Body,
+    _slot: Slot,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
 }
 
 impl Gate {
+    /// Takes a subscription slot for `identity`, if it has one left.
+    fn take_slot(&self, identity: &str) -> Result<Slot, Refusal> {
+        let mut open = self.subscriptions.lock().unwrap();
+        let n = open.entry(identity.to_owned()).or_default();
+        if *n >= self.subscriptions_per_identity {
+            return Err(Refusal::TooManySubscriptions {
+                identity: identity.to_owned(),
+                limit: self.subscriptions_per_identity,
+            });
+        }
+        *n += 1;
+        Ok(Slot {
+            subscriptions: self.subscriptions.clone(),
+            identity: identity.to_owned(),
+        })
+    }
+
     /// Who the caller is: its certificate when it presented one, else its
     /// bearer token.
     fn identify(&self, peer: &Peer, request: &Request) -> Result<Caller, Refusal> {
@@ -340,11 +408,28 @@ impl Gate {
         let verdict = caller
             .as_ref()
             .map_err(Clone::clone)
-            .and_then(|c| authorize(c, &action));
+            .and_then(|c| authorize(c, &action))
+            .and_then(|()| match (&action, &caller) {
+                // Without authentication, the router id is all there is to
+                // count by.
+                (Action::Subscribe { router }, Ok(c)) => {
+                    let who = if c.credential == Credential::None {
+                        router
+                    } else {
+                        &c.identity
+                    };
+                    gate.take_slot(who).map(Some)
+                }
+                _ => Ok(None),
+            });
         match verdict {
-            Ok(()) => {
+            Ok(slot) => {
                 request.extensions_mut().insert(caller.expect("identified"));
-                next.run(request).await
+                let response = next.run(request).await;
+                match slot {
+                    Some(slot) => response.map(|body| Body::new(Holding { body, _slot: slot })),
+                    None => response,
+                }
             }
             Err(refusal) => {
                 let who = caller.map_or_else(|_| "unidentified".to_owned(), |c| c.identity);
