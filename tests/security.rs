@@ -513,7 +513,10 @@ async fn an_identity_holds_at_most_its_share_of_subscriptions() {
     };
     let first = open().await;
     let second = open().await;
-    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
     let third = open().await;
     assert_eq!(third.status(), 429);
     let body = third.into_body().collect().await.unwrap().to_bytes();

@@ -43,8 +43,9 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {} (config key listen)", config.listen))?;
     let stop = CancellationToken::new();
+    let listen = tcp.local_addr()?;
     let (listener, gate) = secure(tcp, &config, &stop)?;
-    info!(listen = %config.listen, tls = config.tls.cert.is_some(), authentication = gate.required, resync_interval = ?config.resync_interval, "controller starting");
+    info!(%listen, tls = config.tls.cert.is_some(), authentication = gate.required, resync_interval = ?config.resync_interval, "controller starting");
 
     let registry = Arc::new(Registry::new());
     let (status_tx, status_rx) = watch::channel(SyncStatus::default());
