@@ -178,13 +178,17 @@ async fn over_mtls_a_router_subscribes_and_acks_only_as_itself() {
         .await;
     assert_eq!(refused, Some(2.0));
 
-    // No certificate, a certificate of another CA, an expired one: no
-    // TLS session at all.
+    // A certificate of another CA, an expired one: no TLS session at all.
     let other = Ca::new(&dir.join("other"), "other");
     let foreign = other.client("foreign", Name::Cn("edge-a"));
     let expired = ca.expired_client("expired", "edge-a");
+    // No certificate: a session (probes need one), and nothing but probes.
+    let anonymous = link(&credentials(&ca, None, None));
+    let answer = call(&anonymous, Method::GET, watch(&controller, "edge-a"), None).await;
+    assert_eq!(answer.map(|a| a.0), Ok(401));
+    let answer = call(&anonymous, Method::GET, controller.url("/readyz"), None).await;
+    assert!(matches!(answer, Ok((200 | 503, _))), "{answer:?}");
     for (what, pair) in [
-        ("no client certificate", None),
         ("another CA's certificate", Some(&foreign)),
         ("an expired certificate", Some(&expired)),
     ] {

@@ -218,10 +218,7 @@ fn secure(
             if let Some(ca) = &config.tls.client_ca {
                 files.push(KeyedFile::new("tls.client_ca", ca.clone()));
             }
-            // With a tokens file too, a client without a certificate may
-            // still authenticate with a token.
-            let optional = config.auth.tokens_file.is_some();
-            let build = Box::new(move |f: &[Vec<u8>]| tls::server_config(f, optional));
+            let build = Box::new(|f: &[Vec<u8>]| tls::server_config(f));
             let configs = reload::watch_files(files, every, build, stop.clone())?;
             Some((configs, config.tls.clone()))
         }

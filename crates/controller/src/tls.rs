@@ -27,13 +27,13 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// A server config from PEM contents: `[cert, key]` or `[cert, key,
-/// client_ca]`. With a client CA, a client certificate it signed is
-/// verified (chain, validity, usage); `certificate_optional` lets clients
-/// without one through to token authentication.
-pub fn server_config(
-    files: &[Vec<u8>],
-    certificate_optional: bool,
-) -> Result<ServerConfig, ConfigError> {
+/// client_ca]`. With a client CA, a client certificate is verified (chain
+/// to that CA, validity, usage) and a bad one ends the handshake. A client
+/// without one still gets a session, so that probes reach `/healthz` and
+/// `/readyz` and token holders can authenticate: `auth::Gate` refuses it
+/// everything else (401, counted and logged, which a failed handshake is
+/// not).
+pub fn server_config(files: &[Vec<u8>]) -> Result<ServerConfig, ConfigError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&files[0])
         .collect::<Result<_, _>>()
         .map_err(|e| invalid("tls.cert", format!("not PEM certificates: {e}")))?;
@@ -59,13 +59,8 @@ pub fn server_config(
             if roots.is_empty() {
                 return Err(invalid("tls.client_ca", "holds no PEM certificate"));
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-            let verifier = if certificate_optional {
-                verifier.allow_unauthenticated()
-            } else {
-                verifier
-            };
-            let verifier = verifier
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated()
                 .build()
                 .map_err(|e| invalid("tls.client_ca", e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
