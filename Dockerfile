@@ -28,4 +28,7 @@ COPY --from=build /out/signpost /usr/local/bin/signpost
 USER 65532:65532
 EXPOSE 7070
 ENTRYPOINT ["/usr/local/bin/signpost"]
+# Off loopback the controller refuses to start without TLS and
+# authentication (README.md, "Security"): run it with a --config that sets
+# [tls] (the chart does), or insecure_plaintext = true.
 CMD ["controller", "--listen", "0.0.0.0:7070"]

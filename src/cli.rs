@@ -40,11 +40,41 @@ enum Command {
 }
 
 /// What every agent takes.
+/// How a router or an agent proves itself to the controller.
+#[derive(Args)]
+struct LinkArgs {
+    /// CA that signed the controller's certificate (PEM); required with https://.
+    #[arg(long, env = "SIGNPOST_CONTROLLER_CA")]
+    controller_ca: Option<PathBuf>,
+    /// Client certificate (PEM) naming this router (its CN or URI SAN is the id); re-read on change.
+    #[arg(long, env = "SIGNPOST_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Private key of --client-cert (PEM).
+    #[arg(long, env = "SIGNPOST_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// File holding a bearer token for the controller; read again for every request.
+    #[arg(long, env = "SIGNPOST_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl LinkArgs {
+    fn credentials(self) -> signpost_router::transport::Credentials {
+        signpost_router::transport::Credentials {
+            controller_ca: self.controller_ca,
+            client_cert: self.client_cert,
+            client_key: self.client_key,
+            token_file: self.token_file,
+        }
+    }
+}
+
 #[derive(Args)]
 struct AgentArgs {
-    /// The controller's API base URL.
+    /// The controller's API base URL, or several replicas' separated by commas.
     #[arg(long, env = "SIGNPOST_AGENT_CONTROLLER", default_value = "http://127.0.0.1:7070", value_parser = controller_url)]
     controller: String,
+    #[command(flatten)]
+    link: LinkArgs,
     /// Stable id (letters, digits, '.', '_', '-'), e.g. the host name.
     #[arg(long, env = "SIGNPOST_AGENT_ID", value_parser = router_id)]
     id: String,
@@ -75,6 +105,7 @@ impl AgentArgs {
             cache: self.cache,
             connect_timeout: self.connect_timeout,
             poll: self.poll,
+            credentials: self.link.credentials(),
         }
     }
 }
@@ -176,6 +207,8 @@ struct RouterArgs {
     /// File holding the last applied snapshot; read at start when the controller is unreachable.
     #[arg(long, env = "SIGNPOST_ROUTER_CACHE")]
     cache: Option<PathBuf>,
+    #[command(flatten)]
+    link: LinkArgs,
     /// Stable router id (letters, digits, '.', '_', '-'), e.g. the host name.
     #[arg(long, env = "SIGNPOST_ROUTER_ID", value_parser = router_id)]
     id: String,
@@ -198,8 +231,10 @@ fn controller_url(list: &str) -> Result<String, String> {
     let mut urls = Vec::new();
     for s in list.split(',').map(str::trim) {
         let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            return Err(format!("{s:?}: expected http://HOST:PORT"));
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+            return Err(format!(
+                "{s:?}: expected http://HOST:PORT or https://HOST:PORT"
+            ));
         }
         urls.push(s.trim_end_matches('/'));
     }
@@ -323,6 +358,7 @@ impl Cli {
                         admin_listen: args.admin_listen,
                         cache: args.cache,
                         id: args.id,
+                        credentials: args.link.credentials(),
                         balance: args.balance,
                         connect_timeout: args.connect_timeout,
                         response_timeout: args.response_timeout,

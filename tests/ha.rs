@@ -61,6 +61,7 @@ async fn replica(emulator: &Emulator, id: &str, toml: String) -> Controller {
         HEALTH.0,
         HEALTH.1,
         &[("AWS_ACCESS_KEY_ID", &format!("key-{id}"))],
+        None,
     )
     .await
 }
@@ -502,6 +503,7 @@ async fn takeover_times_over_20_kills() {
                 HEALTH.0,
                 HEALTH.1,
                 &[("AWS_ACCESS_KEY_ID", &key)],
+                None,
             )
             .await;
             (c, key)

@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -867,6 +869,8 @@ impl Drop for Backends {
 pub struct Controller {
     pub port: u16,
     child: Child,
+    /// Over TLS: a client with the test's credentials. `None`: plain HTTP.
+    tls: Option<signpost_router::transport::Controller>,
 }
 
 impl Controller {
@@ -892,7 +896,23 @@ impl Controller {
         extra: &str,
         env: &[(&str, &str)],
     ) -> Controller {
-        Controller::start_at_with_env(emulator, free_port(), extra, "200ms", "150ms", env).await
+        Controller::start_at_with_env(emulator, free_port(), extra, "200ms", "150ms", env, None)
+            .await
+    }
+
+    /// Starts a controller whose `extra` config turns TLS on; the harness
+    /// talks to it with `credentials` (a CA, and a certificate or token).
+    pub async fn start_tls(
+        emulator: &Emulator,
+        extra: &str,
+        credentials: &signpost_router::transport::Credentials,
+    ) -> Controller {
+        let client =
+            signpost_router::transport::Controller::new(credentials, true, Duration::from_secs(2))
+                .expect("the test's credentials are usable");
+        let port = free_port();
+        Controller::start_at_with_env(emulator, port, extra, "200ms", "150ms", &[], Some(client))
+            .await
     }
 
     /// Starts a controller on `port`: a restart, as routers know it by its URL.
@@ -903,7 +923,7 @@ impl Controller {
         interval: &str,
         timeout: &str,
     ) -> Controller {
-        Controller::start_at_with_env(emulator, port, extra, interval, timeout, &[]).await
+        Controller::start_at_with_env(emulator, port, extra, interval, timeout, &[], None).await
     }
 
     pub async fn start_at_with_env(
@@ -913,6 +933,7 @@ impl Controller {
         interval: &str,
         timeout: &str,
         env: &[(&str, &str)],
+        tls: Option<signpost_router::transport::Controller>,
     ) -> Controller {
         let dir = std::env::temp_dir().join(format!("signpost-test-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -947,12 +968,11 @@ impl Controller {
             .kill_on_drop(true)
             .spawn()
             .expect("start signpost controller");
-        let controller = Controller { port, child };
-        let url = controller.url("/healthz");
+        let controller = Controller { port, child, tls };
         wait_for(
             "the controller to listen",
             Duration::from_secs(10),
-            || async { http_get(&url).await.ok().map(|_| ()) },
+            || async { controller.fetch("/healthz").await.ok().map(|_| ()) },
         )
         .await;
         controller
@@ -963,11 +983,33 @@ impl Controller {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A GET, over TLS with the harness's credentials when the controller
+    /// has TLS on.
+    pub async fn fetch(&self, path: &str) -> Result<(u16, Bytes), String> {
+        let Some(client) = &self.tls else {
+            return http_get(&self.url(path)).await;
+        };
+        let request = Request::get(self.url(path)).body(Full::default()).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), client.send(request))
+            .await
+            .map_err(|_| "timeout".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
     }
 
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let (status, body) = http_get(&self.url(path)).await.expect("controller answers");
+        let (status, body) = self.fetch(path).await.expect("controller answers");
         (
             status,
             serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
@@ -977,9 +1019,7 @@ impl Controller {
     /// The value of one Prometheus sample from `/metrics`, e.g.
     /// `signpost_events_total{result="handled"}`.
     pub async fn metric(&self, sample: &str) -> Option<f64> {
-        let (_, body) = http_get(&self.url("/metrics"))
-            .await
-            .expect("controller answers");
+        let (_, body) = self.fetch("/metrics").await.expect("controller answers");
         let text = String::from_utf8(body.to_vec()).unwrap();
         text.lines()
             .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())

@@ -14,6 +14,9 @@ from conftest import CHART
 
 KUBE_VERSION = kubernetes_validate.latest_version()
 
+# The least a release needs: the controller's TLS Secret (cert-manager's format).
+MINIMAL = {"security": {"tls": {"secretName": "signpost-tls"}}}
+
 FULL = {
     "image": {"repository": "registry.example.com/signpost", "tag": "1.2.3", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
@@ -55,7 +58,10 @@ FULL = {
                "podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"}},
     "xds": {"enabled": True, "port": 18001, "envoyListener": "0.0.0.0:10001",
             "insecurePlaintext": True},
+    "security": {"tls": {"secretName": "signpost-tls", "clientAuth": True},
+                 "tokensSecretName": "signpost-tokens"},
 }
+FULL["router"]["tokenSecretName"] = "signpost-router-token"
 
 
 def render(values):
@@ -75,18 +81,18 @@ def by_kind(docs, kind):
 
 
 def test_chart_lints_clean():
-    for values in ({}, FULL):
+    for values in (MINIMAL, FULL):
         result = helm.lint(str(CHART), values=values, strict=True, kube_version=KUBE_VERSION)
         assert not result["errors"], result
         # severity 1 is INFO ("icon is recommended"); WARNING and ERROR are 2 and up.
         assert all(m["severity"] <= 1 for m in result["messages"]), result
 
 
-@pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "full"])
+@pytest.mark.parametrize("values", [MINIMAL, FULL], ids=["defaults", "full"])
 def test_every_manifest_is_valid_kubernetes(values):
     docs = render(values)
     kinds = sorted(d["kind"] for d in docs)
-    if values:
+    if values is FULL:
         assert kinds == ["ConfigMap", "Deployment", "Deployment", "PodDisruptionBudget",
                          "PodDisruptionBudget", "Service", "Service", "ServiceAccount",
                          "ServiceMonitor"], kinds
@@ -146,7 +152,7 @@ def test_two_replicas_without_a_lease_are_refused():
 
 
 def test_controller_pod_is_locked_down_and_probed():
-    (deploy,) = [d for d in by_kind(render({}), "Deployment")]
+    (deploy,) = [d for d in by_kind(render(MINIMAL), "Deployment")]
     spec = deploy["spec"]
     pod = spec["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
@@ -168,7 +174,12 @@ def test_irsa_role_annotation_and_router_wiring():
         FULL["serviceAccount"]["roleArn"]
     router = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "sp-router")
     args = router["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:2] == ["router", "--controller"] and args[2] == "http://sp:7171"
+    assert args[:2] == ["router", "--controller"] and args[2] == "https://sp:7171"
+    assert args[args.index("--controller-ca") + 1] == "/etc/signpost/tls/ca.crt"
+    assert args[args.index("--token-file") + 1] == "/etc/signpost/token/token"
+    pod = router["spec"]["template"]["spec"]
+    (ca,) = [v for v in pod["volumes"] if v["name"] == "controller-ca"]
+    assert ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], "never the controller's key"
     assert {"--listen", "--admin-listen", "--cache", "--id"} <= set(args)
     controller = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "sp")
     assert controller["spec"]["template"]["spec"]["serviceAccountName"] == "signpost-controller"
@@ -195,7 +206,7 @@ def test_bad_values_are_rejected_by_the_schema(values, message):
     assert message in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "full"])
+@pytest.mark.parametrize("values", [MINIMAL, FULL], ids=["defaults", "full"])
 def test_configmap_toml_is_accepted_by_the_controller(values, signpost_bin, tmp_path):
     (cm,) = by_kind(render(values), "ConfigMap")
     path = tmp_path / "controller.toml"
@@ -209,7 +220,10 @@ def test_configmap_toml_is_accepted_by_the_controller(values, signpost_bin, tmp_
     effective = out.stdout
     port = values.get("service", {}).get("port", 7070)
     assert f'listen = "0.0.0.0:{port}"' in effective, effective
-    if values:
+    assert 'cert = "/etc/signpost/tls/tls.crt"' in effective and 'client_ca = "/etc/signpost/tls/ca.crt"' in effective, effective
+    assert "insecure_plaintext = true" not in effective.split("[")[0], effective
+    if values is FULL:
+        assert 'tokens_file = "/etc/signpost/tokens/tokens.toml"' in effective, effective
         assert 'region = "eu-west-1"' in effective and "calls_per_second = 7.5" in effective
         assert "default_port = 8080" in effective
         assert '[health.services.users]' in effective and '[health.services.billing-api]' in effective, effective
@@ -221,12 +235,26 @@ def test_configmap_toml_is_accepted_by_the_controller(values, signpost_bin, tmp_
 
 
 def test_xds_is_off_by_default_and_needs_plaintext_accepted():
-    rendered = render({})
+    rendered = render(MINIMAL)
     (svc,) = [s for s in by_kind(rendered, "Service") if s["metadata"]["name"] == "signpost"]
     assert [p["name"] for p in svc["spec"]["ports"]] == ["api"]
     with pytest.raises(helm.HelmError) as e:
-        render({"xds": {"enabled": True}})
+        render({**MINIMAL, "xds": {"enabled": True}})
     assert "insecurePlaintext" in str(e.value)
-    rendered = render({"xds": {"enabled": True, "insecurePlaintext": True}})
+    rendered = render({**MINIMAL, "xds": {"enabled": True, "insecurePlaintext": True}})
     (svc,) = [s for s in by_kind(rendered, "Service") if s["metadata"]["name"] == "signpost"]
     assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("api", 7070), ("xds", 18000)]
+
+
+def test_the_api_off_loopback_needs_tls_unless_plaintext_is_accepted(signpost_bin, tmp_path):
+    with pytest.raises(helm.HelmError) as e:
+        render({})
+    assert "security.tls.secretName" in str(e.value), str(e.value)
+    with pytest.raises(helm.HelmError) as e:
+        render({"security": {"tls": {"secretName": "s", "clientAuth": False}}})
+    assert "tokensSecretName" in str(e.value), str(e.value)
+    (cm,) = by_kind(render({"security": {"insecurePlaintext": True}}), "ConfigMap")
+    assert "insecure_plaintext = true" in cm["data"]["controller.toml"]
+    (deploy,) = by_kind(render(MINIMAL), "Deployment")
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use agent::{AgentState, Proxy};
-use signpost_router::{cache, client, controllers};
+use signpost_router::{cache, client, controllers, transport};
 
 /// How long the agent waits for any line from the controller (it pings
 /// every few seconds) before it declares the stream dead.
@@ -51,6 +51,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub cache: Option<PathBuf>,
     pub connect_timeout: Duration,
+    /// TLS and credentials for the controller, as `signpost router` has them.
+    pub credentials: transport::Credentials,
     /// How often the agent checks the proxy (its state, the requests in
     /// flight), besides on every change.
     pub poll: Duration,
@@ -67,6 +69,11 @@ pub async fn run<P: Proxy>(
         .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
     let controller = config.controller.trim_end_matches('/').to_owned();
     let controllers = Arc::new(controllers::Controllers::new(&controller));
+    let link = transport::Controller::new(
+        &config.credentials,
+        controller.contains("https://"),
+        config.connect_timeout,
+    )?;
     info!(id = %config.id, %controller, kind = P::KIND, admin = %admin.local_addr()?, "agent starting");
     let state = AgentState::new(P::KIND);
     let stop = CancellationToken::new();
@@ -78,6 +85,7 @@ pub async fn run<P: Proxy>(
     let subscriber = client::Subscriber {
         controllers: controllers.clone(),
         id: config.id.clone(),
+        link: link.clone(),
         cache: config.cache.clone(),
         connect_timeout: config.connect_timeout,
         idle: IDLE,
@@ -89,7 +97,7 @@ pub async fn run<P: Proxy>(
             controllers,
             config.id,
             state.clone(),
-            config.connect_timeout,
+            link,
             stop.clone(),
         )),
         tokio::spawn(agent::drive(

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::auth::Refusals;
 use crate::events::EventCounts;
 use crate::lease::{Leaders, Leadership};
 use crate::lifecycle::LifecycleLog;
@@ -33,6 +34,7 @@ pub struct ApiState {
     pub lifecycle: Arc<LifecycleLog>,
     pub xds: Arc<XdsMetrics>,
     pub leaders: Leaders,
+    pub refusals: Arc<Refusals>,
 }
 
 pub fn routes(state: ApiState) -> Router {
@@ -289,6 +291,14 @@ fn page(state: &ApiState) -> Page {
             (["not_subscribed"], ignored.not_subscribed.load(Relaxed)),
         ],
     );
+    page.counters(
+        &metrics::AUTH_REFUSALS,
+        state
+            .refusals
+            .counts()
+            .into_iter()
+            .map(|(why, n)| ([why], n)),
+    );
 
     let lifecycle = state.lifecycle.metrics();
     page.counters(
@@ -384,6 +394,7 @@ mod tests {
             lifecycle: Arc::default(),
             xds: Arc::default(),
             leaders: Leaders::single(),
+            refusals: Arc::default(),
         }
     }
 

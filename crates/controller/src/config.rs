@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,13 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Address of the HTTP API.
     pub listen: SocketAddr,
+    /// Allows a `listen` off loopback without TLS or without authentication
+    /// (warned at every start). Anyone reaching the port could then read the
+    /// topology, subscribe as any router and ack in its name.
+    pub insecure_plaintext: bool,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
     /// How often the whole fleet is listed again (the safety net behind events).
     #[serde(with = "duration")]
     pub resync_interval: Duration,
@@ -91,6 +98,109 @@ impl Default for HaConfig {
             advertise: None,
         }
     }
+}
+
+/// TLS on the API listener: PEM files, re-read every `reload_interval`
+/// when they change (a cert-manager rotation needs no restart).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The controller's certificate chain. Unset: plain HTTP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// CA of client certificates. Set: a client certificate signed by it
+    /// authenticates its holder (required unless `auth.tokens_file` is set
+    /// too, in which case a token will do).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// Where a client certificate's identity comes from.
+    pub identity: IdentitySource,
+    /// With `identity = "uri_san"`: the URI SAN that starts with this, less
+    /// this prefix, is the identity (`spiffe://signpost/router/edge-1` →
+    /// `edge-1`).
+    pub uri_prefix: String,
+    #[serde(with = "duration")]
+    pub reload_interval: Duration,
+}
+
+/// Which part of a client certificate names its holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The subject's common name.
+    Cn,
+    /// A SPIFFE-style URI subject alternative name, after `tls.uri_prefix`.
+    UriSan,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            client_ca: None,
+            identity: IdentitySource::Cn,
+            uri_prefix: "spiffe://signpost/router/".into(),
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Who may do what on the API (see `auth`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// TOML file of `[[token]]` entries (`sha256`, `identity`, `role`),
+    /// re-read when it changes. Only hashes are stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
+    /// Roles of client-certificate identities that are not routers
+    /// (`reader`, `admin`); any other identity with a valid certificate is
+    /// a `router`.
+    pub roles: BTreeMap<String, Role>,
+}
+
+impl AuthConfig {
+    /// Whether callers must authenticate (as soon as a way to is set).
+    pub fn required(&self, tls: &TlsConfig) -> bool {
+        self.tokens_file.is_some() || tls.client_ca.is_some()
+    }
+}
+
+/// Limits on what one caller can cost the controller.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body in bytes (acks carry in-flight counts per
+    /// endpoint: 1 MiB holds tens of thousands).
+    pub max_body: usize,
+    /// Open `/v1/watch` streams per identity (a reconnecting router briefly
+    /// holds two).
+    pub subscriptions_per_identity: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body: 1 << 20,
+            subscriptions_per_identity: 4,
+        }
+    }
+}
+
+/// What an API caller may do (see `auth`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Subscribe (`/v1/watch`) and ack, as its own id only.
+    Router,
+    /// Read the registry, the routers, the lifecycle actions and metrics.
+    Reader,
+    /// Read everything; subscribe and ack as itself (never as another: no
+    /// role may speak for a router).
+    Admin,
 }
 
 /// The xDS management server for Envoy and proxyless gRPC (see `xds`).
@@ -279,6 +389,10 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            insecure_plaintext: false,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
             resync_interval: Duration::from_secs(30),
             default_port: None,
             aws: AwsConfig::default(),
@@ -442,6 +556,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.validate_security()?;
         if let Some(listen) = self.xds.listen {
             if !listen.ip().is_loopback() && !self.xds.insecure_plaintext {
                 return Err(invalid(
@@ -490,12 +605,76 @@ impl Config {
         Ok(())
     }
 
+    /// TLS files come in pairs, and off loopback the API needs TLS and a
+    /// way to authenticate unless `insecure_plaintext` says otherwise.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let tls = &self.tls;
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key",
+                    "is unset but tls.cert is set; set both or neither",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert",
+                    "is unset but tls.key is set; set both or neither",
+                ))
+            }
+            _ => {}
+        }
+        if tls.client_ca.is_some() && tls.cert.is_none() {
+            return Err(invalid(
+                "tls.client_ca",
+                "needs tls.cert and tls.key: client certificates are only asked for over TLS",
+            ));
+        }
+        if tls.identity == IdentitySource::UriSan && tls.uri_prefix.is_empty() {
+            return Err(invalid("tls.uri_prefix", "is empty; give the URI SAN prefix before the identity, e.g. \"spiffe://signpost/router/\""));
+        }
+        if self.limits.max_body < 1024 {
+            return Err(invalid("limits.max_body", "must be at least 1024 (bytes)"));
+        }
+        if self.limits.subscriptions_per_identity == 0 {
+            return Err(invalid(
+                "limits.subscriptions_per_identity",
+                "must be at least 1",
+            ));
+        }
+        if tls.reload_interval < Duration::from_millis(100) {
+            return Err(invalid("tls.reload_interval", "must be at least 100ms"));
+        }
+        if !self.listen.ip().is_loopback() && !self.insecure_plaintext {
+            if tls.cert.is_none() {
+                return Err(invalid(
+                    "listen",
+                    format!("{} is not loopback and no TLS is configured (tls.cert, tls.key): anyone on the network could read the topology and ack in a router's name; configure TLS or set insecure_plaintext = true to accept that", self.listen),
+                ));
+            }
+            if !self.auth.required(tls) {
+                return Err(invalid(
+                    "listen",
+                    format!("{} is not loopback and no authentication is configured (tls.client_ca or auth.tokens_file): anyone on the network could ack in a router's name; configure one or set insecure_plaintext = true to accept that", self.listen),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The URL written into the lease for routers to reach this replica.
     pub fn advertised(&self) -> String {
         self.ha
             .advertise
             .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .unwrap_or_else(|| {
+                let scheme = if self.tls.cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", self.listen)
+            })
             .trim_end_matches('/')
             .to_owned()
     }
@@ -619,6 +798,7 @@ mod tests {
         let c = Config::from_toml(
             r#"
             listen = "0.0.0.0:8080"
+            insecure_plaintext = true
             resync_interval = "10s"
             default_port = 80
             [aws]
@@ -701,11 +881,37 @@ mod tests {
         let ha = Config::from_toml("[ha]\ntable = \"lease\"\nlease_duration = \"6s\"").unwrap();
         ha.validate().unwrap();
         assert_eq!(ha.advertised(), "http://127.0.0.1:7070");
-        assert!(err("listen = \"0.0.0.0:7070\"\n[ha]\ntable = \"lease\"")
-            .contains("config key ha.advertise"));
+        assert!(err(
+            "listen = \"0.0.0.0:7070\"\ninsecure_plaintext = true\n[ha]\ntable = \"lease\""
+        )
+        .contains("config key ha.advertise"));
         assert!(err("[ha]\nlease_duration = \"1s\"").contains("ha.lease_duration"));
         assert!(err("[ha]\ntable = \"\"").contains("ha.table"));
         assert!(err("[ha]\nadvertise = \"10.0.0.1\"").contains("ha.advertise"));
+    }
+
+    #[test]
+    fn off_loopback_the_api_needs_tls_and_authentication_unless_told_otherwise() {
+        let e = err("listen = \"0.0.0.0:7070\"\n");
+        assert!(
+            e.contains("config key listen") && e.contains("no TLS"),
+            "{e}"
+        );
+        let tls = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let e = err(&format!("listen = \"0.0.0.0:7070\"\n{tls}"));
+        assert!(e.contains("no authentication"), "{e}");
+        let ok = |text: &str| Config::from_toml(text).unwrap().validate().unwrap();
+        ok(&format!(
+            "listen = \"0.0.0.0:7070\"\n{tls}client_ca = \"ca.pem\"\n"
+        ));
+        ok(&format!(
+            "listen = \"0.0.0.0:7070\"\n{tls}[auth]\ntokens_file = \"t.toml\"\n"
+        ));
+        ok("listen = \"0.0.0.0:7070\"\ninsecure_plaintext = true\n");
+        assert!(err("[tls]\ncert = \"c.pem\"\n").contains("config key tls.key"));
+        assert!(err("[tls]\nclient_ca = \"ca.pem\"\n").contains("config key tls.client_ca"));
+        let e = err("[auth.roles]\nops = \"root\"\n");
+        assert!(e.contains("root"), "{e}");
     }
 
     #[test]

@@ -122,6 +122,7 @@ fn api_state(snapshot: Snapshot, routers: Arc<Routers>, lifecycle: Arc<Lifecycle
         lifecycle,
         xds: Arc::default(),
         leaders: crate::lease::Leaders::single(),
+        refusals: Arc::default(),
     }
 }
 

@@ -24,6 +24,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod api;
+pub mod auth;
 pub mod cloud;
 pub mod config;
 pub mod endpoints;
@@ -34,14 +35,17 @@ pub mod health;
 mod json_contract;
 pub mod lease;
 pub mod lifecycle;
+pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod push;
 pub mod reconcile;
 pub mod registry;
+pub mod reload;
 pub mod routers;
 mod run;
 pub mod tags;
+pub mod tls;
 pub mod xds;
 
 pub use config::Config;

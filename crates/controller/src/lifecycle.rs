@@ -31,7 +31,8 @@ use crate::config::LifecycleConfig;
 use crate::lease::Leadership;
 use crate::metrics::Histogram;
 use crate::model::{
-    rfc3339, EndpointState, Fleet, HookResult, InstanceId, LifecycleAction, Snapshot, Transition,
+    rfc3339, EndpointState, Fleet, HookResult, InstanceId, LifecycleAction, Revision, Snapshot,
+    Transition,
 };
 use crate::registry::Registry;
 use crate::routers::Routers;
@@ -123,6 +124,22 @@ pub struct ActionRecord {
     pub result: Option<ActionResult>,
     /// Why a timeout decided, or the last error.
     pub note: Option<String>,
+    /// The routers whose acks justified the completion, as they were when
+    /// the wait ended (audit). Absent while waiting, and when no router
+    /// was connected.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub acks: Vec<AckEvidence>,
+}
+
+/// One router's part in a completion: who it was, what it had applied and
+/// what it still had in flight to the instance.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AckEvidence {
+    pub router: String,
+    /// The identity it authenticated as (`None`: authentication is off).
+    pub identity: Option<String>,
+    pub revision: Option<Revision>,
+    pub in_flight: u64,
 }
 
 /// Where an action's `since` came from.
@@ -319,6 +336,7 @@ impl LifecycleLog {
             completed_ms: None,
             result: None,
             note: None,
+            acks: Vec::new(),
         };
         self.inner
             .lock()
@@ -360,11 +378,13 @@ impl LifecycleLog {
         inner.launch_healthy.observe_ms(healthy);
     }
 
-    fn acked(&self, action: &LifecycleAction) {
+    fn acked(&self, action: &LifecycleAction, acks: Vec<AckEvidence>) {
+        info!(group = %action.group, instance = %action.instance, transition = ?action.transition, acks = ?acks, "routers' acks behind this completion");
         let mut inner = self.inner.lock().unwrap();
         let Some(r) = inner.active.get_mut(action) else {
             return;
         };
+        r.acks = acks;
         let acked = ms(r.since);
         r.acked_ms = Some(acked);
         r.stage = Stage::Completing;
@@ -605,8 +625,25 @@ impl<C: AutoScaling> Lifecycle<C> {
             self.log.note(action, e.to_string());
             self.log.timeout(TimeoutStage::Acks);
         }
-        self.log.acked(action);
+        self.log
+            .acked(action, self.evidence(action.instance.as_str()));
         HookResult::Continue
+    }
+
+    /// What each connected router had acked and had in flight to
+    /// `instance` when a wait ended: the audit of a completion.
+    fn evidence(&self, instance: &str) -> Vec<AckEvidence> {
+        self.routers
+            .list()
+            .into_iter()
+            .filter(|r| r.connected)
+            .map(|r| AckEvidence {
+                in_flight: r.in_flight_to(instance),
+                router: r.id,
+                identity: r.identity,
+                revision: r.acked_revision,
+            })
+            .collect()
     }
 
     /// Waits until no router can send the instance a request: every router
@@ -646,7 +683,8 @@ impl<C: AutoScaling> Lifecycle<C> {
             self.log.note(action, note);
             self.log.timeout(TimeoutStage::Drain);
         }
-        self.log.acked(action);
+        self.log
+            .acked(action, self.evidence(action.instance.as_str()));
     }
 
     /// Sends heartbeats well before the hook's heartbeat timeout, for as

@@ -205,6 +205,12 @@ pub const ACKS_IGNORED: Family<1> = Family {
     help: "Router acks that did not count: of another controller epoch, for a revision never sent on the router's connection, or from a router not subscribed.",
     labels: ["reason"],
 };
+pub const AUTH_REFUSALS: Family<1> = Family {
+    name: "signpost_auth_refusals_total",
+    kind: Kind::Counter,
+    help: "API requests refused by authentication or authorization, by reason.",
+    labels: ["reason"],
+};
 pub const LIFECYCLE_ACTIONS: Family<2> = Family {
     name: "signpost_lifecycle_actions_total",
     kind: Kind::Counter,
@@ -283,6 +289,7 @@ pub fn families() -> Vec<(&'static str, Kind, Vec<&'static str>)> {
         declared(&XDS_RESPONSES),
         declared(&ROUTER_LAG),
         declared(&ACKS_IGNORED),
+        declared(&AUTH_REFUSALS),
         declared(&LIFECYCLE_ACTIONS),
         declared(&LIFECYCLE_TIMEOUTS),
         declared(&LIFECYCLE_HEARTBEATS),

@@ -182,6 +182,9 @@ pub struct RouterRecord {
     pub kind: RouterKind,
     /// The router's address as seen on its watch connection.
     pub address: SocketAddr,
+    /// The identity it authenticated as, when authentication is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     pub connected: bool,
     #[serde(serialize_with = "rfc3339")]
     pub connected_since: SystemTime,
@@ -458,6 +461,7 @@ impl Routers {
                 id: id.to_owned(),
                 kind,
                 address,
+                identity: None,
                 connected: true,
                 connected_since: now,
                 sent_revision: None,
@@ -474,6 +478,15 @@ impl Routers {
         drop(routers);
         self.bump();
         connection
+    }
+
+    /// Records the identity the router on `connection` authenticated as.
+    pub fn identify(&self, id: &str, connection: u64, identity: &str) {
+        if let Some(r) = self.records.lock().unwrap().get_mut(id) {
+            if r.connection == connection {
+                r.identity = Some(identity.to_owned());
+            }
+        }
     }
 
     pub fn sent(&self, id: &str, connection: u64, revision: Revision) {

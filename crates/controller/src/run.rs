@@ -2,7 +2,6 @@
 //! the API together, and shuts them down cleanly when told to.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +11,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use signpost_protocol::Epoch;
 
 use crate::api::{self, ApiState};
+use crate::auth::{tokens::Tokens, Gate};
 use crate::cloud::{self, AutoScaling, AwsFleet, Hints};
 use crate::config::Config;
 use crate::endpoints::Endpoints;
@@ -25,11 +25,14 @@ use crate::guard::RemovalGuard;
 use crate::health::{HealthScheduler, NetProbe};
 use crate::lease::{self, Candidate, DynamoLease, Leaders, Leadership};
 use crate::lifecycle::{Lifecycle, LifecycleLog};
+use crate::listener::{ApiListener, Peer};
 use crate::model::Fleet;
 use crate::push::hub::{Hub, PING_INTERVAL};
 use crate::reconcile::{self, Reconciler, SyncStatus};
 use crate::registry::Registry;
+use crate::reload::{self, KeyedFile};
 use crate::routers::Routers;
+use crate::tls;
 use crate::xds::{self, ads::XdsMetrics};
 
 /// Runs the controller until `shutdown` resolves, then stops serving, lets
@@ -39,14 +42,16 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
+    let tcp = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (config key listen)", config.listen))?;
-    info!(listen = %listener.local_addr()?, resync_interval = ?config.resync_interval, "controller starting");
+    let stop = CancellationToken::new();
+    let listen = tcp.local_addr()?;
+    let (listener, gate) = secure(tcp, &config, &stop)?;
+    info!(%listen, tls = config.tls.cert.is_some(), authentication = gate.required, resync_interval = ?config.resync_interval, "controller starting");
 
     let registry = Arc::new(Registry::new());
     let (status_tx, status_rx) = watch::channel(SyncStatus::default());
-    let stop = CancellationToken::new();
 
     let aws = cloud::sdk_config(&config.aws).await;
     let endpoints = Endpoints::resolve(&aws, &config.aws);
@@ -227,23 +232,23 @@ pub async fn run(
         lifecycle: lifecycle_log,
         xds: xds_metrics,
         leaders,
+        refusals: gate.refusals.clone(),
     })
-    .merge(hub.routes());
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown({
-        // Watch streams never end on their own: stop them before the server
-        // waits for open connections.
-        let stop = stop.clone();
-        async move {
-            shutdown.await;
-            info!("shutting down");
-            stop.cancel();
-        }
-    })
-    .await;
+    .merge(hub.routes())
+    .layer(axum::middleware::from_fn_with_state(gate, Gate::check))
+    .layer(axum::extract::DefaultBodyLimit::max(config.limits.max_body));
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown({
+            // Watch streams never end on their own: stop them before the server
+            // waits for open connections.
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                info!("shutting down");
+                stop.cancel();
+            }
+        })
+        .await;
     stop.cancel();
     served.context("API server failed")?;
     for task in tasks {
@@ -331,6 +336,51 @@ fn default_replica_id() -> String {
         })
         .unwrap_or_else(|| "controller".into());
     format!("{host}-{}", std::process::id())
+}
+
+/// The API listener (TLS when `tls.cert` is set) and the gate that
+/// authenticates its callers, with their files re-read on change.
+fn secure(
+    tcp: TcpListener,
+    config: &Config,
+    stop: &CancellationToken,
+) -> anyhow::Result<(ApiListener, Arc<Gate>)> {
+    if config.insecure_plaintext {
+        warn!(listen = %config.listen, "insecure_plaintext = true: off loopback, the API may run without TLS or authentication, and anyone reaching it could ack in a router's name");
+    }
+    let every = config.tls.reload_interval;
+    let tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => {
+            let mut files = vec![
+                KeyedFile::new("tls.cert", cert.clone()),
+                KeyedFile::new("tls.key", key.clone()),
+            ];
+            if let Some(ca) = &config.tls.client_ca {
+                files.push(KeyedFile::new("tls.client_ca", ca.clone()));
+            }
+            let build = Box::new(|f: &[Vec<u8>]| tls::server_config(f));
+            let configs = reload::watch_files(files, every, build, stop.clone())?;
+            Some((configs, config.tls.clone()))
+        }
+        _ => None,
+    };
+    let tokens = match &config.auth.tokens_file {
+        Some(path) => {
+            let file = KeyedFile::new("auth.tokens_file", path.clone());
+            let build = Box::new(|f: &[Vec<u8>]| Tokens::parse(&f[0]));
+            Some(reload::watch_files(vec![file], every, build, stop.clone())?)
+        }
+        None => None,
+    };
+    let gate = Arc::new(Gate {
+        required: config.auth.required(&config.tls),
+        tokens,
+        certificate_roles: config.auth.roles.clone(),
+        refusals: Arc::default(),
+        subscriptions_per_identity: config.limits.subscriptions_per_identity,
+        subscriptions: Arc::default(),
+    });
+    Ok((ApiListener::new(tcp, tls)?, gate))
 }
 
 /// An SQS client whose attempt timeout leaves room for the long poll, which

@@ -10,8 +10,6 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -20,6 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use super::controllers::Controllers;
 use super::table::RouteTable;
+use super::transport::{Controller, TransportError};
 use super::{cache, Applied, RouterState, Source};
 use signpost_protocol::{Ack, Message, Mirror, WireError, PROTOCOL};
 
@@ -51,8 +50,8 @@ const MAX_LINE: usize = 256 << 20;
 /// what we have, reconnect with back-off, start again from a snapshot.
 #[derive(Debug, Error)]
 pub enum SessionError {
-    #[error("cannot reach the controller: {0}")]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    Connect(#[from] TransportError),
     #[error("the controller did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the controller refused the subscription: {status} {body}")]
@@ -73,6 +72,8 @@ pub struct Subscriber {
     /// Which controller replica to subscribe to (see `controllers`).
     pub controllers: Arc<Controllers>,
     pub id: String,
+    /// The controller's API with this router's credentials.
+    pub link: Controller,
     pub cache: Option<PathBuf>,
     pub connect_timeout: Duration,
     /// The controller pings every few seconds; silence this long means the
@@ -83,8 +84,6 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub async fn run(self, stop: CancellationToken) {
-        let http: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(connector(self.connect_timeout));
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(5))
@@ -97,7 +96,7 @@ impl Subscriber {
         loop {
             let mut got_snapshot = false;
             let ended = tokio::select! {
-                e = self.session(&http, &mut mirror, &mut got_snapshot) => e,
+                e = self.session(&mut mirror, &mut got_snapshot) => e,
                 _ = stop.cancelled() => return,
             };
             self.state.set_connected(false);
@@ -148,12 +147,7 @@ impl Subscriber {
         }
     }
 
-    async fn session(
-        &self,
-        http: &Client<HttpConnector, Full<Bytes>>,
-        mirror: &mut Mirror,
-        got_snapshot: &mut bool,
-    ) -> SessionError {
+    async fn session(&self, mirror: &mut Mirror, got_snapshot: &mut bool) -> SessionError {
         let mut url = format!(
             "{}/v1/watch?router={}&protocol={PROTOCOL}",
             self.controllers.current(),
@@ -167,9 +161,12 @@ impl Subscriber {
             Err(_) => unreachable!("controller URL and id are validated at start"),
         };
         let limit = self.connect_timeout + Duration::from_secs(5);
-        let response = match tokio::time::timeout(limit, http.get(uri)).await {
+        let request = Request::get::<hyper::Uri>(uri)
+            .body(Full::default())
+            .expect("valid request");
+        let response = match tokio::time::timeout(limit, self.link.send(request)).await {
             Err(_) => return SessionError::Timeout(limit),
-            Ok(Err(e)) => return SessionError::Connect(e),
+            Ok(Err(e)) => return e.into(),
             Ok(Ok(r)) => r,
         };
         if response.status() == StatusCode::TEMPORARY_REDIRECT {
@@ -283,13 +280,6 @@ impl Dataplane for RouterState {
     }
 }
 
-pub(super) fn connector(connect_timeout: Duration) -> HttpConnector {
-    let mut c = HttpConnector::new();
-    c.set_connect_timeout(Some(connect_timeout));
-    c.set_nodelay(true);
-    c
-}
-
 /// Acks each revision applied from the controller at once, and reports
 /// in-flight counts and ejections every second while there are any (and
 /// once more when they drop to none, so the controller does not keep a
@@ -298,11 +288,9 @@ pub async fn report(
     controllers: Arc<Controllers>,
     id: String,
     state: Arc<dyn Dataplane>,
-    connect_timeout: Duration,
+    link: Controller,
     stop: CancellationToken,
 ) {
-    let http: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(connector(connect_timeout));
     let mut applied = state.applied();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -335,7 +323,7 @@ pub async fn report(
                 serde_json::to_vec(&ack).expect("serializes"),
             )))
             .expect("valid request");
-        let sent = tokio::time::timeout(Duration::from_secs(2), http.request(request)).await;
+        let sent = tokio::time::timeout(Duration::from_secs(2), link.send(request)).await;
         pending = !matches!(&sent, Ok(Ok(r)) if r.status().is_success());
         if pending {
             debug!(revision = ack.revision, "ack not delivered; will retry");

@@ -23,6 +23,7 @@ pub mod controllers;
 pub mod http1;
 pub mod proxy;
 pub mod table;
+pub mod transport;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -65,6 +66,8 @@ pub struct Config {
     /// Stable id: how the controller tells this router from others, across
     /// reconnects.
     pub id: String,
+    /// How the router proves who it is to the controller, over TLS or not.
+    pub credentials: transport::Credentials,
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
@@ -153,9 +156,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .into_future()
     });
     let controllers = Arc::new(controllers::Controllers::new(&config.controller));
+    let link = transport::Controller::new(
+        &config.credentials,
+        config.controller.contains("https://"),
+        config.connect_timeout,
+    )?;
     let subscriber = client::Subscriber {
         controllers: controllers.clone(),
         id: config.id.clone(),
+        link: link.clone(),
         cache: config.cache.clone(),
         connect_timeout: config.connect_timeout,
         idle: IDLE,
@@ -167,7 +176,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             controllers,
             config.id.clone(),
             state.clone(),
-            config.connect_timeout,
+            link,
             stop.clone(),
         )),
     ];

@@ -2,7 +2,6 @@
 //! records both in `routers::Routers`, which lifecycle hooks wait on.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,6 +12,7 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use bytes::Bytes;
 use hyper::body::Frame;
@@ -26,7 +26,9 @@ use tracing::info;
 use signpost_protocol::{Ack, Message, Revision, PROTOCOL};
 
 use super::encode;
+use crate::auth::{Caller, Credential};
 use crate::lease::{self, Leaders};
+use crate::listener::Peer;
 use crate::model::Snapshot;
 use crate::routers::{AckRefused, RouterKind, RouterRecord, Routers};
 
@@ -150,7 +152,8 @@ impl Hub {
 
 async fn watch_stream(
     State(hub): State<Arc<Hub>>,
-    ConnectInfo(address): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     Query(query): Query<WatchQuery>,
 ) -> Response {
@@ -179,7 +182,12 @@ async fn watch_stream(
             return (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response();
         }
     };
+    let address = peer.address;
     let connection = hub.routers.connect_kind(&query.router, address, kind);
+    if let Some(Extension(caller)) = caller.filter(|c| c.credential != Credential::None) {
+        hub.routers
+            .identify(&query.router, connection, &caller.identity);
+    }
     info!(router = %query.router, %address, kind = kind.label(), "router subscribed");
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(hub.clone().feed(query.router, connection, tx));

@@ -1,0 +1,522 @@
+//! Who may do what on the API. A caller is identified by its client
+//! certificate (mTLS) or a bearer token; its role says what it may do, and a
+//! router may subscribe and ack only under its own identity, because an ack
+//! is what lets a lifecycle hook complete: an ack in another router's name
+//! could let Auto Scaling terminate an instance that router still uses.
+//!
+//! ```text
+//!  connection ──► listener:: Peer (address, certificate identity)
+//!  request ─────► Gate::check: identify (certificate, else token) ─► authorize(caller, action)
+//!                    │ refused: 401/403, counted by reason, logged once per interval
+//!                    ▼ allowed: the handler, with the Caller as an extension
+//! ```
+//!
+//! `authorize` is a pure function of the caller and the request, so the
+//! whole policy is in one place and tested without a socket.
+
+pub mod tokens;
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::listener::Peer;
+use tokens::Tokens;
+
+pub use crate::config::Role;
+
+/// How a caller proved who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Credential {
+    ClientCertificate,
+    Token,
+    /// Authentication is off (loopback without `tls.client_ca` or
+    /// `auth.tokens_file`): everyone may do everything.
+    None,
+}
+
+/// An authenticated caller, attached to its request for the handlers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Caller {
+    pub identity: String,
+    pub role: Role,
+    pub credential: Credential,
+}
+
+/// What a request asks to do, as far as the policy cares.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// `/healthz`, `/readyz`: open, for probes.
+    Probe,
+    /// The registry, routers, lifecycle actions, metrics.
+    Read,
+    /// `GET /v1/watch?router=ID`.
+    Subscribe { router: String },
+    /// `POST /v1/routers/ID/ack`.
+    Ack { router: String },
+    /// Anything else (a 404 or 405 to come).
+    Other,
+}
+
+#[derive(Deserialize)]
+struct WatchQuery {
+    router: String,
+}
+
+/// Router ids are plain names, so that the id in a path or a query is the
+/// id the handler sees, with no escaping to disagree about.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 253
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl Action {
+    pub fn of(method: &Method, uri: &axum::http::Uri) -> Action {
+        let path = uri.path();
+        match path {
+            "/healthz" | "/readyz" => return Action::Probe,
+            "/v1/watch" if method == Method::GET => {
+                // The same parser as the handler's, so both see one id.
+                let router = Query::<WatchQuery>::try_from_uri(uri)
+                    .map(|q| q.0.router)
+                    .unwrap_or_default();
+                return Action::Subscribe { router };
+            }
+            "/metrics" | "/v1/routers" | "/v1/lifecycle" | "/v1/services" => {
+                return if method == Method::GET {
+                    Action::Read
+                } else {
+                    Action::Other
+                };
+            }
+            _ => {}
+        }
+        if let Some(rest) = path.strip_prefix("/v1/routers/") {
+            if let Some(router) = rest.strip_suffix("/ack") {
+                if method == Method::POST {
+                    return Action::Ack {
+                        router: router.to_owned(),
+                    };
+                }
+            }
+        }
+        if method == Method::GET && path.starts_with("/v1/services/") {
+            return Action::Read;
+        }
+        Action::Other
+    }
+}
+
+/// Why a request was refused; the variant is the metric label.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "authentication required: present a client certificate or an Authorization: Bearer token"
+    )]
+    NoCredentials,
+    #[error("unknown token")]
+    UnknownToken,
+    #[error("{0}")]
+    BadCertificate(String),
+    #[error("identity {identity:?} has role {role:?}, which may not {what}")]
+    Role {
+        identity: String,
+        role: Role,
+        what: &'static str,
+    },
+    #[error("router id {router:?} does not match identity {identity:?} (from its {credential}); a router may {what} only as itself")]
+    NotItself {
+        router: String,
+        identity: String,
+        credential: &'static str,
+        what: &'static str,
+    },
+    #[error("router id {router:?} is not 1 to 253 letters, digits, '.', '_' or '-'")]
+    BadId { router: String },
+    #[error("identity {identity:?} already has {limit} open subscriptions (limits.subscriptions_per_identity)")]
+    TooManySubscriptions { identity: String, limit: usize },
+}
+
+impl Refusal {
+    pub const LABELS: [&'static str; 7] = [
+        "no_credentials",
+        "unknown_token",
+        "bad_certificate",
+        "role",
+        "not_itself",
+        "bad_id",
+        "too_many_subscriptions",
+    ];
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::NoCredentials => "no_credentials",
+            Refusal::UnknownToken => "unknown_token",
+            Refusal::BadCertificate(_) => "bad_certificate",
+            Refusal::Role { .. } => "role",
+            Refusal::NotItself { .. } => "not_itself",
+            Refusal::BadId { .. } => "bad_id",
+            Refusal::TooManySubscriptions { .. } => "too_many_subscriptions",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::NoCredentials | Refusal::UnknownToken => StatusCode::UNAUTHORIZED,
+            Refusal::BadId { .. } => StatusCode::BAD_REQUEST,
+            Refusal::TooManySubscriptions { .. } => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+/// May `caller` do `action`?
+pub fn authorize(caller: &Caller, action: &Action) -> Result<(), Refusal> {
+    let (router, what) = match action {
+        Action::Probe => return Ok(()),
+        Action::Read | Action::Other => {
+            return match caller.role {
+                Role::Reader | Role::Admin => Ok(()),
+                Role::Router => Err(Refusal::Role {
+                    identity: caller.identity.clone(),
+                    role: caller.role,
+                    what: "read the API (only subscribe and ack)",
+                }),
+            };
+        }
+        Action::Subscribe { router } => (router, "subscribe"),
+        Action::Ack { router } => (router, "ack"),
+    };
+    if !valid_id(router) {
+        return Err(Refusal::BadId {
+            router: router.clone(),
+        });
+    }
+    if caller.role == Role::Reader {
+        return Err(Refusal::Role {
+            identity: caller.identity.clone(),
+            role: caller.role,
+            what,
+        });
+    }
+    if caller.credential != Credential::None && *router != caller.identity {
+        return Err(Refusal::NotItself {
+            router: router.clone(),
+            identity: caller.identity.clone(),
+            credential: match caller.credential {
+                Credential::ClientCertificate => "client certificate",
+                _ => "token",
+            },
+            what,
+        });
+    }
+    Ok(())
+}
+
+/// How often one kind of refusal of one caller is logged: a router retrying
+/// a refused ack every second must not flood the log.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Refusals by reason (for `/metrics`), and when each was last logged.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    counts: Mutex<BTreeMap<&'static str, u64>>,
+    /// (reason, caller) → when last logged, refusals not logged since.
+    logged: Mutex<HashMap<(&'static str, String), LogState>>,
+}
+
+type LogState = (Instant, u64);
+
+impl Refusals {
+    /// Counts a refusal and logs it, at most once per `LOG_EVERY` for the
+    /// same reason and caller (with how many were not logged since).
+    pub fn record(&self, refusal: &Refusal, who: &str, peer: &Peer, path: &str) {
+        let label = refusal.label();
+        *self.counts.lock().unwrap().entry(label).or_default() += 1;
+        let now = Instant::now();
+        let mut logged = self.logged.lock().unwrap();
+        let entry = logged
+            .entry((label, who.to_owned()))
+            .or_insert((now - LOG_EVERY * 2, 0));
+        if now.duration_since(entry.0) >= LOG_EVERY {
+            warn!(reason = label, caller = who, address = %peer.address, path, suppressed = entry.1, error = %refusal, "request refused");
+            *entry = (now, 0);
+        } else {
+            entry.1 += 1;
+        }
+        if logged.len() > 10_000 {
+            logged.retain(|_, (at, _)| now.duration_since(*at) < LOG_EVERY);
+        }
+    }
+
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        let counts = self.counts.lock().unwrap();
+        Refusal::LABELS
+            .iter()
+            .map(|l| (*l, counts.get(l).copied().unwrap_or(0)))
+            .collect()
+    }
+}
+
+/// Identifies and authorizes every request before its handler.
+pub struct Gate {
+    /// False: no way to authenticate is configured (loopback only, see
+    /// `Config::validate`); every caller is an anonymous admin.
+    pub required: bool,
+    pub tokens: Option<watch::Receiver<Arc<Tokens>>>,
+    /// Roles of certificate identities that are not routers.
+    pub certificate_roles: BTreeMap<String, Role>,
+    pub refusals: Arc<Refusals>,
+    pub subscriptions_per_identity: usize,
+    /// Open watch streams by identity: a stolen or buggy credential must
+    /// not open streams (each a task and a socket) without end.
+    pub subscriptions: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One open watch stream of an identity, given back when its response
+/// body is dropped (the stream ended or the client went away).
+struct Slot {
+    subscriptions: Arc<Mutex<HashMap<String, usize>>>,
+    identity: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.subscriptions.lock().unwrap();
+        if let Some(n) = open.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// A response body that holds a `Slot` for as long as it lives.
+struct Holding {
+    body: Body,
+    _slot: Slot,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+}
+
+impl Gate {
+    /// Takes a subscription slot for `identity`, if it has one left.
+    fn take_slot(&self, identity: &str) -> Result<Slot, Refusal> {
+        let mut open = self.subscriptions.lock().unwrap();
+        let n = open.entry(identity.to_owned()).or_default();
+        if *n >= self.subscriptions_per_identity {
+            return Err(Refusal::TooManySubscriptions {
+                identity: identity.to_owned(),
+                limit: self.subscriptions_per_identity,
+            });
+        }
+        *n += 1;
+        Ok(Slot {
+            subscriptions: self.subscriptions.clone(),
+            identity: identity.to_owned(),
+        })
+    }
+
+    /// Who the caller is: its certificate when it presented one, else its
+    /// bearer token.
+    fn identify(&self, peer: &Peer, request: &Request) -> Result<Caller, Refusal> {
+        if !self.required {
+            return Ok(Caller {
+                identity: "anonymous".into(),
+                role: Role::Admin,
+                credential: Credential::None,
+            });
+        }
+        match &peer.certificate {
+            Some(Ok(identity)) => {
+                return Ok(Caller {
+                    identity: identity.clone(),
+                    role: self
+                        .certificate_roles
+                        .get(identity)
+                        .copied()
+                        .unwrap_or(Role::Router),
+                    credential: Credential::ClientCertificate,
+                })
+            }
+            Some(Err(why)) => return Err(Refusal::BadCertificate(why.clone())),
+            None => {}
+        }
+        let token = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(Refusal::NoCredentials)?;
+        let tokens = self
+            .tokens
+            .as_ref()
+            .ok_or(Refusal::UnknownToken)?
+            .borrow()
+            .clone();
+        let holder = tokens.holder(token).ok_or(Refusal::UnknownToken)?;
+        Ok(Caller {
+            identity: holder.identity.clone(),
+            role: holder.role,
+            credential: Credential::Token,
+        })
+    }
+
+    /// The middleware: refuse, or pass the request on with its `Caller`.
+    pub async fn check(
+        State(gate): State<Arc<Gate>>,
+        ConnectInfo(peer): ConnectInfo<Peer>,
+        mut request: Request,
+        next: Next,
+    ) -> Response {
+        let action = Action::of(request.method(), request.uri());
+        if action == Action::Probe {
+            return next.run(request).await;
+        }
+        let caller = gate.identify(&peer, &request);
+        let verdict = caller
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|c| authorize(c, &action))
+            .and_then(|()| match (&action, &caller) {
+                // Without authentication, the router id is all there is to
+                // count by.
+                (Action::Subscribe { router }, Ok(c)) => {
+                    let who = if c.credential == Credential::None {
+                        router
+                    } else {
+                        &c.identity
+                    };
+                    gate.take_slot(who).map(Some)
+                }
+                _ => Ok(None),
+            });
+        match verdict {
+            Ok(slot) => {
+                request.extensions_mut().insert(caller.expect("identified"));
+                let response = next.run(request).await;
+                match slot {
+                    Some(slot) => response.map(|body| Body::new(Holding { body, _slot: slot })),
+                    None => response,
+                }
+            }
+            Err(refusal) => {
+                let who = caller.map_or_else(|_| "unidentified".to_owned(), |c| c.identity);
+                gate.refusals
+                    .record(&refusal, &who, &peer, request.uri().path());
+                let mut response = (
+                    refusal.status(),
+                    Json(json!({ "error": refusal.to_string() })),
+                )
+                    .into_response();
+                if refusal.status() == StatusCode::UNAUTHORIZED {
+                    response
+                        .headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+                }
+                response
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(identity: &str, role: Role) -> Caller {
+        Caller {
+            identity: identity.into(),
+            role,
+            credential: Credential::Token,
+        }
+    }
+
+    fn action(method: Method, uri: &str) -> Action {
+        Action::of(&method, &uri.parse().unwrap())
+    }
+
+    #[test]
+    fn requests_are_classified_by_what_they_do() {
+        assert_eq!(action(Method::GET, "/readyz"), Action::Probe);
+        assert_eq!(action(Method::GET, "/v1/services/users"), Action::Read);
+        assert_eq!(
+            action(Method::GET, "/v1/watch?protocol=1&router=edge-1"),
+            Action::Subscribe {
+                router: "edge-1".into()
+            }
+        );
+        assert_eq!(
+            action(Method::POST, "/v1/routers/edge-1/ack"),
+            Action::Ack {
+                router: "edge-1".into()
+            }
+        );
+        assert_eq!(action(Method::POST, "/metrics"), Action::Other);
+    }
+
+    #[test]
+    fn a_router_acts_only_as_itself_and_reads_nothing() {
+        let a = caller("edge-1", Role::Router);
+        let ack = |r: &str| Action::Ack { router: r.into() };
+        assert_eq!(authorize(&a, &ack("edge-1")), Ok(()));
+        let refused = authorize(&a, &ack("edge-2")).unwrap_err();
+        assert_eq!(refused.label(), "not_itself");
+        assert!(
+            refused.to_string().contains("\"edge-2\"")
+                && refused.to_string().contains("\"edge-1\"")
+        );
+        assert_eq!(authorize(&a, &Action::Read).unwrap_err().label(), "role");
+        // An escaped id could decode to another router's: refused outright.
+        assert_eq!(
+            authorize(&a, &ack("edge%2D1")).unwrap_err().label(),
+            "bad_id"
+        );
+    }
+
+    #[test]
+    fn a_reader_reads_and_an_admin_never_speaks_for_a_router() {
+        let r = caller("grafana", Role::Reader);
+        assert_eq!(authorize(&r, &Action::Read), Ok(()));
+        let sub = Action::Subscribe {
+            router: "grafana".into(),
+        };
+        assert_eq!(authorize(&r, &sub).unwrap_err().label(), "role");
+        let admin = caller("ops", Role::Admin);
+        assert_eq!(authorize(&admin, &Action::Read), Ok(()));
+        let ack = Action::Ack {
+            router: "edge-1".into(),
+        };
+        assert_eq!(authorize(&admin, &ack).unwrap_err().label(), "not_itself");
+    }
+}
