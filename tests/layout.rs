@@ -117,14 +117,18 @@ fn the_data_plane_depends_on_the_protocol_only_and_never_on_the_aws_sdk() {
     let graph = resolved();
     let deps = closure(graph, "signpost-router");
     assert_eq!(ours(&deps), vec!["signpost-protocol"]);
-    // aws-lc-rs is rustls's crypto provider (the router's TLS to the
-    // controller), not the SDK: the workspace already builds it for the
-    // SDK's HTTPS client, and one provider for both keeps it built once.
-    let aws: Vec<_> = deps
-        .iter()
-        .filter(|d| d.starts_with("aws-") && !d.starts_with("aws-lc-"))
-        .collect();
+    let aws = sdk_crates(&deps);
     assert!(aws.is_empty(), "the router build pulls in {aws:?}");
+}
+
+/// The AWS SDK's crates among `deps`. aws-lc-rs is rustls's crypto provider
+/// (the data plane's TLS to the controller), not the SDK: the workspace
+/// already builds it for the SDK's HTTPS client, and one provider for both
+/// keeps it built once.
+fn sdk_crates(deps: &BTreeSet<String>) -> Vec<&String> {
+    deps.iter()
+        .filter(|d| d.starts_with("aws-") && !d.starts_with("aws-lc-"))
+        .collect()
 }
 
 #[test]
@@ -132,7 +136,7 @@ fn the_agents_are_data_plane_too_and_never_pull_in_the_aws_sdk() {
     let graph = resolved();
     let deps = closure(graph, "signpost-agents");
     assert_eq!(ours(&deps), vec!["signpost-protocol", "signpost-router"]);
-    let aws: Vec<_> = deps.iter().filter(|d| d.starts_with("aws-")).collect();
+    let aws = sdk_crates(&deps);
     assert!(aws.is_empty(), "the agents' build pulls in {aws:?}");
 }
 
