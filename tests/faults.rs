@@ -1,0 +1,203 @@
+//! AWS misbehaving under a running controller: every call goes through a
+//! fault-injecting proxy (`common::faults`) in front of the emulator, while
+//! a router carries steady, checked traffic to real backends.
+//!
+//! For each fault on DescribeAutoScalingGroups and on DescribeInstances:
+//! nothing is removed while it lasts (the router answers every request),
+//! `/readyz` and `/metrics` name the failing API and the kind of failure,
+//! the calls stay within the configured budget (no tight retry loop), and a
+//! scale-out made during the fault is listed within one resync once the
+//! fault clears.
+
+mod common;
+
+use std::time::Duration;
+
+use common::faults::{most_within, Fault, FaultProxy, Times};
+use common::{ids, wait_for, Backends, Cloud, Controller, Emulator, Load, Router};
+use tokio::time::Instant;
+
+const GROUP: &str = "users-a";
+const RESYNC: Duration = Duration::from_secs(1);
+const CALLS_PER_SECOND: usize = 4;
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(4);
+/// The SDK's standard retries (3 attempts), a 1 s attempt timeout, and a
+/// small budget, so that a retry storm would show at the proxy.
+const AWS: &str =
+    "max_attempts = 3\nattempt_timeout = \"1s\"\noperation_timeout = \"4s\"\ncalls_per_second = 4";
+
+fn tags() -> Vec<(&'static str, &'static str)> {
+    vec![("signpost:service", "users"), ("signpost:port", "18080")]
+}
+
+/// Every fault, and the `kind` label its listing failure must carry (none:
+/// the listing must succeed).
+fn faults() -> Vec<(Fault, Option<&'static str>)> {
+    vec![
+        (Fault::Throttle { retry_after: None }, Some("throttled")),
+        (
+            Fault::Throttle {
+                retry_after: Some(1),
+            },
+            Some("throttled"),
+        ),
+        (Fault::Status(500), Some("other")),
+        (Fault::Status(503), Some("other")),
+        (Fault::Reset, Some("other")),
+        (Fault::Stall(Duration::from_secs(6)), Some("timeout")),
+        (Fault::Truncated, Some("other")),
+        (Fault::Malformed, Some("other")),
+        (Fault::Slow(Duration::from_millis(600)), None),
+    ]
+}
+
+/// Every endpoint the registry lists for `users`, whatever its state.
+async fn listed(controller: &Controller) -> Vec<String> {
+    let (_, body) = controller.get("/v1/services/users").await;
+    let mut listed: Vec<String> = body["endpoints"]
+        .as_array()
+        .map(|eps| {
+            eps.iter()
+                .map(|e| e["instance_id"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    listed.sort();
+    listed
+}
+
+fn failures_sample(api: &str, kind: &str) -> String {
+    format!(r#"signpost_sync_failures_total{{api="{api}",kind="{kind}"}}"#)
+}
+
+/// One fault after another on `api`, each held until the controller has
+/// said so (or, for a slow answer, has listed through it), under load.
+async fn faults_on(api: &str) {
+    let emulator = Emulator::start().await;
+    let cloud = Cloud::new(&emulator).await;
+    let mut backends = Backends::new(common::BACKEND_PORT);
+    cloud.create_group(GROUP, &tags(), 2).await;
+    let mut instances = cloud.instances(GROUP).await;
+    backends.follow(&instances).await;
+    let proxy = FaultProxy::start(&emulator.endpoint()).await;
+    let controller =
+        Controller::start_with_aws(&emulator, "", AWS, &[("AWS_ENDPOINT_URL", &proxy.url())]).await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&instances))
+        .await;
+    let cache =
+        std::env::temp_dir().join(format!("signpost-faults-{}-{api}.json", std::process::id()));
+    let router = Router::start(&controller.url(""), "edge-1", &cache, &[]).await;
+    controller.wait_in_sync(&router).await;
+    let load = Load::start(format!("http://127.0.0.1:{}/users/x", router.port), 50);
+
+    for (fault, kind) in faults() {
+        let before = listed(&controller).await;
+        let failures_before = match kind {
+            Some(kind) => controller
+                .metric(&failures_sample(api, kind))
+                .await
+                .unwrap_or(0.0),
+            None => 0.0,
+        };
+        let started = Instant::now();
+        proxy.inject(api, fault, Times::Always);
+        // A scale-out during the fault: it can only be listed once the
+        // listing works again.
+        cloud.set_desired(GROUP, instances.len() as i32 + 1).await;
+        instances = cloud.instances(GROUP).await;
+        backends.follow(&instances).await;
+
+        let reason = match kind {
+            Some(kind) => {
+                let sample = failures_sample(api, kind);
+                let reason = wait_for(
+                    &format!("/readyz to fail naming {api} ({})", fault.name()),
+                    Duration::from_secs(20),
+                    || async {
+                        let (status, body) = controller.get("/readyz").await;
+                        let reason = body["reason"].as_str().unwrap_or_default().to_owned();
+                        let counted = controller.metric(&sample).await.unwrap_or(0.0);
+                        (status == 503 && reason.contains(api) && counted > failures_before)
+                            .then_some(reason)
+                    },
+                )
+                .await;
+                assert_eq!(
+                    listed(&controller).await,
+                    before,
+                    "{}: nothing removed or added while listings fail",
+                    fault.name()
+                );
+                reason
+            }
+            None => {
+                // A slow answer is an answer: the listing goes through.
+                wait_for(
+                    &format!("the scale-out listed through a {}", fault.name()),
+                    Duration::from_secs(20),
+                    || async { (listed(&controller).await == ids(&instances)).then_some(()) },
+                )
+                .await;
+                let (status, body) = controller.get("/readyz").await;
+                assert_eq!(status, 200, "{body}");
+                String::new()
+            }
+        };
+        let held = started.elapsed();
+        let peak = most_within(&proxy.all_calls(), started, Duration::from_secs(1));
+        let during = proxy.all_calls().iter().filter(|t| **t >= started).count();
+        let faulted = proxy.faulted(api);
+
+        proxy.clear(api);
+        let cleared = Instant::now();
+        wait_for(
+            &format!("the scale-out listed after the {} cleared", fault.name()),
+            OPERATION_TIMEOUT + RESYNC * 3,
+            || async { (listed(&controller).await == ids(&instances)).then_some(()) },
+        )
+        .await;
+        let converged = cleared.elapsed();
+        eprintln!(
+            "{api} | {} | {:.1} s | {during} calls ({peak} in the busiest second, {faulted} faulted so far) | converged {:.1} s | {reason}",
+            fault.name(),
+            held.as_secs_f64(),
+            converged.as_secs_f64()
+        );
+        assert!(
+            peak <= 2 * CALLS_PER_SECOND,
+            "{}: {peak} calls in one second, budget {CALLS_PER_SECOND}/s with a burst of one second",
+            fault.name()
+        );
+        assert!(
+            converged <= OPERATION_TIMEOUT + RESYNC * 2,
+            "{}: converged {converged:?} after the fault cleared",
+            fault.name()
+        );
+        controller
+            .wait_endpoints("users", "healthy", &ids(&instances))
+            .await;
+    }
+
+    let (sent, failures) = load.finish().await;
+    eprintln!(
+        "{api}: {sent} requests through the router, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:#?}",
+        failures.len()
+    );
+    assert!(sent > 100, "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_auto_scaling_groups_faults_remove_nothing_and_converge() {
+    faults_on("DescribeAutoScalingGroups").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_instances_faults_remove_nothing_and_converge() {
+    faults_on("DescribeInstances").await;
+}
