@@ -41,12 +41,12 @@ fn faults() -> Vec<(Fault, Option<&'static str>)> {
             },
             Some("throttled"),
         ),
-        (Fault::Status(500), Some("other")),
-        (Fault::Status(503), Some("other")),
-        (Fault::Reset, Some("other")),
+        (Fault::Status(500), Some("unavailable")),
+        (Fault::Status(503), Some("unavailable")),
+        (Fault::Reset, Some("connection")),
         (Fault::Stall(Duration::from_secs(6)), Some("timeout")),
-        (Fault::Truncated, Some("other")),
-        (Fault::Malformed, Some("other")),
+        (Fault::Truncated, Some("malformed")),
+        (Fault::Malformed, Some("malformed")),
         (Fault::Slow(Duration::from_millis(600)), None),
     ]
 }
@@ -100,6 +100,7 @@ async fn faults_on(api: &str) {
                 .unwrap_or(0.0),
             None => 0.0,
         };
+        let faulted_before = proxy.faulted(api);
         let started = Instant::now();
         proxy.inject(api, fault, Times::Always);
         // A scale-out during the fault: it can only be listed once the
@@ -147,7 +148,7 @@ async fn faults_on(api: &str) {
         let held = started.elapsed();
         let peak = most_within(&proxy.all_calls(), started, Duration::from_secs(1));
         let during = proxy.all_calls().iter().filter(|t| **t >= started).count();
-        let faulted = proxy.faulted(api);
+        let faulted = proxy.faulted(api) - faulted_before;
 
         proxy.clear(api);
         let cleared = Instant::now();
@@ -159,7 +160,7 @@ async fn faults_on(api: &str) {
         .await;
         let converged = cleared.elapsed();
         eprintln!(
-            "{api} | {} | {:.1} s | {during} calls ({peak} in the busiest second, {faulted} faulted so far) | converged {:.1} s | {reason}",
+            "{api} | {} | {:.1} s | {during} calls ({peak} in the busiest second, {faulted} of them faulted) | converged {:.1} s | {reason}",
             fault.name(),
             held.as_secs_f64(),
             converged.as_secs_f64()
