@@ -47,6 +47,7 @@ fn faults() -> Vec<(Fault, Option<&'static str>)> {
         (Fault::Stall(Duration::from_secs(6)), Some("timeout")),
         (Fault::Truncated, Some("malformed")),
         (Fault::Malformed, Some("malformed")),
+        (Fault::BrokenPage, Some("unavailable")),
         (Fault::Slow(Duration::from_millis(600)), None),
     ]
 }

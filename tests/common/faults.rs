@@ -42,9 +42,15 @@ pub enum Fault {
     Truncated,
     /// 200 with a body that is not XML.
     Malformed,
+    /// The real answer with a `NextToken` added, so that the caller asks
+    /// for a second page; that page answers 500 (`InternalFailure`).
+    BrokenPage,
     /// The real answer, this late.
     Slow(Duration),
 }
+
+/// The `NextToken` of `BrokenPage`: a page AWS never gave.
+const BROKEN_PAGE: &str = "fault-proxy-broken-page";
 
 impl Fault {
     /// A short name for logs and tables.
@@ -59,6 +65,7 @@ impl Fault {
             Fault::Stall(d) => format!("stall {d:?}"),
             Fault::Truncated => "truncated body".into(),
             Fault::Malformed => "malformed body".into(),
+            Fault::BrokenPage => "next page fails".into(),
             Fault::Slow(d) => format!("slow answer {d:?}"),
         }
     }
@@ -267,6 +274,11 @@ async fn answer(
         .to_bytes();
     let action = action_of(&parts, &body);
     let fault = script.lock().unwrap().call(&action);
+    let follows_broken_page = String::from_utf8_lossy(&body).contains(BROKEN_PAGE);
+    if follows_broken_page {
+        let message = "the page after a NextToken the fault proxy added";
+        return Ok(full(500, error_body(&action, "InternalFailure", message)));
+    }
     match fault {
         Some(Fault::Throttle { retry_after }) => {
             let (status, code) = if is_ec2(&action) {
@@ -298,7 +310,7 @@ async fn answer(
         }
         Some(Fault::Malformed) => return Ok(full(200, "<html><body>oops")),
         Some(Fault::Stall(d)) | Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
-        Some(Fault::Truncated) | None => {}
+        Some(Fault::Truncated) | Some(Fault::BrokenPage) | None => {}
     }
     let mut forward = Request::builder().method(parts.method).uri(format!(
         "{target}{}",
@@ -311,12 +323,16 @@ async fn answer(
         .request(forward.body(Full::new(body)).unwrap())
         .await
         .map_err(std::io::Error::other)?;
-    let (head, body) = real.into_parts();
-    let body = body
+    let (mut head, body) = real.into_parts();
+    let mut body = body
         .collect()
         .await
         .map_err(std::io::Error::other)?
         .to_bytes();
+    if fault == Some(Fault::BrokenPage) {
+        body = with_next_token(&action, &body).into();
+        head.headers.remove("x-amz-crc32");
+    }
     let length = body.len();
     let body: Body = if fault == Some(Fault::Truncated) {
         // The head promises the whole body; half of it comes, a pause puts
@@ -340,4 +356,23 @@ async fn answer(
     headers.remove("transfer-encoding");
     headers.insert("content-length", length.into());
     Ok(response)
+}
+
+/// The answer with a `NextToken`: Auto Scaling's inside `<...Result>`,
+/// EC2's (`nextToken`) at the end of `<...Response>`.
+fn with_next_token(action: &str, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let (close, token) = if is_ec2(action) {
+        (format!("</{action}Response>"), "nextToken")
+    } else {
+        (format!("</{action}Result>"), "NextToken")
+    };
+    let at = text
+        .find(&close)
+        .unwrap_or_else(|| panic!("{action}'s answer has no {close}: {text}"));
+    format!(
+        "{}<{token}>{BROKEN_PAGE}</{token}>{}",
+        &text[..at],
+        &text[at..]
+    )
 }
