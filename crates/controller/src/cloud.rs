@@ -157,7 +157,7 @@ impl CloudError {
         }
     }
 
-    fn from_sdk<E>(api: &'static str, err: SdkError<E, HttpResponse>) -> Self
+    pub(crate) fn from_sdk<E>(api: &'static str, err: SdkError<E, HttpResponse>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
