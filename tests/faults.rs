@@ -203,3 +203,121 @@ async fn describe_auto_scaling_groups_faults_remove_nothing_and_converge() {
 async fn describe_instances_faults_remove_nothing_and_converge() {
     faults_on("DescribeInstances").await;
 }
+
+/// The event queue failing: each fault on ReceiveMessage is named in
+/// `/readyz` and the metrics, receives back off instead of looping, the
+/// listing is untouched, and once the fault clears an event makes the
+/// controller list a scale-out long before its resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_message_faults_are_named_backed_off_and_events_resume() {
+    let emulator = Emulator::start().await;
+    let cloud = Cloud::new(&emulator).await;
+    let queue = cloud
+        .sqs
+        .create_queue()
+        .queue_name("signpost-events")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let mut backends = Backends::new(common::BACKEND_PORT);
+    cloud.create_group(GROUP, &tags(), 2).await;
+    let mut instances = cloud.instances(GROUP).await;
+    backends.follow(&instances).await;
+    let proxy = FaultProxy::start(&emulator.endpoint()).await;
+    // A resync far longer than the test: only events explain a scale-out
+    // being listed. Attempts outlast the 1 s long poll.
+    let controller = Controller::start_with_aws(
+        &emulator,
+        &format!("resync_interval = \"600s\"\n[events]\nqueue_url = \"{queue}\"\nwait_time = \"1s\""),
+        "max_attempts = 3\nattempt_timeout = \"3s\"\noperation_timeout = \"8s\"\ncalls_per_second = 4",
+        &[("AWS_ENDPOINT_URL", &proxy.url())],
+    )
+    .await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&instances))
+        .await;
+
+    for (fault, kind) in [
+        (Fault::Throttle { retry_after: None }, "throttled"),
+        (Fault::Status(500), "unavailable"),
+        (Fault::Reset, "connection"),
+        // Longer than a receive's attempt timeout: the long poll's wait
+        // plus 10 s.
+        (Fault::Stall(Duration::from_secs(15)), "timeout"),
+        (Fault::Malformed, "malformed"),
+    ] {
+        let api = "ReceiveMessage";
+        let sample = format!(r#"signpost_event_receive_failures_total{{kind="{kind}"}}"#);
+        let counted_before = controller.metric(&sample).await.unwrap_or(0.0);
+        let before = listed(&controller).await;
+        let started = Instant::now();
+        proxy.inject(api, fault, Times::Always);
+        let failing = wait_for(
+            &format!("/readyz to name the failing {api} ({})", fault.name()),
+            Duration::from_secs(30),
+            || async {
+                let (_, body) = controller.get("/readyz").await;
+                let failing = body["events"]["receive_failing"].clone();
+                let counted = controller.metric(&sample).await.unwrap_or(0.0);
+                (failing["api"] == api && failing["kind"] == kind && counted > counted_before)
+                    .then_some(failing)
+            },
+        )
+        .await;
+        // Hold the fault a while longer to see how often receives come.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let calls = proxy.calls(api);
+        let during = calls.iter().filter(|t| **t >= started).count();
+        let peak = most_within(&calls, started, Duration::from_secs(1));
+        let held = started.elapsed();
+        assert_eq!(listed(&controller).await, before, "{}", fault.name());
+        assert!(
+            peak <= 2 * CALLS_PER_SECOND,
+            "{}: {peak} receives in one second",
+            fault.name()
+        );
+
+        proxy.clear(api);
+        let cleared = Instant::now();
+        cloud.set_desired(GROUP, instances.len() as i32 + 1).await;
+        instances = cloud.instances(GROUP).await;
+        backends.follow(&instances).await;
+        let event = serde_json::json!({
+            "version": "0", "id": "e-1", "source": "aws.autoscaling",
+            "detail-type": "EC2 Instance Launch Successful", "account": "123456789012",
+            "time": "2026-12-01T06:00:00Z", "region": "us-east-1",
+            "detail": { "AutoScalingGroupName": GROUP, "EC2InstanceId": instances.last().unwrap().0, "StatusCode": "InProgress" }
+        });
+        cloud
+            .sqs
+            .send_message()
+            .queue_url(&queue)
+            .message_body(event.to_string())
+            .send()
+            .await
+            .unwrap();
+        // The receive backoff grows to 30 s at most; events resume within it.
+        wait_for(
+            &format!(
+                "the scale-out listed on an event after the {} cleared",
+                fault.name()
+            ),
+            Duration::from_secs(40),
+            || async { (listed(&controller).await == ids(&instances)).then_some(()) },
+        )
+        .await;
+        eprintln!(
+            "{api} | {} | {:.1} s | {during} receives ({peak} in the busiest second) | listed on an event {:.1} s after | {failing}",
+            fault.name(),
+            held.as_secs_f64(),
+            cleared.elapsed().as_secs_f64()
+        );
+        wait_for("no receive failing", Duration::from_secs(10), || async {
+            let (_, body) = controller.get("/readyz").await;
+            body["events"]["receive_failing"].is_null().then_some(())
+        })
+        .await;
+    }
+}

@@ -27,8 +27,9 @@ use super::free_port;
 /// What the proxy does to a call instead of (or on top of) forwarding it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Fault {
-    /// 400 with the service's own throttling error (`Throttling` for Auto
-    /// Scaling, `RequestLimitExceeded` for EC2), as AWS's XML has it, with
+    /// The service's own throttling error (`Throttling` for Auto Scaling,
+    /// `RequestLimitExceeded` for EC2, `ThrottlingException` for the JSON
+    /// APIs), as AWS writes it, with
     /// a `Retry-After` header of that many seconds when given.
     Throttle { retry_after: Option<u32> },
     /// That status with AWS's error body (`InternalFailure` for 500,
@@ -232,10 +233,13 @@ fn action_of(req: &hyper::http::request::Parts, body: &[u8]) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// AWS's XML error body as the query-protocol services write it: EC2's
-/// `<Response><Errors>`, Auto Scaling's `<ErrorResponse>`.
-fn error_body(action: &str, code: &str, message: &str) -> String {
-    if is_ec2(action) {
+/// AWS's error body as the service writes it: the JSON protocols' `__type`
+/// (SQS, DynamoDB: `json`), EC2's `<Response><Errors>`, Auto Scaling's
+/// `<ErrorResponse>`.
+fn error_body(action: &str, json: bool, code: &str, message: &str) -> String {
+    if json {
+        format!(r#"{{"__type":"com.amazonaws.fault#{code}","message":"{message}"}}"#)
+    } else if is_ec2(action) {
         format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>fault-proxy</RequestID></Response>"
         )
@@ -273,20 +277,26 @@ async fn answer(
         .map_err(std::io::Error::other)?
         .to_bytes();
     let action = action_of(&parts, &body);
+    let json = parts.headers.contains_key("x-amz-target");
     let fault = script.lock().unwrap().call(&action);
     let follows_broken_page = String::from_utf8_lossy(&body).contains(BROKEN_PAGE);
     if follows_broken_page {
         let message = "the page after a NextToken the fault proxy added";
-        return Ok(full(500, error_body(&action, "InternalFailure", message)));
+        return Ok(full(
+            500,
+            error_body(&action, json, "InternalFailure", message),
+        ));
     }
     match fault {
         Some(Fault::Throttle { retry_after }) => {
-            let (status, code) = if is_ec2(&action) {
+            let (status, code) = if json {
+                (400, "ThrottlingException")
+            } else if is_ec2(&action) {
                 (503, "RequestLimitExceeded")
             } else {
                 (400, "Throttling")
             };
-            let mut response = full(status, error_body(&action, code, "Rate exceeded"));
+            let mut response = full(status, error_body(&action, json, code, "Rate exceeded"));
             if let Some(seconds) = retry_after {
                 response
                     .headers_mut()
@@ -300,7 +310,7 @@ async fn answer(
                 _ => "InternalFailure",
             };
             let message = "injected by the fault proxy";
-            return Ok(full(status, error_body(&action, code, message)));
+            return Ok(full(status, error_body(&action, json, code, message)));
         }
         Some(Fault::Reset) => {
             return Err(std::io::Error::new(
