@@ -30,10 +30,10 @@ fn tags() -> Vec<(&'static str, &'static str)> {
     vec![("signpost:service", "users"), ("signpost:port", "18080")]
 }
 
-/// Every fault, and the `kind` label its listing failure must carry (none:
-/// the listing must succeed).
-fn faults() -> Vec<(Fault, Option<&'static str>)> {
-    vec![
+/// Every fault (held until cleared), and the `kind` label its listing
+/// failure must carry (none: the listing must succeed).
+fn faults() -> Vec<(Fault, Times, Option<&'static str>)> {
+    let always = [
         (Fault::Throttle { retry_after: None }, Some("throttled")),
         (
             Fault::Throttle {
@@ -49,7 +49,15 @@ fn faults() -> Vec<(Fault, Option<&'static str>)> {
         (Fault::Malformed, Some("malformed")),
         (Fault::BrokenPage, Some("unavailable")),
         (Fault::Slow(Duration::from_millis(600)), None),
-    ]
+    ];
+    let mut faults: Vec<_> = always
+        .into_iter()
+        .map(|(fault, kind)| (fault, Times::Always, kind))
+        .collect();
+    // A short burst of throttling that the SDK's retries (3 attempts)
+    // absorb: no listing fails at all.
+    faults.push((Fault::Throttle { retry_after: None }, Times::Next(2), None));
+    faults
 }
 
 /// Every endpoint the registry lists for `users`, whatever its state.
@@ -92,8 +100,10 @@ async fn faults_on(api: &str) {
     controller.wait_in_sync(&router).await;
     let load = Load::start(format!("http://127.0.0.1:{}/users/x", router.port), 50);
 
-    for (fault, kind) in faults() {
+    for (fault, times, kind) in faults() {
         let before = listed(&controller).await;
+        let (_, readyz) = controller.get("/readyz").await;
+        let failures_total = readyz["sync"]["failures_total"].clone();
         let failures_before = match kind {
             Some(kind) => controller
                 .metric(&failures_sample(api, kind))
@@ -103,7 +113,7 @@ async fn faults_on(api: &str) {
         };
         let faulted_before = proxy.faulted(api);
         let started = Instant::now();
-        proxy.inject(api, fault, Times::Always);
+        proxy.inject(api, fault, times);
         // A scale-out during the fault: it can only be listed once the
         // listing works again.
         cloud.set_desired(GROUP, instances.len() as i32 + 1).await;
@@ -143,6 +153,12 @@ async fn faults_on(api: &str) {
                 .await;
                 let (status, body) = controller.get("/readyz").await;
                 assert_eq!(status, 200, "{body}");
+                assert_eq!(
+                    body["sync"]["failures_total"],
+                    failures_total,
+                    "{}: no listing failed",
+                    fault.name()
+                );
                 String::new()
             }
         };
@@ -161,7 +177,7 @@ async fn faults_on(api: &str) {
         .await;
         let converged = cleared.elapsed();
         eprintln!(
-            "{api} | {} | {:.1} s | {during} calls ({peak} in the busiest second, {faulted} of them faulted) | converged {:.1} s | {reason}",
+            "{api} | {} ({times:?}) | {:.1} s | {during} calls ({peak} in the busiest second, {faulted} of them faulted) | converged {:.1} s | {reason}",
             fault.name(),
             held.as_secs_f64(),
             converged.as_secs_f64()
