@@ -250,8 +250,10 @@ fn error_body(action: &str, json: bool, code: &str, message: &str) -> String {
     }
 }
 
+/// The EC2 actions signpost calls (the rest of the query API it calls is
+/// Auto Scaling's).
 fn is_ec2(action: &str) -> bool {
-    action == "DescribeInstances" || action.starts_with("DescribeInstance")
+    action.starts_with("DescribeInstance")
 }
 
 fn full(status: u16, body: impl Into<Bytes>) -> Response<Body> {
