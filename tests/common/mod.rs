@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod pki;
 
 use std::collections::HashMap;
@@ -935,6 +936,31 @@ impl Controller {
         env: &[(&str, &str)],
         tls: Option<signpost_router::transport::Controller>,
     ) -> Controller {
+        let aws = "max_attempts = 1\nattempt_timeout = \"2s\"\noperation_timeout = \"2s\"";
+        Controller::spawn(emulator, port, extra, aws, (interval, timeout), env, tls).await
+    }
+
+    /// Starts the controller with its `[aws]` section given whole (retries,
+    /// timeouts, call budget) and `env` added to its environment.
+    pub async fn start_with_aws(
+        emulator: &Emulator,
+        extra: &str,
+        aws: &str,
+        env: &[(&str, &str)],
+    ) -> Controller {
+        let health = ("200ms", "150ms");
+        Controller::spawn(emulator, free_port(), extra, aws, health, env, None).await
+    }
+
+    async fn spawn(
+        emulator: &Emulator,
+        port: u16,
+        extra: &str,
+        aws: &str,
+        (interval, timeout): (&str, &str),
+        env: &[(&str, &str)],
+        tls: Option<signpost_router::transport::Controller>,
+    ) -> Controller {
         let dir = std::env::temp_dir().join(format!("signpost-test-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("controller.toml");
@@ -948,7 +974,7 @@ impl Controller {
             &config,
             format!(
                 "listen = \"127.0.0.1:{port}\"\n{resync}{extra}\n\
-                 [aws]\nmax_attempts = 1\nattempt_timeout = \"2s\"\noperation_timeout = \"2s\"\n\
+                 [aws]\n{aws}\n\
                  [health]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n"
             ),
         )

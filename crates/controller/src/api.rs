@@ -247,6 +247,13 @@ fn page(state: &ApiState) -> Page {
             (["receive_error"], events.receive_errors.load(Relaxed)),
         ],
     );
+    let receive_failures = events.receive_failures.lock().unwrap().clone();
+    page.counters(
+        &metrics::EVENT_RECEIVE_FAILURES,
+        receive_failures
+            .into_iter()
+            .map(|(kind, n)| ([kind.label()], n)),
+    );
 
     let routers = state.routers.list();
     let connected: Vec<_> = routers.iter().filter(|r| r.connected).collect();

@@ -64,15 +64,27 @@ pub enum ErrorKind {
     /// What the call names does not exist (for a lifecycle action: it is
     /// no longer waiting).
     NotFound,
+    /// AWS answered with a server error (HTTP 5xx: `InternalFailure`,
+    /// `ServiceUnavailable`): its side, not our request.
+    Unavailable,
+    /// No answer at all: the connection was refused or reset before a
+    /// response began.
+    Connection,
+    /// An answer that could not be read: its body cut short, or not the
+    /// protocol's XML or JSON.
+    Malformed,
     Other,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::Throttled,
         ErrorKind::Denied,
         ErrorKind::Timeout,
         ErrorKind::NotFound,
+        ErrorKind::Unavailable,
+        ErrorKind::Connection,
+        ErrorKind::Malformed,
         ErrorKind::Other,
     ];
 
@@ -82,6 +94,9 @@ impl ErrorKind {
             ErrorKind::Denied => "denied",
             ErrorKind::Timeout => "timeout",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Connection => "connection",
+            ErrorKind::Malformed => "malformed",
             ErrorKind::Other => "other",
         }
     }
@@ -142,10 +157,11 @@ impl CloudError {
         }
     }
 
-    fn from_sdk<E>(api: &'static str, err: SdkError<E, HttpResponse>) -> Self
+    pub(crate) fn from_sdk<E>(api: &'static str, err: SdkError<E, HttpResponse>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        let status = err.raw_response().map_or(0, |r| r.status().as_u16());
         let (code, message) = match &err {
             SdkError::ServiceError(_) => match (err.code(), err.message()) {
                 (Some(code), message) => (
@@ -161,7 +177,6 @@ impl CloudError {
                         .and_then(|r| r.body().bytes())
                         .map(String::from_utf8_lossy)
                         .unwrap_or_default();
-                    let status = raw.map_or(0, |r| r.status().as_u16());
                     match (xml_field(&body, "Code"), xml_field(&body, "Message")) {
                         (Some(code), message) => (
                             Some(code.to_owned()),
@@ -175,11 +190,28 @@ impl CloudError {
                 None,
                 "timed out (see aws.attempt_timeout and aws.operation_timeout)".to_owned(),
             ),
+            // The SDK's own chain repeats every layer and the raw response;
+            // what an operator needs is the cause at the bottom of it.
+            SdkError::DispatchFailure(_) => (None, format!("no answer: {}", root_cause(&err))),
+            SdkError::ResponseError(_) => (
+                None,
+                format!("answer (HTTP {status}) unreadable: {}", root_cause(&err)),
+            ),
             _ => (None, DisplayErrorContext(&err).to_string()),
         };
         let kind = match (&err, &code) {
             (SdkError::TimeoutError(_), _) => ErrorKind::Timeout,
-            (_, Some(code)) => ErrorKind::of(code, &message),
+            (SdkError::DispatchFailure(_), _) => ErrorKind::Connection,
+            (SdkError::ResponseError(_), _) => ErrorKind::Malformed,
+            (_, Some(code)) => match ErrorKind::of(code, &message) {
+                ErrorKind::Other if status >= 500 => ErrorKind::Unavailable,
+                kind => kind,
+            },
+            (SdkError::ServiceError(_), None) if status >= 500 => ErrorKind::Unavailable,
+            // An answer that is neither the operation's output nor an error
+            // the SDK could read (a 200 with an HTML page, a proxy's own
+            // text): unreadable.
+            (SdkError::ServiceError(_), None) => ErrorKind::Malformed,
             (_, None) => ErrorKind::Other,
         };
         CloudError {
@@ -190,6 +222,16 @@ impl CloudError {
             source: Some(Box::new(err)),
         }
     }
+}
+
+/// The innermost error of a chain, e.g. `Connection reset by peer (os
+/// error 104)` under the SDK's dispatch failure.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 fn xml_field<'a>(body: &'a str, name: &str) -> Option<&'a str> {
@@ -790,6 +832,86 @@ mod tests {
             ("InternalFailure", no_action, ErrorKind::Other),
         ] {
             assert_eq!(ErrorKind::of(code, message), kind, "{code}: {message}");
+        }
+    }
+
+    #[test]
+    fn sdk_failures_name_their_kind_and_cause() {
+        use aws_sdk_autoscaling::error::{ConnectorError, ErrorMetadata};
+        use aws_sdk_autoscaling::operation::describe_auto_scaling_groups::DescribeAutoScalingGroupsError as E;
+        let api = "DescribeAutoScalingGroups";
+        let raw = |status: u16, body: &'static str| {
+            HttpResponse::new(status.try_into().unwrap(), body.into())
+        };
+        let coded =
+            |code: &str| E::generic(ErrorMetadata::builder().code(code).message("m").build());
+        let reset = || {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "Connection reset by peer",
+            )
+        };
+        let cases: Vec<(SdkError<E, HttpResponse>, ErrorKind, &str)> = vec![
+            (
+                SdkError::service_error(coded("Throttling"), raw(400, "")),
+                ErrorKind::Throttled,
+                "Throttling: m",
+            ),
+            (
+                SdkError::service_error(coded("RequestLimitExceeded"), raw(503, "")),
+                ErrorKind::Throttled,
+                "RequestLimitExceeded: m",
+            ),
+            (
+                SdkError::service_error(coded("InternalFailure"), raw(500, "")),
+                ErrorKind::Unavailable,
+                "InternalFailure: m",
+            ),
+            (
+                SdkError::service_error(coded("ServiceUnavailable"), raw(503, "")),
+                ErrorKind::Unavailable,
+                "ServiceUnavailable: m",
+            ),
+            (
+                SdkError::service_error(coded("ValidationError"), raw(400, "")),
+                ErrorKind::Other,
+                "ValidationError: m",
+            ),
+            (
+                SdkError::service_error(
+                    E::generic(ErrorMetadata::builder().build()),
+                    raw(502, "<html>bad gateway</html>"),
+                ),
+                ErrorKind::Unavailable,
+                "HTTP 502: <html>bad gateway</html>",
+            ),
+            (
+                SdkError::service_error(
+                    E::generic(ErrorMetadata::builder().build()),
+                    raw(200, "<html>oops"),
+                ),
+                ErrorKind::Malformed,
+                "HTTP 200: <html>oops",
+            ),
+            (
+                SdkError::dispatch_failure(ConnectorError::io(Box::new(reset()))),
+                ErrorKind::Connection,
+                "no answer: Connection reset by peer",
+            ),
+            (
+                SdkError::response_error(reset(), raw(200, "")),
+                ErrorKind::Malformed,
+                "answer (HTTP 200) unreadable: Connection reset by peer",
+            ),
+            (
+                SdkError::timeout_error("slow"),
+                ErrorKind::Timeout,
+                "timed out (see aws.attempt_timeout and aws.operation_timeout)",
+            ),
+        ];
+        for (sdk, kind, detail) in cases {
+            let err = CloudError::from_sdk(api, sdk);
+            assert_eq!((err.kind, err.detail().as_str()), (kind, detail), "{err}");
         }
     }
 

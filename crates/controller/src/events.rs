@@ -7,8 +7,9 @@
 //! reconcile that follows lists the fleet again, so duplicated, reordered or
 //! stale events are harmless.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
@@ -20,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::cloud::Hints;
+use crate::cloud::{CloudError, ErrorKind, Hints};
 use crate::lifecycle::LifecycleLog;
 use crate::model::{Ec2State, Transition};
 
@@ -181,6 +182,37 @@ pub struct EventCounts {
     pub handled: AtomicU64,
     pub malformed: AtomicU64,
     pub receive_errors: AtomicU64,
+    /// Failed ReceiveMessage calls by kind, as the listing's failures are
+    /// counted.
+    pub receive_failures: Mutex<BTreeMap<ErrorKind, u64>>,
+    /// While receiving fails, the last failure; none once a receive
+    /// succeeds. Resync still runs meanwhile, so this is said, not fatal.
+    pub receive_failing: Mutex<Option<ReceiveFailure>>,
+}
+
+/// A failed ReceiveMessage, named as `/readyz` names a failed listing.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReceiveFailure {
+    pub api: &'static str,
+    pub kind: ErrorKind,
+    pub error: String,
+}
+
+impl EventCounts {
+    fn received(&self) {
+        *self.receive_failing.lock().expect("events lock") = None;
+    }
+
+    fn receive_failed(&self, error: &CloudError) {
+        self.receive_errors.fetch_add(1, Ordering::Relaxed);
+        let mut failures = self.receive_failures.lock().expect("events lock");
+        *failures.entry(error.kind).or_default() += 1;
+        *self.receive_failing.lock().expect("events lock") = Some(ReceiveFailure {
+            api: error.api,
+            kind: error.kind,
+            error: error.to_string(),
+        });
+    }
 }
 
 /// Long-polls the queue, asks for a reconcile after each batch that held an
@@ -222,12 +254,14 @@ impl EventQueue {
             let messages = match received {
                 Ok(out) => {
                     backoff = retry.build();
+                    self.counts.received();
                     out.messages.unwrap_or_default()
                 }
                 Err(e) => {
-                    self.counts.receive_errors.fetch_add(1, Ordering::Relaxed);
+                    let error = CloudError::from_sdk("ReceiveMessage", e);
+                    self.counts.receive_failed(&error);
                     let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                    warn!(queue = %self.queue_url, error = %aws_sdk_sqs::error::DisplayErrorContext(&e), ?delay, "ReceiveMessage failed; resync still runs");
+                    warn!(queue = %self.queue_url, %error, kind = error.kind.label(), ?delay, "ReceiveMessage failed; resync still runs");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
                         _ = shutdown.cancelled() => return,
@@ -337,6 +371,23 @@ impl EventQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_receive_failure_is_named_until_a_receive_succeeds() {
+        let counts = EventCounts::default();
+        let error = CloudError::new("ReceiveMessage", ErrorKind::Unavailable, "InternalFailure");
+        counts.receive_failed(&error);
+        counts.receive_failed(&error);
+        let readyz = serde_json::to_value(&counts).unwrap();
+        assert_eq!(readyz["receive_errors"], 2);
+        assert_eq!(readyz["receive_failures"]["unavailable"], 2);
+        assert_eq!(readyz["receive_failing"]["api"], "ReceiveMessage");
+        assert_eq!(readyz["receive_failing"]["kind"], "unavailable");
+        counts.received();
+        let readyz = serde_json::to_value(&counts).unwrap();
+        assert_eq!(readyz["receive_failing"], serde_json::Value::Null);
+        assert_eq!(readyz["receive_failures"]["unavailable"], 2, "counts stay");
+    }
 
     const HOOK: &str = r#"{"Origin":"EC2","Destination":"AutoScalingGroup","Service":"AWS Auto Scaling",
         "Time":"2026-11-25T10:00:00.000Z","AccountId":"123456789012","RequestId":"r-1",

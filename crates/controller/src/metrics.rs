@@ -163,6 +163,12 @@ pub const EVENTS: Family<1> = Family {
     help: "SQS event messages by outcome.",
     labels: ["result"],
 };
+pub const EVENT_RECEIVE_FAILURES: Family<1> = Family {
+    name: "signpost_event_receive_failures_total",
+    kind: Kind::Counter,
+    help: "SQS ReceiveMessage calls that failed, by how.",
+    labels: ["kind"],
+};
 pub const ROUTERS_CONNECTED: Family<0> = Family {
     name: "signpost_routers_connected",
     kind: Kind::Gauge,
@@ -282,6 +288,7 @@ pub fn families() -> Vec<(&'static str, Kind, Vec<&'static str>)> {
         declared(&AWS_CALLS),
         declared(&SYNC_FAILURES),
         declared(&EVENTS),
+        declared(&EVENT_RECEIVE_FAILURES),
         declared(&ROUTERS_CONNECTED),
         declared(&ROUTERS_BY_KIND),
         declared(&XDS_NACKS),

@@ -1,0 +1,339 @@
+//! AWS misbehaving under a running controller: every call goes through a
+//! fault-injecting proxy (`common::faults`) in front of the emulator, while
+//! a router carries steady, checked traffic to real backends.
+//!
+//! For each fault on DescribeAutoScalingGroups and on DescribeInstances:
+//! nothing is removed while it lasts (the router answers every request),
+//! `/readyz` and `/metrics` name the failing API and the kind of failure,
+//! the calls stay within the configured budget (no tight retry loop), and a
+//! scale-out made during the fault is listed within one resync once the
+//! fault clears.
+
+mod common;
+
+use std::time::Duration;
+
+use common::faults::{most_within, Fault, FaultProxy, Times};
+use common::{ids, wait_for, Backends, Cloud, Controller, Emulator, Load, Router};
+use tokio::time::Instant;
+
+const GROUP: &str = "users-a";
+const RESYNC: Duration = Duration::from_secs(1);
+const CALLS_PER_SECOND: usize = 4;
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(4);
+/// The SDK's standard retries (3 attempts), a 1 s attempt timeout, and a
+/// small budget, so that a retry storm would show at the proxy.
+const AWS: &str =
+    "max_attempts = 3\nattempt_timeout = \"1s\"\noperation_timeout = \"4s\"\ncalls_per_second = 4";
+
+fn tags() -> Vec<(&'static str, &'static str)> {
+    vec![("signpost:service", "users"), ("signpost:port", "18080")]
+}
+
+/// Every fault (held until cleared), and the `kind` label its listing
+/// failure must carry (none: the listing must succeed).
+fn faults() -> Vec<(Fault, Times, Option<&'static str>)> {
+    let always = [
+        (Fault::Throttle { retry_after: None }, Some("throttled")),
+        (
+            Fault::Throttle {
+                retry_after: Some(1),
+            },
+            Some("throttled"),
+        ),
+        (Fault::Status(500), Some("unavailable")),
+        (Fault::Status(503), Some("unavailable")),
+        (Fault::Reset, Some("connection")),
+        (Fault::Stall(Duration::from_secs(6)), Some("timeout")),
+        (Fault::Truncated, Some("malformed")),
+        (Fault::Malformed, Some("malformed")),
+        (Fault::BrokenPage, Some("unavailable")),
+        (Fault::Slow(Duration::from_millis(600)), None),
+    ];
+    let mut faults: Vec<_> = always
+        .into_iter()
+        .map(|(fault, kind)| (fault, Times::Always, kind))
+        .collect();
+    // A short burst of throttling that the SDK's retries (3 attempts)
+    // absorb: no listing fails at all.
+    faults.push((Fault::Throttle { retry_after: None }, Times::Next(2), None));
+    faults
+}
+
+/// Every endpoint the registry lists for `users`, whatever its state.
+async fn listed(controller: &Controller) -> Vec<String> {
+    let (_, body) = controller.get("/v1/services/users").await;
+    let mut listed: Vec<String> = body["endpoints"]
+        .as_array()
+        .map(|eps| {
+            eps.iter()
+                .map(|e| e["instance_id"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    listed.sort();
+    listed
+}
+
+fn failures_sample(api: &str, kind: &str) -> String {
+    format!(r#"signpost_sync_failures_total{{api="{api}",kind="{kind}"}}"#)
+}
+
+/// One fault after another on `api`, each held until the controller has
+/// said so (or, for a slow answer, has listed through it), under load.
+async fn faults_on(api: &str) {
+    let emulator = Emulator::start().await;
+    let cloud = Cloud::new(&emulator).await;
+    let mut backends = Backends::new(common::BACKEND_PORT);
+    cloud.create_group(GROUP, &tags(), 2).await;
+    let mut instances = cloud.instances(GROUP).await;
+    backends.follow(&instances).await;
+    let proxy = FaultProxy::start(&emulator.endpoint()).await;
+    let controller =
+        Controller::start_with_aws(&emulator, "", AWS, &[("AWS_ENDPOINT_URL", &proxy.url())]).await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&instances))
+        .await;
+    let cache =
+        std::env::temp_dir().join(format!("signpost-faults-{}-{api}.json", std::process::id()));
+    let router = Router::start(&controller.url(""), "edge-1", &cache, &[]).await;
+    controller.wait_in_sync(&router).await;
+    let load = Load::start(format!("http://127.0.0.1:{}/users/x", router.port), 50);
+
+    for (fault, times, kind) in faults() {
+        let before = listed(&controller).await;
+        let (_, readyz) = controller.get("/readyz").await;
+        let failures_total = readyz["sync"]["failures_total"].clone();
+        let failures_before = match kind {
+            Some(kind) => controller
+                .metric(&failures_sample(api, kind))
+                .await
+                .unwrap_or(0.0),
+            None => 0.0,
+        };
+        let faulted_before = proxy.faulted(api);
+        let started = Instant::now();
+        proxy.inject(api, fault, times);
+        // A scale-out during the fault: it can only be listed once the
+        // listing works again.
+        cloud.set_desired(GROUP, instances.len() as i32 + 1).await;
+        instances = cloud.instances(GROUP).await;
+        backends.follow(&instances).await;
+
+        let reason = match kind {
+            Some(kind) => {
+                let sample = failures_sample(api, kind);
+                let reason = wait_for(
+                    &format!("/readyz to fail naming {api} ({})", fault.name()),
+                    Duration::from_secs(20),
+                    || async {
+                        let (status, body) = controller.get("/readyz").await;
+                        let reason = body["reason"].as_str().unwrap_or_default().to_owned();
+                        let counted = controller.metric(&sample).await.unwrap_or(0.0);
+                        (status == 503 && reason.contains(api) && counted > failures_before)
+                            .then_some(reason)
+                    },
+                )
+                .await;
+                assert_eq!(
+                    listed(&controller).await,
+                    before,
+                    "{}: nothing removed or added while listings fail",
+                    fault.name()
+                );
+                reason
+            }
+            None => {
+                // A slow answer is an answer: the listing goes through.
+                wait_for(
+                    &format!("the scale-out listed through a {}", fault.name()),
+                    Duration::from_secs(20),
+                    || async { (listed(&controller).await == ids(&instances)).then_some(()) },
+                )
+                .await;
+                let (status, body) = controller.get("/readyz").await;
+                assert_eq!(status, 200, "{body}");
+                assert_eq!(
+                    body["sync"]["failures_total"],
+                    failures_total,
+                    "{}: no listing failed",
+                    fault.name()
+                );
+                String::new()
+            }
+        };
+        let held = started.elapsed();
+        let peak = most_within(&proxy.all_calls(), started, Duration::from_secs(1));
+        let during = proxy.all_calls().iter().filter(|t| **t >= started).count();
+        let faulted = proxy.faulted(api) - faulted_before;
+
+        proxy.clear(api);
+        let cleared = Instant::now();
+        wait_for(
+            &format!("the scale-out listed after the {} cleared", fault.name()),
+            OPERATION_TIMEOUT + RESYNC * 3,
+            || async { (listed(&controller).await == ids(&instances)).then_some(()) },
+        )
+        .await;
+        let converged = cleared.elapsed();
+        eprintln!(
+            "{api} | {} ({times:?}) | {:.1} s | {during} calls ({peak} in the busiest second, {faulted} of them faulted) | converged {:.1} s | {reason}",
+            fault.name(),
+            held.as_secs_f64(),
+            converged.as_secs_f64()
+        );
+        assert!(
+            peak <= 2 * CALLS_PER_SECOND,
+            "{}: {peak} calls in one second, budget {CALLS_PER_SECOND}/s with a burst of one second",
+            fault.name()
+        );
+        assert!(
+            converged <= OPERATION_TIMEOUT + RESYNC * 2,
+            "{}: converged {converged:?} after the fault cleared",
+            fault.name()
+        );
+        controller
+            .wait_endpoints("users", "healthy", &ids(&instances))
+            .await;
+    }
+
+    let (sent, failures) = load.finish().await;
+    eprintln!(
+        "{api}: {sent} requests through the router, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:#?}",
+        failures.len()
+    );
+    assert!(sent > 100, "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_auto_scaling_groups_faults_remove_nothing_and_converge() {
+    faults_on("DescribeAutoScalingGroups").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_instances_faults_remove_nothing_and_converge() {
+    faults_on("DescribeInstances").await;
+}
+
+/// The event queue failing: each fault on ReceiveMessage is named in
+/// `/readyz` and the metrics, receives back off instead of looping, the
+/// listing is untouched, and once the fault clears an event makes the
+/// controller list a scale-out long before its resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_message_faults_are_named_backed_off_and_events_resume() {
+    let emulator = Emulator::start().await;
+    let cloud = Cloud::new(&emulator).await;
+    let queue = cloud
+        .sqs
+        .create_queue()
+        .queue_name("signpost-events")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let mut backends = Backends::new(common::BACKEND_PORT);
+    cloud.create_group(GROUP, &tags(), 2).await;
+    let mut instances = cloud.instances(GROUP).await;
+    backends.follow(&instances).await;
+    let proxy = FaultProxy::start(&emulator.endpoint()).await;
+    // A resync far longer than the test: only events explain a scale-out
+    // being listed. Attempts outlast the 1 s long poll.
+    let controller = Controller::start_with_aws(
+        &emulator,
+        &format!("resync_interval = \"600s\"\n[events]\nqueue_url = \"{queue}\"\nwait_time = \"1s\""),
+        "max_attempts = 3\nattempt_timeout = \"3s\"\noperation_timeout = \"8s\"\ncalls_per_second = 4",
+        &[("AWS_ENDPOINT_URL", &proxy.url())],
+    )
+    .await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&instances))
+        .await;
+
+    for (fault, kind) in [
+        (Fault::Throttle { retry_after: None }, "throttled"),
+        (Fault::Status(500), "unavailable"),
+        (Fault::Reset, "connection"),
+        // Longer than a receive's attempt timeout: the long poll's wait
+        // plus 10 s.
+        (Fault::Stall(Duration::from_secs(15)), "timeout"),
+        (Fault::Malformed, "malformed"),
+    ] {
+        let api = "ReceiveMessage";
+        let sample = format!(r#"signpost_event_receive_failures_total{{kind="{kind}"}}"#);
+        let counted_before = controller.metric(&sample).await.unwrap_or(0.0);
+        let before = listed(&controller).await;
+        let started = Instant::now();
+        proxy.inject(api, fault, Times::Always);
+        let failing = wait_for(
+            &format!("/readyz to name the failing {api} ({})", fault.name()),
+            Duration::from_secs(30),
+            || async {
+                let (_, body) = controller.get("/readyz").await;
+                let failing = body["events"]["receive_failing"].clone();
+                let counted = controller.metric(&sample).await.unwrap_or(0.0);
+                (failing["api"] == api && failing["kind"] == kind && counted > counted_before)
+                    .then_some(failing)
+            },
+        )
+        .await;
+        // Hold the fault a while longer to see how often receives come.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let calls = proxy.calls(api);
+        let during = calls.iter().filter(|t| **t >= started).count();
+        let peak = most_within(&calls, started, Duration::from_secs(1));
+        let held = started.elapsed();
+        assert_eq!(listed(&controller).await, before, "{}", fault.name());
+        assert!(
+            peak <= 2 * CALLS_PER_SECOND,
+            "{}: {peak} receives in one second",
+            fault.name()
+        );
+
+        proxy.clear(api);
+        let cleared = Instant::now();
+        cloud.set_desired(GROUP, instances.len() as i32 + 1).await;
+        instances = cloud.instances(GROUP).await;
+        backends.follow(&instances).await;
+        let event = serde_json::json!({
+            "version": "0", "id": "e-1", "source": "aws.autoscaling",
+            "detail-type": "EC2 Instance Launch Successful", "account": "123456789012",
+            "time": "2026-12-01T06:00:00Z", "region": "us-east-1",
+            "detail": { "AutoScalingGroupName": GROUP, "EC2InstanceId": instances.last().unwrap().0, "StatusCode": "InProgress" }
+        });
+        cloud
+            .sqs
+            .send_message()
+            .queue_url(&queue)
+            .message_body(event.to_string())
+            .send()
+            .await
+            .unwrap();
+        // The receive backoff grows to 30 s at most; events resume within it.
+        wait_for(
+            &format!(
+                "the scale-out listed on an event after the {} cleared",
+                fault.name()
+            ),
+            Duration::from_secs(40),
+            || async { (listed(&controller).await == ids(&instances)).then_some(()) },
+        )
+        .await;
+        eprintln!(
+            "{api} | {} | {:.1} s | {during} receives ({peak} in the busiest second) | listed on an event {:.1} s after | {failing}",
+            fault.name(),
+            held.as_secs_f64(),
+            cleared.elapsed().as_secs_f64()
+        );
+        wait_for("no receive failing", Duration::from_secs(10), || async {
+            let (_, body) = controller.get("/readyz").await;
+            body["events"]["receive_failing"].is_null().then_some(())
+        })
+        .await;
+    }
+}
