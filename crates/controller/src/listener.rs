@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
@@ -128,15 +129,13 @@ impl ApiListener {
             acceptor: task.abort_handle(),
         })
     }
-}
 
-impl ApiListener {
     /// The next handshaken connection, for a server that polls (tonic).
-    pub fn poll_accept(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<(Io, Peer)> {
+    pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<(Io, Peer)> {
         match self.accepted.poll_recv(cx) {
-            std::task::Poll::Ready(Some(conn)) => std::task::Poll::Ready(conn),
+            Poll::Ready(Some(conn)) => Poll::Ready(conn),
             // The acceptor only ends when this listener is dropped.
-            _ => std::task::Poll::Pending,
+            _ => Poll::Pending,
         }
     }
 }

@@ -286,6 +286,27 @@ mod tests {
     }
 
     #[test]
+    fn a_node_id_that_is_not_the_clients_identity_is_permission_denied_naming_both() {
+        let refusal = Refusal::NotItself {
+            router: "envoy-1".into(),
+            identity: "envoy-2".into(),
+            credential: "client certificate",
+            what: "subscribe",
+        };
+        let status = refused(&refusal);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status.message().contains("\"envoy-1\"") && status.message().contains("\"envoy-2\""),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            refused(&Refusal::NoCredentials).code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
     fn type_urls_round_trip_and_order_is_make_before_break() {
         for t in ResourceType::ALL {
             assert_eq!(ResourceType::from_type_url(t.type_url()), Some(t));
