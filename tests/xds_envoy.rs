@@ -53,10 +53,11 @@ struct Envoy {
 }
 
 /// What an Envoy presents to a TLS xDS server: the CA it trusts the
-/// controller by, and its client certificate.
+/// controller by, and its client certificate or a bearer token.
 struct EnvoyTls<'a> {
     ca: &'a Path,
-    client: &'a Pair,
+    client: Option<&'a Pair>,
+    token: Option<&'a str>,
 }
 
 impl Envoy {
@@ -78,7 +79,20 @@ impl Envoy {
     ) -> Envoy {
         // README's example: the controller is verified against the CA and
         // its address, the client certificate names this node id.
+        let token = tls
+            .as_ref()
+            .and_then(|t| t.token)
+            .map_or(String::new(), |t| {
+                format!(", initial_metadata: [{{key: authorization, value: \"Bearer {t}\"}}]")
+            });
         let transport_socket = tls.map_or(String::new(), |tls| {
+            let certificate = tls.client.map_or(String::new(), |client| {
+                format!(
+                    "          tls_certificates:\n          - certificate_chain: {{filename: {}}}\n            private_key: {{filename: {}}}\n",
+                    client.cert.display(),
+                    client.key.display()
+                )
+            });
             format!(
                 r#"    transport_socket:
       name: envoy.transport_sockets.tls
@@ -86,16 +100,11 @@ impl Envoy {
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         common_tls_context:
           alpn_protocols: [h2]
-          tls_certificates:
-          - certificate_chain: {{filename: {cert}}}
-            private_key: {{filename: {key}}}
-          validation_context:
+{certificate}          validation_context:
             trusted_ca: {{filename: {ca}}}
             match_typed_subject_alt_names:
             - {{san_type: IP_ADDRESS, matcher: {{exact: 127.0.0.1}}}}
 "#,
-                cert = tls.client.cert.display(),
-                key = tls.client.key.display(),
                 ca = tls.ca.display(),
             )
         });
@@ -119,14 +128,14 @@ dynamic_resources:
   ads_config:
     api_type: GRPC
     transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}}}]
+    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}{token}}}]
   lds_config: {{ads: {{}}, resource_api_version: V3}}
   cds_config: {{ads: {{}}, resource_api_version: V3}}
 cluster_manager:
   load_stats_config:
     api_type: GRPC
     transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}}}]
+    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}{token}}}]
 static_resources:
   clusters:
   - name: signpost_xds
@@ -613,7 +622,8 @@ async fn envoy_follows_the_leader_of_two_controller_replicas() {
 /// The xDS server over mTLS with the API's certificate and client CA: an
 /// Envoy whose certificate names its node id is served and routes; one
 /// whose certificate names another id is refused (PERMISSION_DENIED,
-/// counted, never listed), and one speaking plaintext gets nothing.
+/// counted, never listed), and one speaking plaintext gets nothing. An
+/// Envoy with a bearer token instead of a certificate is served too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_mtls_an_envoy_is_served_only_as_the_node_its_certificate_names() {
     let dir = std::env::temp_dir().join(format!("signpost-xds-mtls-{}", std::process::id()));
@@ -624,11 +634,21 @@ async fn over_mtls_an_envoy_is_served_only_as_the_node_its_certificate_names() {
     let edge = ca.client("envoy-edge", Name::Cn("envoy-edge"));
     let other = ca.client("envoy-other", Name::Cn("envoy-other"));
     let (xds_port, listener) = (free_port(), free_port());
+    let tokens = dir.join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nsha256 = \"{}\"\nidentity = \"envoy-token\"\nrole = \"router\"\n",
+            signpost_controller::auth::tokens::sha256_hex(b"t0ken-of-envoy")
+        ),
+    )
+    .unwrap();
     let config = format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n[auth.roles]\nops = \"admin\"\n{}",
+        "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n[auth]\ntokens_file = {:?}\n[auth.roles]\nops = \"admin\"\n{}",
         server.cert.display().to_string(),
         server.key.display().to_string(),
         ca.cert.display().to_string(),
+        tokens.display().to_string(),
         xds_toml(xds_port, listener),
     );
     let emulator = common::Emulator::start().await;
@@ -652,7 +672,8 @@ async fn over_mtls_an_envoy_is_served_only_as_the_node_its_certificate_names() {
     let tls = |client| {
         Some(EnvoyTls {
             ca: &ca.cert,
-            client,
+            client: Some(client),
+            token: None,
         })
     };
     let envoy = Envoy::start_with("envoy-edge", &[xds_port], listener, tls(&edge)).await;
@@ -660,6 +681,14 @@ async fn over_mtls_an_envoy_is_served_only_as_the_node_its_certificate_names() {
     let (status, body) = envoy.get("/users/1").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, format!("instance={}", users[0].0));
+    // A bearer token in the gRPC metadata, over TLS without a certificate.
+    let by_token = Some(EnvoyTls {
+        ca: &ca.cert,
+        client: None,
+        token: Some("t0ken-of-envoy"),
+    });
+    let token_envoy = Envoy::start_with("envoy-token", &[xds_port], free_port(), by_token).await;
+    controller.wait_acked_by(&token_envoy.id).await;
 
     let refused = "signpost_auth_refusals_total{reason=\"not_itself\"}";
     let before = controller.metric(refused).await.unwrap_or(0.0);
