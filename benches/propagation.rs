@@ -29,6 +29,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use signpost_controller::auth::Gate;
+use signpost_controller::listener::ApiListener;
 use signpost_controller::model::{Change, Endpoint, EndpointState, HealthCheck, ServiceSettings};
 use signpost_controller::push::hub::{Hub, PING_INTERVAL};
 use signpost_controller::registry::Registry;
@@ -155,18 +157,22 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
                 tx,
                 stop.clone(),
             )));
+            let gate = Arc::new(Gate::open());
             let ads = Arc::new(xds::ads::Ads {
                 resources,
                 routers: routers_set.clone(),
                 metrics: Arc::default(),
                 stop: stop.clone(),
                 leadership: signpost_controller::lease::Leaders::single().leadership,
+                gate: gate.clone(),
             });
             let lrs = Arc::new(xds::lrs::Lrs {
                 registry: registry.subscribe(),
                 routers: routers_set.clone(),
                 stop: stop.clone(),
+                gate,
             });
+            let listener = ApiListener::new(listener, None).unwrap();
             let stopping = stop.clone();
             tasks.push(tokio::spawn(async move {
                 let _ = xds::serve(listener, ads, lrs, stopping).await;

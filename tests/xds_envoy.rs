@@ -5,10 +5,11 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
+use common::pki::{Ca, Name, Pair};
 use common::{
     completed, free_port, in_state, ip_of, wait_for, wait_in_service, Controller, FollowedGroup,
     Load, Router, Scene,
@@ -46,8 +47,17 @@ struct Envoy {
     id: String,
     /// Where its listener (LDS `signpost`) takes requests.
     port: u16,
+    admin: u16,
     log: PathBuf,
     child: Child,
+}
+
+/// What an Envoy presents to a TLS xDS server: the CA it trusts the
+/// controller by, and its client certificate or a bearer token.
+struct EnvoyTls<'a> {
+    ca: &'a Path,
+    client: Option<&'a Pair>,
+    token: Option<&'a str>,
 }
 
 impl Envoy {
@@ -58,6 +68,46 @@ impl Envoy {
     /// With several xDS servers (controller replicas) in its xDS cluster: a
     /// refused or ended stream is retried on the next one.
     async fn start_with_servers(id: &str, xds_ports: &[u16], port: u16) -> Envoy {
+        Envoy::start_with(id, xds_ports, port, None).await
+    }
+
+    async fn start_with(
+        id: &str,
+        xds_ports: &[u16],
+        port: u16,
+        tls: Option<EnvoyTls<'_>>,
+    ) -> Envoy {
+        // README's example: the controller is verified against the CA and
+        // its address, the client certificate names this node id.
+        let token = tls
+            .as_ref()
+            .and_then(|t| t.token)
+            .map_or(String::new(), |t| {
+                format!(", initial_metadata: [{{key: authorization, value: \"Bearer {t}\"}}]")
+            });
+        let transport_socket = tls.map_or(String::new(), |tls| {
+            let certificate = tls.client.map_or(String::new(), |client| {
+                format!(
+                    "          tls_certificates:\n          - certificate_chain: {{filename: {}}}\n            private_key: {{filename: {}}}\n",
+                    client.cert.display(),
+                    client.key.display()
+                )
+            });
+            format!(
+                r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          alpn_protocols: [h2]
+{certificate}          validation_context:
+            trusted_ca: {{filename: {ca}}}
+            match_typed_subject_alt_names:
+            - {{san_type: IP_ADDRESS, matcher: {{exact: 127.0.0.1}}}}
+"#,
+                ca = tls.ca.display(),
+            )
+        });
         let servers: Vec<String> = xds_ports
             .iter()
             .map(|p| {
@@ -78,14 +128,14 @@ dynamic_resources:
   ads_config:
     api_type: GRPC
     transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}}}]
+    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}{token}}}]
   lds_config: {{ads: {{}}, resource_api_version: V3}}
   cds_config: {{ads: {{}}, resource_api_version: V3}}
 cluster_manager:
   load_stats_config:
     api_type: GRPC
     transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}}}]
+    grpc_services: [{{envoy_grpc: {{cluster_name: signpost_xds}}{token}}}]
 static_resources:
   clusters:
   - name: signpost_xds
@@ -98,7 +148,7 @@ static_resources:
     load_assignment:
       cluster_name: signpost_xds
       endpoints: [{{lb_endpoints: [{servers}]}}]
-"#
+{transport_socket}"#
             ),
         )
         .unwrap();
@@ -117,7 +167,7 @@ static_resources:
         let envoy = Envoy {
             id: id.into(),
             port,
-
+            admin,
             log,
             child,
         };
@@ -140,6 +190,18 @@ static_resources:
             .await
             .unwrap_or_else(|e| panic!("GET {path} through Envoy: {e}\n{}", self.log()));
         (status, String::from_utf8_lossy(&body).trim().to_owned())
+    }
+
+    /// One statistic from Envoy's admin (`/stats?filter=^NAME$`).
+    async fn stat(&self, name: &str) -> Option<u64> {
+        let url = format!("http://127.0.0.1:{}/stats?filter=^{name}$", self.admin);
+        let (_, body) = common::http_get(&url).await.ok()?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn log(&self) -> String {
@@ -555,4 +617,121 @@ async fn envoy_follows_the_leader_of_two_controller_replicas() {
         "routed after the takeover: {status} {body}\n{}",
         envoy.log()
     );
+}
+
+/// The xDS server over mTLS with the API's certificate and client CA: an
+/// Envoy whose certificate names its node id is served and routes; one
+/// whose certificate names another id is refused (PERMISSION_DENIED,
+/// counted, never listed), and one speaking plaintext gets nothing. An
+/// Envoy with a bearer token instead of a certificate is served too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mtls_an_envoy_is_served_only_as_the_node_its_certificate_names() {
+    let dir = std::env::temp_dir().join(format!("signpost-xds-mtls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ca = Ca::new(&dir, "signpost");
+    let server = ca.server("controller");
+    let ops = ca.client("ops", Name::Cn("ops"));
+    let edge = ca.client("envoy-edge", Name::Cn("envoy-edge"));
+    let other = ca.client("envoy-other", Name::Cn("envoy-other"));
+    let (xds_port, listener) = (free_port(), free_port());
+    let tokens = dir.join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nsha256 = \"{}\"\nidentity = \"envoy-token\"\nrole = \"router\"\n",
+            signpost_controller::auth::tokens::sha256_hex(b"t0ken-of-envoy")
+        ),
+    )
+    .unwrap();
+    let config = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n[auth]\ntokens_file = {:?}\n[auth.roles]\nops = \"admin\"\n{}",
+        server.cert.display().to_string(),
+        server.key.display().to_string(),
+        ca.cert.display().to_string(),
+        tokens.display().to_string(),
+        xds_toml(xds_port, listener),
+    );
+    let emulator = common::Emulator::start().await;
+    let cloud = common::Cloud::new(&emulator).await;
+    let tags = tags("users", "/users");
+    cloud.create_group("users-mtls", &tags, 1).await;
+    let users = cloud.instances("users-mtls").await;
+    let mut backends = common::Backends::new(PORT);
+    backends.follow(&users).await;
+    let credentials = signpost_router::transport::Credentials {
+        controller_ca: Some(ca.cert.clone()),
+        client_cert: Some(ops.cert.clone()),
+        client_key: Some(ops.key.clone()),
+        token_file: None,
+    };
+    let controller = Controller::start_tls(&emulator, &config, &credentials).await;
+    controller
+        .wait_endpoints("users", "healthy", &common::ids(&users))
+        .await;
+
+    let tls = |client| {
+        Some(EnvoyTls {
+            ca: &ca.cert,
+            client: Some(client),
+            token: None,
+        })
+    };
+    let envoy = Envoy::start_with("envoy-edge", &[xds_port], listener, tls(&edge)).await;
+    controller.wait_acked_by(&envoy.id).await;
+    let (status, body) = envoy.get("/users/1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, format!("instance={}", users[0].0));
+    // A bearer token in the gRPC metadata, over TLS without a certificate.
+    let by_token = Some(EnvoyTls {
+        ca: &ca.cert,
+        client: None,
+        token: Some("t0ken-of-envoy"),
+    });
+    let token_envoy = Envoy::start_with("envoy-token", &[xds_port], free_port(), by_token).await;
+    controller.wait_acked_by(&token_envoy.id).await;
+
+    let refused = "signpost_auth_refusals_total{reason=\"not_itself\"}";
+    let before = controller.metric(refused).await.unwrap_or(0.0);
+    let liar = Envoy::start_with("envoy-liar", &[xds_port], free_port(), tls(&other)).await;
+    wait_for(
+        "the controller to refuse envoy-liar's stream",
+        Duration::from_secs(20),
+        || async { (controller.metric(refused).await? > before).then_some(()) },
+    )
+    .await;
+    let plain = Envoy::start_with("envoy-plain", &[xds_port], free_port(), None).await;
+    wait_for(
+        "envoy-plain to try the xDS server",
+        Duration::from_secs(20),
+        || async {
+            (plain.stat("cluster.signpost_xds.upstream_cx_total").await? >= 1).then_some(())
+        },
+    )
+    .await;
+    // Refused as itself, not as the node id it claims: neither is listed,
+    // so neither could hold or release a lifecycle hook.
+    for id in [&liar.id, &plain.id] {
+        assert!(
+            controller.router_record(id).await.is_none(),
+            "{id} was listed"
+        );
+    }
+    assert_eq!(
+        plain.stat("control_plane.connected_state").await,
+        Some(0),
+        "a plaintext Envoy connected to the TLS xDS port"
+    );
+    assert_eq!(liar.stat("control_plane.connected_state").await, Some(0));
+    // What Envoy was told: PERMISSION_DENIED (7) naming both ids (gRPC
+    // percent-encodes the message).
+    wait_for(
+        "envoy-liar to log the refusal naming both ids",
+        Duration::from_secs(10),
+        || async {
+            let log = liar.log();
+            let both = log.contains("%22envoy-liar%22") && log.contains("%22envoy-other%22");
+            (log.contains("closed: 7,") && both).then_some(())
+        },
+    )
+    .await;
 }

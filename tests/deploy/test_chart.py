@@ -56,8 +56,7 @@ FULL = {
                "logLevel": "info", "service": {"type": "LoadBalancer", "port": 80,
                                                "annotations": {"x": "y"}},
                "podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"}},
-    "xds": {"enabled": True, "port": 18001, "envoyListener": "0.0.0.0:10001",
-            "insecurePlaintext": True},
+    "xds": {"enabled": True, "port": 18001, "envoyListener": "0.0.0.0:10001"},
     "security": {"tls": {"secretName": "signpost-tls", "clientAuth": True},
                  "tokensSecretName": "signpost-tokens"},
 }
@@ -234,16 +233,23 @@ def test_configmap_toml_is_accepted_by_the_controller(values, signpost_bin, tmp_
         assert "\nlisten" not in effective.split("[xds]")[1].split("\n[")[0], effective
 
 
-def test_xds_is_off_by_default_and_needs_plaintext_accepted():
+def test_xds_is_off_by_default_and_without_tls_needs_plaintext_accepted():
     rendered = render(MINIMAL)
     (svc,) = [s for s in by_kind(rendered, "Service") if s["metadata"]["name"] == "signpost"]
     assert [p["name"] for p in svc["spec"]["ports"]] == ["api"]
-    with pytest.raises(helm.HelmError) as e:
-        render({**MINIMAL, "xds": {"enabled": True}})
-    assert "insecurePlaintext" in str(e.value)
-    rendered = render({**MINIMAL, "xds": {"enabled": True, "insecurePlaintext": True}})
+    # With the API's TLS and identities, the xDS port has them too.
+    rendered = render({**MINIMAL, "xds": {"enabled": True}})
+    (cm,) = by_kind(rendered, "ConfigMap")
+    xds = cm["data"]["controller.toml"].split("[xds]")[1].split("\n[")[0]
+    assert "insecure_plaintext" not in xds, xds
     (svc,) = [s for s in by_kind(rendered, "Service") if s["metadata"]["name"] == "signpost"]
     assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("api", 7070), ("xds", 18000)]
+    plain = {"security": {"insecurePlaintext": True}}
+    with pytest.raises(helm.HelmError) as e:
+        render({**plain, "xds": {"enabled": True}})
+    assert "xds.insecurePlaintext" in str(e.value), str(e.value)
+    (cm,) = by_kind(render({**plain, "xds": {"enabled": True, "insecurePlaintext": True}}), "ConfigMap")
+    assert "insecure_plaintext = true" in cm["data"]["controller.toml"].split("[xds]")[1]
 
 
 def test_the_api_off_loopback_needs_tls_unless_plaintext_is_accepted(signpost_bin, tmp_path):

@@ -212,11 +212,12 @@ pub struct XdsConfig {
     pub listen: Option<SocketAddr>,
     /// The address Envoy's listener (LDS `signpost`) takes requests on.
     pub envoy_listener: SocketAddr,
-    /// Allows a non-loopback `listen` without TLS. There is no TLS or
-    /// client authentication yet (a separate security issue): any client
-    /// that reaches the port can subscribe under any node id and hold
-    /// lifecycle hooks until their timeouts. Off loopback, only set this on
-    /// a network where that is acceptable.
+    /// Allows a non-loopback `listen` without TLS (`tls.cert`) or client
+    /// authentication (`tls.client_ca`, `auth.tokens_file`), which the xDS
+    /// server shares with the API. Without them any client that reaches
+    /// the port can subscribe under any node id and hold lifecycle hooks
+    /// until their timeouts: only set this on a network where that is
+    /// acceptable.
     pub insecure_plaintext: bool,
 }
 
@@ -559,10 +560,18 @@ impl Config {
         self.validate_security()?;
         if let Some(listen) = self.xds.listen {
             if !listen.ip().is_loopback() && !self.xds.insecure_plaintext {
-                return Err(invalid(
-                    "xds.listen",
-                    format!("{listen} is not loopback and the xDS server has no TLS yet: any client reaching it could hold lifecycle hooks; set xds.insecure_plaintext = true to accept that"),
-                ));
+                if self.tls.cert.is_none() {
+                    return Err(invalid(
+                        "xds.listen",
+                        format!("{listen} is not loopback and no TLS is configured (tls.cert, tls.key): anyone on the network could subscribe in an Envoy's name and hold lifecycle hooks; configure TLS or set xds.insecure_plaintext = true to accept that"),
+                    ));
+                }
+                if !self.auth.required(&self.tls) {
+                    return Err(invalid(
+                        "xds.listen",
+                        format!("{listen} is not loopback and no authentication is configured (tls.client_ca or auth.tokens_file): anyone on the network could subscribe in an Envoy's name and hold lifecycle hooks; configure one or set xds.insecure_plaintext = true to accept that"),
+                    ));
+                }
             }
         }
         self.validate_ha()?;
@@ -915,15 +924,27 @@ mod tests {
     }
 
     #[test]
-    fn xds_is_off_by_default_and_refuses_plaintext_off_loopback() {
+    fn xds_is_off_by_default_and_off_loopback_needs_tls_and_authentication() {
         let config = Config::from_toml("").unwrap();
         assert_eq!(config.xds.listen, None);
         let loopback = Config::from_toml("[xds]\nlisten = \"127.0.0.1:18000\"").unwrap();
         assert!(loopback.validate().is_ok());
-        assert!(err("[xds]\nlisten = \"0.0.0.0:18000\"").contains("xds.insecure_plaintext"));
-        let allowed =
-            Config::from_toml("[xds]\nlisten = \"0.0.0.0:18000\"\ninsecure_plaintext = true")
-                .unwrap();
-        assert!(allowed.validate().is_ok());
+        let xds = "[xds]\nlisten = \"0.0.0.0:18000\"\n";
+        let e = err(xds);
+        assert!(
+            e.contains("config key xds.listen") && e.contains("no TLS"),
+            "{e}"
+        );
+        assert!(e.contains("xds.insecure_plaintext"), "{e}");
+        let tls = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let e = err(&format!("{tls}{xds}"));
+        assert!(
+            e.contains("config key xds.listen") && e.contains("no authentication"),
+            "{e}"
+        );
+        let ok = |text: &str| Config::from_toml(text).unwrap().validate().unwrap();
+        ok(&format!("{tls}client_ca = \"ca.pem\"\n{xds}"));
+        ok(&format!("{tls}[auth]\ntokens_file = \"t.toml\"\n{xds}"));
+        ok(&format!("{xds}insecure_plaintext = true"));
     }
 }

@@ -1,10 +1,12 @@
-//! The API's listener for `axum::serve`: plain TCP, or TLS with the server
-//! config in force at each accept (so a re-read certificate applies to new
-//! connections). Each connection carries its [`Peer`]: the address and,
-//! over mTLS, the identity its client certificate gives.
+//! The controller's listeners (the API's, for `axum::serve`, and the xDS
+//! server's, for tonic): plain TCP, or TLS with the server config in force
+//! at each accept (so a re-read certificate applies to new connections).
+//! Each connection carries its [`Peer`]: the address and, over mTLS, the
+//! identity its client certificate gives.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
@@ -126,6 +128,15 @@ impl ApiListener {
             accepted,
             acceptor: task.abort_handle(),
         })
+    }
+
+    /// The next handshaken connection, for a server that polls (tonic).
+    pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<(Io, Peer)> {
+        match self.accepted.poll_recv(cx) {
+            Poll::Ready(Some(conn)) => Poll::Ready(conn),
+            // The acceptor only ends when this listener is dropped.
+            _ => Poll::Pending,
+        }
     }
 }
 

@@ -214,7 +214,7 @@ pub const ACKS_IGNORED: Family<1> = Family {
 pub const AUTH_REFUSALS: Family<1> = Family {
     name: "signpost_auth_refusals_total",
     kind: Kind::Counter,
-    help: "API requests refused by authentication or authorization, by reason.",
+    help: "API requests and xDS streams refused by authentication or authorization, by reason.",
     labels: ["reason"],
 };
 pub const LIFECYCLE_ACTIONS: Family<2> = Family {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aws_config::timeout::TimeoutConfig;
+use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -18,7 +19,7 @@ use signpost_protocol::Epoch;
 use crate::api::{self, ApiState};
 use crate::auth::{tokens::Tokens, Gate};
 use crate::cloud::{self, AutoScaling, AwsFleet, Hints};
-use crate::config::Config;
+use crate::config::{Config, ConfigError, TlsConfig};
 use crate::endpoints::Endpoints;
 use crate::events::{EventCounts, EventQueue};
 use crate::guard::RemovalGuard;
@@ -166,9 +167,14 @@ pub async fn run(
     if let Some(listen) = config.xds.listen {
         // Bound before anything is served, so that a taken port fails the
         // start with the config key that names it.
-        let xds_listener = TcpListener::bind(listen)
+        let xds_tcp = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen} (config key xds.listen)"))?;
+        // Its own configs of the same files: gRPC needs HTTP/2 by ALPN,
+        // which the API does not speak.
+        let xds_tls = tls_configs(&config, tls::grpc_server_config, &stop)?;
+        info!(%listen, tls = xds_tls.is_some(), authentication = gate.required, "xDS server (ADS, LRS) listening");
+        let xds_listener = ApiListener::new(xds_tcp, xds_tls)?;
         let (resources_tx, resources_rx) = watch::channel(None);
         tasks.push(tokio::spawn(xds::publish(
             registry.subscribe(),
@@ -185,11 +191,13 @@ pub async fn run(
             metrics: xds_metrics.clone(),
             stop: stop.clone(),
             leadership: leadership.clone(),
+            gate: gate.clone(),
         });
         let lrs = Arc::new(xds::lrs::Lrs {
             registry: registry.subscribe(),
             routers: routers.clone(),
             stop: stop.clone(),
+            gate: gate.clone(),
         });
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
@@ -349,21 +357,7 @@ fn secure(
         warn!(listen = %config.listen, "insecure_plaintext = true: off loopback, the API may run without TLS or authentication, and anyone reaching it could ack in a router's name");
     }
     let every = config.tls.reload_interval;
-    let tls = match (&config.tls.cert, &config.tls.key) {
-        (Some(cert), Some(key)) => {
-            let mut files = vec![
-                KeyedFile::new("tls.cert", cert.clone()),
-                KeyedFile::new("tls.key", key.clone()),
-            ];
-            if let Some(ca) = &config.tls.client_ca {
-                files.push(KeyedFile::new("tls.client_ca", ca.clone()));
-            }
-            let build = Box::new(|f: &[Vec<u8>]| tls::server_config(f));
-            let configs = reload::watch_files(files, every, build, stop.clone())?;
-            Some((configs, config.tls.clone()))
-        }
-        _ => None,
-    };
+    let tls = tls_configs(config, tls::server_config, stop)?;
     let tokens = match &config.auth.tokens_file {
         Some(path) => {
             let file = KeyedFile::new("auth.tokens_file", path.clone());
@@ -381,6 +375,28 @@ fn secure(
         subscriptions: Arc::default(),
     });
     Ok((ApiListener::new(tcp, tls)?, gate))
+}
+
+/// The server configs of `[tls]` (by `build`), re-read when its files
+/// change; `None` without `tls.cert`.
+fn tls_configs(
+    config: &Config,
+    build: fn(&[Vec<u8>]) -> Result<ServerConfig, ConfigError>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<(watch::Receiver<Arc<ServerConfig>>, TlsConfig)>> {
+    let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+        return Ok(None);
+    };
+    let mut files = vec![
+        KeyedFile::new("tls.cert", cert.clone()),
+        KeyedFile::new("tls.key", key.clone()),
+    ];
+    if let Some(ca) = &config.tls.client_ca {
+        files.push(KeyedFile::new("tls.client_ca", ca.clone()));
+    }
+    let every = config.tls.reload_interval;
+    let configs = reload::watch_files(files, every, Box::new(build), stop.clone())?;
+    Ok(Some((configs, config.tls.clone())))
 }
 
 /// An SQS client whose attempt timeout leaves room for the long poll, which

@@ -1,5 +1,5 @@
-//! TLS for the API: a rustls server config from the PEM files of `[tls]`,
-//! and the identity a client certificate gives its holder.
+//! TLS for the API and the xDS server: a rustls server config from the PEM
+//! files of `[tls]`, and the identity a client certificate gives its holder.
 
 use std::sync::Arc;
 
@@ -70,6 +70,14 @@ pub fn server_config(files: &[Vec<u8>]) -> Result<ServerConfig, ConfigError> {
         .with_single_cert(chain, key)
         .map_err(|e| invalid("tls.key", format!("does not fit tls.cert: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// [`server_config`] for gRPC (the xDS server): HTTP/2 by ALPN, which
+/// gRPC clients offer and refuse to do without.
+pub fn grpc_server_config(files: &[Vec<u8>]) -> Result<ServerConfig, ConfigError> {
+    let mut config = server_config(files)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
 

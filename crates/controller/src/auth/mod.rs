@@ -329,6 +329,19 @@ impl hyper::body::Body for Holding {
 }
 
 impl Gate {
+    /// No authentication: every caller is an anonymous admin (loopback
+    /// without `tls.client_ca` or `auth.tokens_file`; benches).
+    pub fn open() -> Gate {
+        Gate {
+            required: false,
+            tokens: None,
+            certificate_roles: BTreeMap::new(),
+            refusals: Arc::default(),
+            subscriptions_per_identity: usize::MAX,
+            subscriptions: Arc::default(),
+        }
+    }
+
     /// Takes a subscription slot for `identity`, if it has one left.
     fn take_slot(&self, identity: &str) -> Result<Slot, Refusal> {
         let mut open = self.subscriptions.lock().unwrap();
@@ -346,9 +359,9 @@ impl Gate {
         })
     }
 
-    /// Who the caller is: its certificate when it presented one, else its
-    /// bearer token.
-    fn identify(&self, peer: &Peer, request: &Request) -> Result<Caller, Refusal> {
+    /// Who the caller is: its certificate when it presented one, else the
+    /// bearer token of its `authorization` header (HTTP) or metadata (gRPC).
+    fn identify(&self, peer: &Peer, authorization: Option<&str>) -> Result<Caller, Refusal> {
         if !self.required {
             return Ok(Caller {
                 identity: "anonymous".into(),
@@ -371,10 +384,7 @@ impl Gate {
             Some(Err(why)) => return Err(Refusal::BadCertificate(why.clone())),
             None => {}
         }
-        let token = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+        let token = authorization
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or(Refusal::NoCredentials)?;
@@ -392,6 +402,34 @@ impl Gate {
         })
     }
 
+    /// Admits an xDS stream (`action` names its node id) or refuses it,
+    /// counted and logged as the API's refusals are. Without
+    /// authentication the node id is taken as given, as before.
+    pub fn admit(
+        &self,
+        peer: &Peer,
+        authorization: Option<&str>,
+        action: &Action,
+        what: &str,
+    ) -> Result<Caller, Refusal> {
+        let caller = self.identify(peer, authorization);
+        if !self.required {
+            return caller;
+        }
+        let verdict = caller
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|c| authorize(c, action));
+        match verdict {
+            Ok(()) => caller,
+            Err(refusal) => {
+                let who = caller.map_or_else(|_| "unidentified".to_owned(), |c| c.identity);
+                self.refusals.record(&refusal, &who, peer, what);
+                Err(refusal)
+            }
+        }
+    }
+
     /// The middleware: refuse, or pass the request on with its `Caller`.
     pub async fn check(
         State(gate): State<Arc<Gate>>,
@@ -403,7 +441,11 @@ impl Gate {
         if action == Action::Probe {
             return next.run(request).await;
         }
-        let caller = gate.identify(&peer, &request);
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let caller = gate.identify(&peer, authorization);
         let verdict = caller
             .as_ref()
             .map_err(Clone::clone)

@@ -8,7 +8,6 @@
 //! again: its last ACKed response already is R's.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +27,9 @@ use tracing::{debug, info, warn};
 
 use super::resources::{ordered, Balancing, ResourceSet, Resources, Subscription};
 use super::{ResourceType, Version};
+use crate::auth::{Action, Gate};
 use crate::lease::{self, Leadership};
+use crate::listener::Peer;
 use crate::metrics::Histogram;
 use crate::model::Revision;
 use crate::routers::{Nack, RouterKind, Routers};
@@ -69,6 +70,9 @@ pub struct Ads {
     /// UNAVAILABLE, so that a client with several controller addresses
     /// retries another, and the leader ends its streams when its term ends.
     pub leadership: watch::Receiver<Leadership>,
+    /// The API's gate: a stream's node id must be its client's identity
+    /// (certificate or token), since its ACKs hold lifecycle hooks.
+    pub gate: Arc<Gate>,
 }
 
 /// How a node says what it is: Envoy sets `user_agent_name` to `envoy`,
@@ -304,7 +308,7 @@ impl Stream {
 impl Ads {
     async fn serve(
         self: Arc<Self>,
-        address: SocketAddr,
+        (peer, authorization): (Peer, Option<String>),
         mut inbound: Streaming<DiscoveryRequest>,
         tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ) {
@@ -316,7 +320,7 @@ impl Ads {
             Ok(Some(first)) => first,
             Ok(None) => return,
             Err(status) => {
-                debug!(%address, error = %status, "xDS stream ended before its first request");
+                debug!(address = %peer.address, error = %status, "xDS stream ended before its first request");
                 return;
             }
         };
@@ -325,7 +329,7 @@ impl Ads {
             .clone()
             .filter(|n| !n.id.is_empty() && n.id.len() <= 253)
         else {
-            warn!(%address, "xDS stream refused: the first request has no node.id (1 to 253 characters)");
+            warn!(address = %peer.address, "xDS stream refused: the first request has no node.id (1 to 253 characters)");
             XdsMetrics::count(&self.metrics.bad_requests, "no_node_id");
             let _ = tx
                 .send(Err(Status::invalid_argument(
@@ -334,6 +338,17 @@ impl Ads {
                 .await;
             return;
         };
+        let action = Action::Subscribe {
+            router: node.id.clone(),
+        };
+        let admitted = self
+            .gate
+            .admit(&peer, authorization.as_deref(), &action, "xds ads");
+        if let Err(refusal) = admitted {
+            let _ = tx.send(Err(super::refused(&refusal))).await;
+            return;
+        }
+        let address = peer.address;
         let kind = kind_of(&node);
         let connection = self.routers.connect_kind(&node.id, address, kind);
         info!(router = %node.id, %address, ?kind, agent = %node.user_agent_name, "xDS client connected");
@@ -417,9 +432,7 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let address = request
-            .remote_addr()
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let caller = super::caller_of(&request);
         let leadership = self.0.leadership.borrow().clone();
         if !leadership.is_leader() {
             let leader = leadership.leader_address().unwrap_or("not known yet");
@@ -428,7 +441,7 @@ impl AggregatedDiscoveryService for AdsService {
             )));
         }
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(self.0.clone().serve(address, request.into_inner(), tx));
+        tokio::spawn(self.0.clone().serve(caller, request.into_inner(), tx));
         Ok(Response::new(Responses::new(rx)))
     }
 

@@ -20,6 +20,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use super::ads::Responses;
+use crate::auth::{Action, Gate};
+use crate::listener::Peer;
 use crate::model::Snapshot;
 use crate::routers::Routers;
 
@@ -31,6 +33,8 @@ pub struct Lrs {
     pub registry: watch::Receiver<Arc<Snapshot>>,
     pub routers: Arc<Routers>,
     pub stop: CancellationToken,
+    /// A report, like an ACK, counts only from the node itself.
+    pub gate: Arc<Gate>,
 }
 
 /// Requests in flight by service and instance, from one report. Endpoints
@@ -89,6 +93,7 @@ fn socket_of(a: &address::Address) -> Option<SocketAddr> {
 impl Lrs {
     async fn serve(
         self: Arc<Self>,
+        (peer, authorization): (Peer, Option<String>),
         mut inbound: Streaming<LoadStatsRequest>,
         tx: mpsc::Sender<Result<LoadStatsResponse, Status>>,
     ) {
@@ -118,6 +123,18 @@ impl Lrs {
                             .await;
                         return;
                     };
+                    // A report is the in-flight half of an ack: only the
+                    // node itself may make it.
+                    let action = Action::Ack {
+                        router: node.id.clone(),
+                    };
+                    let admitted =
+                        self.gate
+                            .admit(&peer, authorization.as_deref(), &action, "xds lrs");
+                    if let Err(refusal) = admitted {
+                        let _ = tx.send(Err(super::refused(&refusal))).await;
+                        return;
+                    }
                     id = Some(node.id.clone());
                     let ask = LoadStatsResponse {
                         send_all_clusters: true,
@@ -157,7 +174,8 @@ impl LoadReportingService for LrsService {
         request: Request<Streaming<LoadStatsRequest>>,
     ) -> Result<Response<Self::StreamLoadStatsStream>, Status> {
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(self.0.clone().serve(request.into_inner(), tx));
+        let caller = super::caller_of(&request);
+        tokio::spawn(self.0.clone().serve(caller, request.into_inner(), tx));
         Ok(Response::new(Responses::new(rx)))
     }
 }

@@ -29,17 +29,23 @@ pub mod lrs;
 pub mod resources;
 
 use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer;
 use signpost_protocol::{Epoch, Revision};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tonic::transport::server::Connected;
+use tonic::Status;
 
+use crate::auth::Refusal;
+use crate::listener::{ApiListener, Io, Peer};
 use crate::model::Snapshot;
 
 /// Keeps `tx` at the resources of the newest registry snapshot, from when
@@ -73,22 +79,114 @@ pub async fn publish(
     }
 }
 
-/// Serves ADS and LRS on `listener` until `stop`.
+/// Serves ADS and LRS on `listener` (the API's kind: TLS when `tls.cert`
+/// is set, handshakes off the accept loop) until `stop`.
 pub async fn serve(
-    listener: TcpListener,
+    listener: ApiListener,
     ads: Arc<ads::Ads>,
     lrs: Arc<lrs::Lrs>,
     stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    info!(listen = ?listener.local_addr().ok(), "xDS server (ADS, LRS) listening");
     tonic::transport::Server::builder()
         .add_service(AggregatedDiscoveryServiceServer::new(ads::AdsService(ads)))
         .add_service(LoadReportingServiceServer::new(lrs::LrsService(lrs)))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            stop.cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(Incoming(listener), stop.cancelled_owned())
         .await
+}
+
+/// The listener's connections as the stream tonic serves.
+struct Incoming(ApiListener);
+
+impl tonic::codegen::tokio_stream::Stream for Incoming {
+    type Item = Result<Connection, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0
+            .poll_accept(cx)
+            .map(|(io, peer)| Some(Ok(Connection { io, peer })))
+    }
+}
+
+/// A connection with its [`Peer`], which tonic puts in each request's
+/// extensions: the streams take the client's identity from there.
+struct Connection {
+    io: Io,
+    peer: Peer,
+}
+
+impl Connected for Connection {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Who opened a stream: the connection's peer and the `authorization`
+/// metadata (a bearer token), for `auth::Gate::admit`.
+pub fn caller_of<T>(request: &tonic::Request<T>) -> (Peer, Option<String>) {
+    let peer = request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
+        address: SocketAddr::from(([0, 0, 0, 0], 0)),
+        certificate: None,
+    });
+    let authorization = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (peer, authorization)
+}
+
+/// A refused stream's status: PERMISSION_DENIED when the node id is not
+/// the client's identity, with the refusal's text naming both.
+pub fn refused(refusal: &Refusal) -> Status {
+    let text = format!("xDS stream refused: {refusal}");
+    match refusal {
+        Refusal::NoCredentials | Refusal::UnknownToken => Status::unauthenticated(text),
+        Refusal::BadId { .. } => Status::invalid_argument(text),
+        Refusal::TooManySubscriptions { .. } => Status::resource_exhausted(text),
+        _ => Status::permission_denied(text),
+    }
 }
 
 /// The resource types signpost serves, in make-before-break order: a
@@ -185,6 +283,27 @@ mod tests {
         for foreign in ["", "12", "x-1", "1-x", "0-3", "1-2-3"] {
             assert_eq!(Version::parse(foreign), None, "{foreign:?}");
         }
+    }
+
+    #[test]
+    fn a_node_id_that_is_not_the_clients_identity_is_permission_denied_naming_both() {
+        let refusal = Refusal::NotItself {
+            router: "envoy-1".into(),
+            identity: "envoy-2".into(),
+            credential: "client certificate",
+            what: "subscribe",
+        };
+        let status = refused(&refusal);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status.message().contains("\"envoy-1\"") && status.message().contains("\"envoy-2\""),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            refused(&Refusal::NoCredentials).code(),
+            tonic::Code::Unauthenticated
+        );
     }
 
     #[test]
