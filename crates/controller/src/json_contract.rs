@@ -358,7 +358,10 @@ async fn a_follower_redirects_subscriptions_to_the_leader() {
     let app = hub
         .routes()
         .layer(axum::extract::connect_info::MockConnectInfo(
-            SocketAddr::from(([127, 0, 0, 1], 40000)),
+            crate::listener::Peer {
+                address: SocketAddr::from(([127, 0, 0, 1], 40000)),
+                certificate: None,
+            },
         ));
     let path = format!(
         "/v1/watch?router=r1&protocol={}",
