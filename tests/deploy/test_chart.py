@@ -107,7 +107,7 @@ def test_every_manifest_is_valid_kubernetes(values):
 
 
 def test_controller_runs_two_replicas_with_a_lease_spread_over_nodes():
-    docs = render({})
+    docs = render(MINIMAL)
     (deploy,) = by_kind(docs, "Deployment")
     spec = deploy["spec"]
     assert spec["replicas"] == 2
@@ -120,19 +120,19 @@ def test_controller_runs_two_replicas_with_a_lease_spread_over_nodes():
         spec["selector"]["matchLabels"]
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["SIGNPOST_HA_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert env["SIGNPOST_HA_ADVERTISE"]["value"] == "http://$(POD_IP):7070"
+    assert env["SIGNPOST_HA_ADVERTISE"]["value"] == "https://$(POD_IP):7070", "TLS by default"
     (pdb,) = [d for d in by_kind(docs, "PodDisruptionBudget")]
     assert pdb["spec"]["maxUnavailable"] == 1
     (cm,) = by_kind(docs, "ConfigMap")
     assert '[ha]\ntable = "signpost-lease"' in cm["data"]["controller.toml"]
-    hard = render({"controller": {"antiAffinity": "hard"}})
+    hard = render({**MINIMAL, "controller": {"antiAffinity": "hard"}})
     (deploy,) = by_kind(hard, "Deployment")
     assert "requiredDuringSchedulingIgnoredDuringExecution" in \
         deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
 
 
 def test_one_replica_without_a_lease_is_recreated_never_overlapped():
-    values = {"controller": {"replicas": 1, "config": {"ha": {"table": ""}}}}
+    values = {**MINIMAL, "controller": {"replicas": 1, "config": {"ha": {"table": ""}}}}
     docs = render(values)
     (deploy,) = by_kind(docs, "Deployment")
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
@@ -145,7 +145,7 @@ def test_one_replica_without_a_lease_is_recreated_never_overlapped():
 def test_two_replicas_without_a_lease_are_refused():
     with helm.Chart.load(str(CHART)) as chart:
         with pytest.raises(helm.HelmError) as e:
-            chart.render({"controller": {"config": {"ha": {"table": ""}}}},
+            chart.render({**MINIMAL, "controller": {"config": {"ha": {"table": ""}}}},
                          name="signpost", namespace="signpost")
     assert "controller.config.ha.table" in str(e.value), str(e.value)
 
