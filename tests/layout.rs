@@ -117,18 +117,33 @@ fn the_data_plane_depends_on_the_protocol_only_and_never_on_the_aws_sdk() {
     let graph = resolved();
     let deps = closure(graph, "signpost-router");
     assert_eq!(ours(&deps), vec!["signpost-protocol"]);
-    let aws = sdk_crates(&deps);
+    let aws = aws_crates_in_build_of("signpost-router");
     assert!(aws.is_empty(), "the router build pulls in {aws:?}");
 }
 
-/// The AWS SDK's crates among `deps`. aws-lc-rs is rustls's crypto provider
-/// (the data plane's TLS to the controller), not the SDK: the workspace
-/// already builds it for the SDK's HTTPS client, and one provider for both
-/// keeps it built once.
-fn sdk_crates(deps: &BTreeSet<String>) -> Vec<&String> {
-    deps.iter()
-        .filter(|d| d.starts_with("aws-") && !d.starts_with("aws-lc-"))
-        .collect()
+/// The AWS crates (the SDK and its aws-lc crypto library) in `package`'s
+/// own build. `cargo tree -p` resolves features for that package alone, as
+/// `cargo build -p` does; `cargo metadata` unifies the whole workspace's
+/// features, where rustls's aws-lc-rs (the controller's) would show up in
+/// the router's closure although the router's build never compiles it.
+fn aws_crates_in_build_of(package: &str) -> Vec<String> {
+    let out = Command::new(env!("CARGO"))
+        .args(["tree", "--offline", "--locked", "-e", "normal"])
+        .args(["--prefix", "none", "--format", "{p}", "-p", package])
+        .current_dir(repo())
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|n| n.starts_with("aws-"))
+        .collect();
+    names.into_iter().collect()
 }
 
 #[test]
@@ -136,7 +151,7 @@ fn the_agents_are_data_plane_too_and_never_pull_in_the_aws_sdk() {
     let graph = resolved();
     let deps = closure(graph, "signpost-agents");
     assert_eq!(ours(&deps), vec!["signpost-protocol", "signpost-router"]);
-    let aws = sdk_crates(&deps);
+    let aws = aws_crates_in_build_of("signpost-agents");
     assert!(aws.is_empty(), "the agents' build pulls in {aws:?}");
 }
 

@@ -60,10 +60,10 @@ pub struct Controller {
     token_file: Option<PathBuf>,
 }
 
-/// Named, not the process default: the workspace enables more than one
-/// provider, and rustls then has no default to pick.
+/// ring, named rather than the process default: a workspace build enables
+/// aws-lc-rs too (for the controller), and rustls then has no default to pick.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 impl Controller {
