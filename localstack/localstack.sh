@@ -21,42 +21,20 @@
 #      SIGNPOST_LOCALSTACK_START_TIMEOUT (default 60) seconds `start` waits for it.
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-CACHE="${SIGNPOST_CACHE:-$HOME/.cache/signpost}"
-VENV="$CACHE/localstack-venv"
-STATE_DIR="${SIGNPOST_STATE:-$CACHE/localstack-state}"
-REQS="$HERE/localstack-requirements.txt"
-PY="$VENV/bin/python"
-SERVER="$HERE/localstack_server"
-PYTHON="${SIGNPOST_PYTHON:-python3}"
-
-log() { echo "localstack: $*" >&2; }
-die() { log "$*"; exit 1; }
-
-# As in emulator.sh: the venv counts only with a stamp of exactly this
-# requirements file and interpreter, written last.
-want_stamp() {
-    { sha256sum "$REQS" | cut -d' ' -f1; "$PYTHON" -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1
-}
-
-install() {
-    mkdir -p "$CACHE"
-    local want; want="$(want_stamp)"
-    [[ -x "$PY" && "$(cat "$VENV/.signpost-stamp" 2>/dev/null)" == "$want" ]] && return 0
-    exec 9>"$CACHE/localstack-install.lock"
-    flock 9
-    if [[ ! -x "$PY" || "$(cat "$VENV/.signpost-stamp" 2>/dev/null)" != "$want" ]]; then
-        log "installing LocalStack into $VENV (about two minutes)"
-        rm -rf "$VENV"
-        "$PYTHON" -m venv "$VENV" >&2 \
-            || die "$PYTHON -m venv failed (on Debian: apt-get install python3-venv)"
-        PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/pip" install --no-input -q -r "$REQS" >&2 \
-            || die "pip could not install $REQS into $VENV (pinned and checked with Python 3.11; 4.14 and later need 3.12)"
-        echo "$want" >"$VENV/.signpost-stamp"
-        log "installed localstack-core $("$PY" -c 'import importlib.metadata as m; print(m.version("localstack-core"))')"
-    fi
-    exec 9>&-
-}
+NAME=localstack
+LABEL=LocalStack
+DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${SIGNPOST_CACHE:-$HOME/.cache/signpost}/localstack-venv"
+STATE_DIR="${SIGNPOST_STATE:-${SIGNPOST_CACHE:-$HOME/.cache/signpost}/localstack-state}"
+REQS="$DIR/localstack-requirements.txt"
+SERVER="$DIR/localstack_server"
+LOG=localstack.log
+INSTALLED="$VENV/bin/python"
+INSTALL_TIME="about two minutes; 4.14 and later need Python 3.12"
+PID_PATTERNS="localstack.runtime.main"
+START_TIMEOUT="${SIGNPOST_LOCALSTACK_START_TIMEOUT:-60}"
+# Its shutdown takes a few seconds; past 10 it is not coming.
+STOP_TENTHS=100
 
 # Is LocalStack up at $1? Its health endpoint answers once the gateway runs.
 answers() {
@@ -66,68 +44,17 @@ urllib.request.urlopen(sys.argv[1] + "/_localstack/health", timeout=1)
 PYEOF
 }
 
-our_pid() {
-    local pid
-    pid="$(cat "$STATE_DIR/pid" 2>/dev/null)" && grep -qs localstack.runtime.main "/proc/$pid/cmdline" && echo "$pid"
-}
+version() { echo "localstack-core $("$PY" -c 'import importlib.metadata as m; print(m.version("localstack-core"))')"; }
 
-running_endpoint() {
-    local ep
-    our_pid >/dev/null && ep="$(cat "$STATE_DIR/endpoint" 2>/dev/null)" && answers "$ep" && echo "$ep"
-}
-
-print_exports() {
-    echo "export AWS_ENDPOINT_URL=$1 AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test"
-}
-
-start() {
-    local port=""
-    while [[ $# -gt 0 ]]; do
-        case "$1" in
-            --port) port="$2"; shift 2 ;;
-            --port=*) port="${1#*=}"; shift ;;
-            *) die "start: unknown argument $1" ;;
-        esac
-    done
-    install
-    local ep
-    if ep="$(running_endpoint)"; then print_exports "$ep"; return 0; fi
-    local asked="${port:-0}"
-    # SO_REUSEADDR as LocalStack's server has it: a port that `reset` just
-    # closed (TIME_WAIT) is free for it.
-    port="$("$PY" -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1]))); print(s.getsockname()[1])' "$asked" 2>/dev/null)" \
-        || die "port $asked on 127.0.0.1 is in use"
-    ep="http://127.0.0.1:$port"
+# Its own files start empty: the free edition has no reset call.
+launch() {
     rm -rf "$STATE_DIR/files"
     mkdir -p "$STATE_DIR/files"
-    setsid "$SERVER" -p "$port" -d "$STATE_DIR/files" </dev/null >"$STATE_DIR/localstack.log" 2>&1 &
-    local pid=$!
-    echo "$pid" >"$STATE_DIR/pid"
-    echo "$ep" >"$STATE_DIR/endpoint"
-    local deadline=$((SECONDS + ${SIGNPOST_LOCALSTACK_START_TIMEOUT:-60}))
-    until answers "$ep"; do
-        if ! kill -0 "$pid" 2>/dev/null || ((SECONDS >= deadline)); then
-            kill -9 "$pid" 2>/dev/null || true
-            tail -20 "$STATE_DIR/localstack.log" >&2 || true
-            rm -f "$STATE_DIR/pid" "$STATE_DIR/endpoint"
-            die "LocalStack did not come up on $ep (log: $STATE_DIR/localstack.log)"
-        fi
-        sleep 0.2
-    done
-    log "LocalStack pid $pid on $ep (log: $STATE_DIR/localstack.log)"
-    print_exports "$ep"
+    exec setsid "$SERVER" -p "$1" -d "$STATE_DIR/files"
 }
 
-stop_it() {
-    local pid
-    if pid="$(our_pid)"; then
-        kill "$pid"
-        # Its shutdown takes a few seconds; past 10 it is not coming.
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-        log "stopped LocalStack pid $pid"
-    fi
-}
+# shellcheck source=server.sh
+source "$DIR/server.sh"
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
@@ -138,9 +65,9 @@ case "$cmd" in
     endpoint) running_endpoint || die "not running" ;;
     reset)
         ep="$(running_endpoint)" || die "not running"
-        stop_it
+        stop_server
         start --port "${ep##*:}" >/dev/null
         log "reset $ep" ;;
-    stop)     stop_it; rm -rf "$STATE_DIR" ;;
+    stop)     stop_server; rm -rf "$STATE_DIR" ;;
     *) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
