@@ -466,6 +466,8 @@ pub struct Lifecycle<C> {
 impl<C: AutoScaling> Lifecycle<C> {
     pub async fn run(self, mut fleets: watch::Receiver<Arc<Fleet>>, shutdown: CancellationToken) {
         let this = Arc::new(self);
+        let mut leadership = this.leadership.clone();
+        let mut leadership_can_change = true;
         let mut tasks: JoinSet<(LifecycleAction, bool)> = JoinSet::new();
         let mut running: HashMap<LifecycleAction, AbortHandle> = HashMap::new();
         let mut done: HashMap<LifecycleAction, Instant> = HashMap::new();
@@ -475,31 +477,13 @@ impl<C: AutoScaling> Lifecycle<C> {
                     if changed.is_err() {
                         return;
                     }
-                    let fleet = fleets.borrow_and_update().clone();
-                    let waiting = waiting_actions(&fleet, &this.config.hook_prefix);
-                    running.retain(|action, task| {
-                        let still = waiting.iter().any(|w| w.action == *action);
-                        if !still {
-                            debug!(group = %action.group, instance = %action.instance, hook = %action.hook, "action no longer waiting; its task is dropped");
-                            task.abort();
-                            this.log.forget(action);
-                        }
-                        still
-                    });
-                    done.retain(|action, at| {
-                        at.elapsed() < REDO_AFTER && waiting.iter().any(|w| w.action == *action)
-                    });
-                    for w in waiting {
-                        if running.contains_key(&w.action) || done.contains_key(&w.action) {
-                            continue;
-                        }
-                        let action = w.action.clone();
-                        let task = this.clone();
-                        let handle = tasks.spawn(async move {
-                            let action = w.action.clone();
-                            (action, task.handle(w).await)
-                        });
-                        running.insert(action, handle);
+                }
+                changed = leadership.changed(), if leadership_can_change => {
+                    // Closed: leadership stays what it is (a single
+                    // controller's sender may be gone).
+                    if changed.is_err() {
+                        leadership_can_change = false;
+                        continue;
                     }
                 }
                 Some(joined) = tasks.join_next() => {
@@ -509,8 +493,45 @@ impl<C: AutoScaling> Lifecycle<C> {
                             done.insert(action, Instant::now());
                         }
                     }
+                    continue;
                 }
                 _ = shutdown.cancelled() => return,
+            }
+            // A follower takes up no action: only the leader may complete
+            // one, and a follower that showed actions it would never
+            // complete (or kept waiting on after it lost the lease) would
+            // mislead whoever reads `/v1/lifecycle`. On becoming leader the
+            // current listing is taken up from scratch.
+            let leading = leadership.borrow_and_update().is_leader();
+            let fleet = fleets.borrow_and_update().clone();
+            let waiting = if leading {
+                waiting_actions(&fleet, &this.config.hook_prefix)
+            } else {
+                Vec::new()
+            };
+            running.retain(|action, task| {
+                let still = waiting.iter().any(|w| w.action == *action);
+                if !still {
+                    debug!(group = %action.group, instance = %action.instance, hook = %action.hook, leading, "action not ours to wait for any more; its task is dropped");
+                    task.abort();
+                    this.log.forget(action);
+                }
+                still
+            });
+            done.retain(|action, at| {
+                at.elapsed() < REDO_AFTER && waiting.iter().any(|w| w.action == *action)
+            });
+            for w in waiting {
+                if running.contains_key(&w.action) || done.contains_key(&w.action) {
+                    continue;
+                }
+                let action = w.action.clone();
+                let task = this.clone();
+                let handle = tasks.spawn(async move {
+                    let action = w.action.clone();
+                    (action, task.handle(w).await)
+                });
+                running.insert(action, handle);
             }
         }
     }
@@ -993,6 +1014,63 @@ mod tests {
             w.lifecycle.log.actions().0.is_empty(),
             "not shown as under way"
         );
+    }
+
+    /// `run` as the controller drives it: actions are taken up from
+    /// listings only while this replica leads, and dropped when it stops.
+    #[tokio::test(start_paused = true)]
+    async fn only_the_leader_takes_up_actions_and_a_stepped_down_one_drops_them() {
+        let w = world(LifecycleConfig::default(), Duration::ZERO);
+        w.leadership
+            .send_replace(Leadership::Follower { leader: None });
+        set(&w.registry, add("i-1"));
+        let lifecycle = Lifecycle {
+            cloud: w.lifecycle.cloud.clone(),
+            registry: w.registry.clone(),
+            routers: w.routers.clone(),
+            config: w.lifecycle.config.clone(),
+            log: w.lifecycle.log.clone(),
+            serving: w.lifecycle.serving.clone(),
+            leadership: w.lifecycle.leadership.clone(),
+        };
+        let fleet = Fleet {
+            groups: vec![ObservedGroup {
+                name: "g".into(),
+                service: Some("users".into()),
+                settings: Err("not needed here".into()),
+                instances: vec![instance("i-1", "Pending:Wait")],
+                hooks: vec![hook("signpost-launch", Transition::Launching)],
+            }],
+        };
+        let (fleets_tx, fleets) = watch::channel(Arc::new(Fleet { groups: vec![] }));
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(lifecycle.run(fleets, shutdown.clone()));
+        fleets_tx.send_replace(Arc::new(fleet));
+        settle().await;
+        assert!(w.lifecycle.log.actions().0.is_empty(), "a follower waits on nothing");
+
+        let now = Instant::now();
+        w.leadership.send_replace(Leadership::Leader(crate::lease::Term {
+            token: 1,
+            since: now,
+            since_wall: SystemTime::now(),
+            valid_until: now + Duration::from_secs(60),
+        }));
+        settle().await;
+        let (active, _) = w.lifecycle.log.actions();
+        assert_eq!(active.len(), 1, "the new leader takes up the current listing");
+
+        w.leadership
+            .send_replace(Leadership::Follower { leader: None });
+        settle().await;
+        assert!(w.lifecycle.log.actions().0.is_empty(), "stepping down drops it");
+        // Healthy and acked after stepping down: nothing is completed.
+        let healthy = set(&w.registry, state("i-1", EndpointState::Healthy));
+        ack(&w.routers, healthy, &[]);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(completed(&w).is_empty());
+        shutdown.cancel();
+        run.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
