@@ -475,3 +475,85 @@ async fn zero_failed_requests_when_a_controller_restarts_while_aws_is_away_durin
         "the routers did ack the previous controller's revisions: {ignored:?}"
     );
 }
+
+/// `[routers] expected`: a router that is expected but missing holds a
+/// termination up to `drain_timeout` (it may be routing from its cache),
+/// and `/v1/lifecycle`, `/readyz` and `/metrics` say which; an id that is
+/// not expected may not subscribe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_expected_router_holds_a_termination_until_drain_timeout_and_says_why() {
+    const DRAIN: Duration = Duration::from_secs(6);
+    let config =
+        "[lifecycle]\nrouter_grace = \"1s\"\nlaunch_timeout = \"30s\"\ndrain_timeout = \"6s\"\n\
+                  [routers]\nexpected = [\"r1\", \"r2\"]\n";
+    let scene =
+        Scene::start_with_health(PORT, "web-expected", &tags("web"), 1, config, HEALTH).await;
+    let Scene {
+        emulator: _emulator,
+        cloud,
+        backends,
+        controller,
+        instances,
+    } = scene;
+    cloud
+        .put_hook(
+            "web-expected",
+            "signpost-terminate",
+            "terminating",
+            300,
+            "CONTINUE",
+        )
+        .await;
+    let (status, body) = controller.get("/v1/watch?protocol=1&router=r9").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("routers.expected"),
+        "{body}"
+    );
+
+    let router = Router::start(&controller.url(""), "r1", &cache_file("expected"), &[]).await;
+    router.wait_ready().await;
+    controller.wait_in_sync(&router).await;
+    let (_, ready) = controller.get("/readyz").await;
+    assert_eq!(
+        ready["routers_missing"],
+        serde_json::json!(["r2 (expected, not connected)"])
+    );
+    assert_eq!(
+        controller.metric("signpost_routers_missing").await,
+        Some(1.0)
+    );
+    let _followed = FollowedGroup::start(&cloud, "web-expected", backends);
+
+    let (id, _) = instances[0].clone();
+    cloud.set_desired("web-expected", 0).await;
+    let asked = SystemTime::now();
+    let waiting = wait_for(
+        "the termination to wait, naming r2",
+        Duration::from_secs(20),
+        || async {
+            let (_, body) = controller.get("/v1/lifecycle").await;
+            let active = body["active"].as_array()?.clone();
+            let note = active.iter().find(|a| a["instance"] == id.as_str())?["note"]
+                .as_str()?
+                .to_owned();
+            note.contains("r2 (expected, not connected)")
+                .then_some(note)
+        },
+    )
+    .await;
+    eprintln!("while waiting: {waiting}");
+    let record = wait_completed(&controller, &id).await;
+    let completed_at = SystemTime::now();
+    assert_eq!(record["result"], "continue", "{record}");
+    let note = record["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("drain_timeout") && note.contains("r2 (expected, not connected)"),
+        "the completion says why it waited: {record}"
+    );
+    let held = completed_at.duration_since(asked).unwrap();
+    assert!(
+        held >= DRAIN - Duration::from_millis(500),
+        "held {held:?}, less than drain_timeout: r1 alone had acked long before"
+    );
+}

@@ -542,3 +542,81 @@ async fn an_identity_holds_at_most_its_share_of_subscriptions() {
     })
     .await;
 }
+
+/// `limits.requests_per_second`: an identity that sends more is answered
+/// 429 with `Retry-After`, counted; other identities are not slowed, and
+/// the caller is served again once its rate allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_over_its_request_rate_is_refused_and_others_are_not() {
+    let dir = dir("rate");
+    let ca = Ca::new(&dir, "signpost");
+    let server = ca.server("controller");
+    let tokens = dir.join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        token_entry("ops-token", "ops", "admin")
+            + &token_entry("grafana-token", "grafana", "reader")
+            + &token_entry("edge-token", "edge", "router"),
+    )
+    .unwrap();
+    let emulator = Emulator::start().await;
+    let rest = format!(
+        "[auth]\ntokens_file = {:?}\n[limits]\nrequests_per_second = 5\n",
+        tokens.display().to_string()
+    );
+    let ops = write_token(&dir, "ops", "ops-token");
+    let controller = Controller::start_tls(
+        &emulator,
+        &tls_toml(&server, None, &rest),
+        &credentials(&ca, None, Some(&ops)),
+    )
+    .await;
+    let grafana = link(&credentials(
+        &ca,
+        None,
+        Some(&write_token(&dir, "grafana", "grafana-token")),
+    ));
+    let read = || async {
+        let request = Request::get(controller.url("/v1/services"))
+            .body(Full::default())
+            .unwrap();
+        grafana.send(request).await.unwrap()
+    };
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..20 {
+        let response = read().await;
+        if response.status() == 429 {
+            retry_after = response.headers().get("retry-after").cloned();
+        }
+        statuses.push(response.status().as_u16());
+    }
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(
+        statuses[..5].iter().all(|s| *s == 200) && refused >= 10,
+        "a second's worth served, then refused: {statuses:?}"
+    );
+    assert_eq!(retry_after.expect("Retry-After on a 429"), "1");
+    assert!(
+        controller
+            .metric("signpost_auth_refusals_total{reason=\"rate_limited\"}")
+            .await
+            >= Some(10.0)
+    );
+
+    let edge = link(&credentials(
+        &ca,
+        None,
+        Some(&write_token(&dir, "edge", "edge-token")),
+    ));
+    let (status, _) = call(&edge, Method::GET, watch(&controller, "edge"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "another identity is not slowed");
+    wait_for(
+        "grafana's rate to allow it again",
+        Duration::from_secs(5),
+        || async { (read().await.status() == 200).then_some(()) },
+    )
+    .await;
+}

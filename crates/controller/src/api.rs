@@ -134,6 +134,9 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         "sync": sync,
         "events": &*state.events,
         "leadership": state.leaders.json(),
+        // Not a reason to be unready: the controller serves the routers
+        // that are here; a missing one is the operator's to bring back.
+        "routers_missing": state.routers.missing(),
     });
     (status, Json(body)).into_response()
 }
@@ -264,6 +267,10 @@ fn page(state: &ApiState) -> Page {
             let n = connected.iter().filter(|r| r.kind == kind).count();
             ([kind.label()], n as f64)
         }),
+    );
+    page.gauge(
+        &metrics::ROUTERS_MISSING,
+        state.routers.missing().len() as f64,
     );
     let xds = &state.xds;
     page.counters(

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::guard::GuardConfig;
 use crate::model::HookResult;
+use crate::routers::ExpectedRouters;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -59,6 +60,8 @@ pub struct Config {
     pub events: EventsConfig,
     pub lifecycle: LifecycleConfig,
     pub removal_guard: GuardConfig,
+    /// `[routers]`: routers that must be there (see `routers`).
+    pub routers: ExpectedRouters,
     pub xds: XdsConfig,
     pub ha: HaConfig,
 }
@@ -179,6 +182,10 @@ pub struct LimitsConfig {
     /// Open `/v1/watch` streams per identity (a reconnecting router briefly
     /// holds two).
     pub subscriptions_per_identity: usize,
+    /// Requests per second per authenticated identity, with a burst of one
+    /// second's worth (a router acks every revision and, while requests
+    /// are in flight, every second).
+    pub requests_per_second: u32,
 }
 
 impl Default for LimitsConfig {
@@ -186,6 +193,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_body: 1 << 20,
             subscriptions_per_identity: 4,
+            requests_per_second: 100,
         }
     }
 }
@@ -401,6 +409,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             lifecycle: LifecycleConfig::default(),
             removal_guard: GuardConfig::default(),
+            routers: ExpectedRouters::default(),
             xds: XdsConfig::default(),
             ha: HaConfig::default(),
         }
@@ -575,6 +584,9 @@ impl Config {
             }
         }
         self.validate_ha()?;
+        self.routers
+            .check()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         validate_health("health", &self.health.defaults())?;
         for name in self.health.services.keys() {
             let key = format!("health.services.{name}");
@@ -650,6 +662,9 @@ impl Config {
                 "limits.subscriptions_per_identity",
                 "must be at least 1",
             ));
+        }
+        if self.limits.requests_per_second == 0 {
+            return Err(invalid("limits.requests_per_second", "must be at least 1"));
         }
         if tls.reload_interval < Duration::from_millis(100) {
             return Err(invalid("tls.reload_interval", "must be at least 100ms"));

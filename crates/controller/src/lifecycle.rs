@@ -35,7 +35,7 @@ use crate::model::{
     Transition,
 };
 use crate::registry::Registry;
-use crate::routers::Routers;
+use crate::routers::{Absent, Routers};
 
 /// Completed actions kept for `GET /v1/lifecycle`.
 const RECENT: usize = 1000;
@@ -636,6 +636,15 @@ impl<C: AutoScaling> Lifecycle<C> {
             }
         };
         self.log.healthy(action);
+        // Expected routers that are not connected cannot ack; the launch
+        // goes on without them (a router that lacks the instance only sends
+        // it no traffic), but says so.
+        let missing = self.routers.missing();
+        if !missing.is_empty() {
+            let note = format!("continuing without routers that are missing: {missing:?}");
+            warn!(group = %action.group, instance = %action.instance, "{note}");
+            self.log.note(action, note);
+        }
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
@@ -691,9 +700,18 @@ impl<C: AutoScaling> Lifecycle<C> {
         };
         let instance = action.instance.as_str();
         let left = deadline.saturating_duration_since(Instant::now());
+        let missing = self.routers.missing();
+        if !missing.is_empty() {
+            let note =
+                format!("waiting up to drain_timeout for routers that are missing: {missing:?}");
+            warn!(group = %action.group, instance = %action.instance, "{note}");
+            self.log.note(action, note);
+        }
         let drained = self
             .routers
-            .wait_routers(left, |r| r.has_acked(revision) && r.drained(instance))
+            .wait_routers(left, Absent::Counted(self.config.drain_timeout), |r| {
+                r.has_acked(revision) && r.drained(instance)
+            })
             .await;
         if let Err(routers) = drained {
             let note = format!(
@@ -1047,23 +1065,34 @@ mod tests {
         let run = tokio::spawn(lifecycle.run(fleets, shutdown.clone()));
         fleets_tx.send_replace(Arc::new(fleet));
         settle().await;
-        assert!(w.lifecycle.log.actions().0.is_empty(), "a follower waits on nothing");
+        assert!(
+            w.lifecycle.log.actions().0.is_empty(),
+            "a follower waits on nothing"
+        );
 
         let now = Instant::now();
-        w.leadership.send_replace(Leadership::Leader(crate::lease::Term {
-            token: 1,
-            since: now,
-            since_wall: SystemTime::now(),
-            valid_until: now + Duration::from_secs(60),
-        }));
+        w.leadership
+            .send_replace(Leadership::Leader(crate::lease::Term {
+                token: 1,
+                since: now,
+                since_wall: SystemTime::now(),
+                valid_until: now + Duration::from_secs(60),
+            }));
         settle().await;
         let (active, _) = w.lifecycle.log.actions();
-        assert_eq!(active.len(), 1, "the new leader takes up the current listing");
+        assert_eq!(
+            active.len(),
+            1,
+            "the new leader takes up the current listing"
+        );
 
         w.leadership
             .send_replace(Leadership::Follower { leader: None });
         settle().await;
-        assert!(w.lifecycle.log.actions().0.is_empty(), "stepping down drops it");
+        assert!(
+            w.lifecycle.log.actions().0.is_empty(),
+            "stepping down drops it"
+        );
         // Healthy and acked after stepping down: nothing is completed.
         let healthy = set(&w.registry, state("i-1", EndpointState::Healthy));
         ack(&w.routers, healthy, &[]);
@@ -1150,8 +1179,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn nothing_completes_before_the_grace_after_a_start() {
         let w = world(LifecycleConfig::default(), Duration::from_secs(10));
-        let started = Instant::now();
+        // The only router went away longer than drain_timeout ago: nothing
+        // but the grace holds the termination.
         w.routers.disconnect(ROUTER, 1);
+        tokio::time::advance(LifecycleConfig::default().drain_timeout).await;
+        w.serving.send_replace(Some(Instant::now()));
+        let started = Instant::now();
         assert!(
             w.lifecycle
                 .handle(waiting(

@@ -181,6 +181,12 @@ pub const ROUTERS_BY_KIND: Family<1> = Family {
     help: "Routers subscribed now, by kind: signpost, haproxy and nginx (NDJSON), envoy and grpc (xDS).",
     labels: ["kind"],
 };
+pub const ROUTERS_MISSING: Family<0> = Family {
+    name: "signpost_routers_missing",
+    kind: Kind::Gauge,
+    help: "Routers in [routers] expected that are not connected, plus kinds short of their [routers] minimum (one each); /readyz names them.",
+    labels: [],
+};
 pub const XDS_NACKS: Family<1> = Family {
     name: "signpost_xds_nacks_total",
     kind: Kind::Counter,
@@ -291,6 +297,7 @@ pub fn families() -> Vec<(&'static str, Kind, Vec<&'static str>)> {
         declared(&EVENT_RECEIVE_FAILURES),
         declared(&ROUTERS_CONNECTED),
         declared(&ROUTERS_BY_KIND),
+        declared(&ROUTERS_MISSING),
         declared(&XDS_NACKS),
         declared(&XDS_BAD_REQUESTS),
         declared(&XDS_RESPONSES),

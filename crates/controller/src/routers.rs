@@ -4,23 +4,24 @@
 //! it (the NDJSON hub today; an xDS server or a proxy agent the same way), so
 //! that completion logic lives in one place whatever the router kind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use signpost_protocol::{Ack, Ejection, Epoch, Revision};
 use thiserror::Error;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::model::rfc3339;
 
 /// What kind of data-plane client a router is: what it speaks, and so what
 /// it can report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouterKind {
     /// `signpost router` (NDJSON): every ack carries its requests in flight.
@@ -121,9 +122,53 @@ fn rfc3339_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::
 /// that it went away and when.
 const DISCONNECTED_KEPT: Duration = Duration::from_secs(15 * 60);
 
+/// `[routers]`: the routers an operator expects, so that a missing one is
+/// visible and waited for instead of silently not counted.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExpectedRouters {
+    /// Router ids (identities when authentication is on). When set, no
+    /// other id may subscribe or ack.
+    pub expected: BTreeSet<String>,
+    /// At least this many connected routers of a kind.
+    pub minimum: BTreeMap<RouterKind, usize>,
+}
+
+impl ExpectedRouters {
+    /// The first bad entry, as (key, reason) for the config's error.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        if let Some(id) = self.expected.iter().find(|id| !crate::auth::valid_id(id)) {
+            return Err((
+                "routers.expected".into(),
+                format!("{id:?} is not a router id (1 to 253 letters, digits, '.', '_' or '-')"),
+            ));
+        }
+        if let Some((kind, _)) = self.minimum.iter().find(|(_, n)| **n == 0) {
+            return Err((
+                format!("routers.minimum.{}", kind.label()),
+                "must be at least 1 (leave the kind out to expect none)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which routers a wait counts besides the connected ones.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Absent {
+    /// Only connected routers: a launch, where a router that lags merely
+    /// sends the new instance no traffic yet.
+    Ignored,
+    /// Also expected routers that are not connected, and any router that
+    /// disconnected less than this long ago: it may still be routing from
+    /// its cache, so a termination waits for it to come back and ack.
+    Counted(Duration),
+}
+
 pub struct Routers {
     /// This controller's lifetime: acks of any other are ignored.
     epoch: Epoch,
+    expected: ExpectedRouters,
     /// Acks ignored, by why: for `/metrics`.
     pub ignored: IgnoredAcks,
     /// Only acks, connects and disconnects take this lock, never a stream
@@ -161,8 +206,13 @@ pub enum AckRefused {
 
 impl Routers {
     pub fn new(epoch: Epoch) -> Routers {
+        Routers::expecting(epoch, ExpectedRouters::default())
+    }
+
+    pub fn expecting(epoch: Epoch, expected: ExpectedRouters) -> Routers {
         Routers {
             epoch,
+            expected,
             ignored: IgnoredAcks::default(),
             records: Mutex::default(),
             changed: watch::Sender::new(0),
@@ -210,7 +260,8 @@ pub struct RouterRecord {
     #[serde(skip)]
     connection: u64,
     #[serde(skip)]
-    disconnected_at: Option<SystemTime>,
+    /// Monotonic (tokio's clock, so that tests can move it).
+    disconnected_at: Option<Instant>,
 }
 
 impl RouterRecord {
@@ -262,49 +313,98 @@ impl Routers {
         self.records.lock().unwrap().values().cloned().collect()
     }
 
-    /// Connected routers for which `done` is false.
-    pub fn pending(&self, done: impl Fn(&RouterRecord) -> bool) -> Vec<String> {
-        self.records
-            .lock()
-            .unwrap()
+    /// Routers for which `done` is false: the connected ones, and with
+    /// `Absent::Counted` those that are missing or recently went away,
+    /// each with why.
+    pub fn pending(&self, absent: Absent, done: impl Fn(&RouterRecord) -> bool) -> Vec<String> {
+        let routers = self.records.lock().unwrap();
+        let mut pending: Vec<String> = routers
             .values()
             .filter(|r| r.connected && !done(r))
             .map(|r| r.id.clone())
-            .collect()
+            .collect();
+        if let Absent::Counted(within) = absent {
+            let now = Instant::now();
+            pending.extend(routers.values().filter_map(|r| {
+                let ago = now.duration_since(r.disconnected_at?);
+                (!r.connected && ago < within && !self.expected.expected.contains(&r.id))
+                    .then(|| format!("{} (disconnected {}s ago)", r.id, ago.as_secs()))
+            }));
+            pending.extend(self.missing_in(&routers));
+        }
+        pending
     }
 
-    /// Waits until `done` holds for every connected router, checked again
-    /// on every ack, connect and disconnect; or until `limit` passes, then
-    /// returns the routers still pending. A router that disconnects stops
-    /// counting: it gets a fresh snapshot when it comes back.
+    /// Expected routers that are not connected, and kinds with fewer
+    /// connected routers than their minimum: for `/readyz`, the metrics and
+    /// lifecycle notes.
+    pub fn missing(&self) -> Vec<String> {
+        self.missing_in(&self.records.lock().unwrap())
+    }
+
+    fn missing_in(&self, routers: &BTreeMap<String, RouterRecord>) -> Vec<String> {
+        let mut missing: Vec<String> = self
+            .expected
+            .expected
+            .iter()
+            .filter(|id| !routers.get(*id).is_some_and(|r| r.connected))
+            .map(|id| format!("{id} (expected, not connected)"))
+            .collect();
+        for (kind, &want) in &self.expected.minimum {
+            let have = routers
+                .values()
+                .filter(|r| r.connected && r.kind == *kind)
+                .count();
+            if have < want {
+                missing.push(format!(
+                    "{} routers: {have} connected, {want} expected",
+                    kind.label()
+                ));
+            }
+        }
+        missing
+    }
+
+    /// Whether `id` may subscribe or ack: any id unless `[routers]
+    /// expected` lists some.
+    pub fn is_expected(&self, id: &str) -> bool {
+        self.expected.expected.is_empty() || self.expected.expected.contains(id)
+    }
+
+    /// Waits until `done` holds for every router that counts (see
+    /// `pending`), checked again on every ack, connect and disconnect; or
+    /// until `limit` passes, then returns the routers still pending. A
+    /// router that reconnects counts anew: it gets a fresh snapshot and
+    /// must ack it.
     pub async fn wait_routers(
         &self,
         limit: Duration,
+        absent: Absent,
         done: impl Fn(&RouterRecord) -> bool,
     ) -> Result<(), Vec<String>> {
         let mut changed = self.changed.subscribe();
-        let all_done = || {
-            let routers = self.records.lock().unwrap();
-            routers.values().all(|r| !r.connected || done(r))
-        };
         let wait = async {
             loop {
                 changed.borrow_and_update();
-                if all_done() || changed.changed().await.is_err() {
+                if self.pending(absent, &done).is_empty() {
                     return;
                 }
+                // A recently disconnected router stops counting once its
+                // window passes, which no change announces: look again
+                // every second meanwhile.
+                let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
             }
         };
         match tokio::time::timeout(limit, wait).await {
             Ok(()) => Ok(()),
-            Err(_) => Err(self.pending(&done)),
+            Err(_) => Err(self.pending(absent, &done)),
         }
     }
 
     /// Waits until every connected router has acked `revision` (or a later
     /// one), or `limit` passes.
     pub async fn wait_acked(&self, revision: Revision, limit: Duration) -> Result<(), NotAcked> {
-        self.wait_routers(limit, |r| r.has_acked(revision))
+        self.wait_routers(limit, Absent::Ignored, |r| r.has_acked(revision))
             .await
             .map_err(|routers| NotAcked { revision, routers })
     }
@@ -453,7 +553,7 @@ impl Routers {
         let mut routers = self.records.lock().unwrap();
         routers.retain(|_, r| {
             r.disconnected_at
-                .is_none_or(|t| now.duration_since(t).unwrap_or_default() < DISCONNECTED_KEPT)
+                .is_none_or(|t| t.elapsed() < DISCONNECTED_KEPT)
         });
         routers.insert(
             id.to_owned(),
@@ -502,7 +602,7 @@ impl Routers {
         // A newer connection of the same router replaced this one: leave it.
         if let Some(r) = routers.get_mut(id).filter(|r| r.connection == connection) {
             r.connected = false;
-            r.disconnected_at = Some(SystemTime::now());
+            r.disconnected_at = Some(Instant::now());
             drop(routers);
             info!(router = %id, "router disconnected");
             self.bump();
@@ -548,6 +648,103 @@ mod tests {
         hub.connect("b", address);
         let err = hub.wait_acked(3, Duration::from_secs(1)).await.unwrap_err();
         assert_eq!(err.routers, vec!["b".to_string()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_termination_waits_for_missing_and_recently_gone_routers() {
+        let expected = ExpectedRouters {
+            expected: BTreeSet::from(["a".to_string(), "e".to_string()]),
+            minimum: BTreeMap::from([(RouterKind::Envoy, 1)]),
+        };
+        let hub = Arc::new(Routers::expecting(Epoch::from_bits(1), expected));
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        hub.connect("a", address);
+        let b = hub.connect("b", address);
+        acked(&hub, "a", 3);
+        hub.disconnect("b", b);
+        assert!(hub.is_expected("a") && !hub.is_expected("b"));
+        assert_eq!(
+            hub.missing(),
+            [
+                "e (expected, not connected)",
+                "envoy routers: 0 connected, 1 expected"
+            ]
+        );
+        let done = |r: &RouterRecord| r.has_acked(3);
+        assert_eq!(
+            hub.pending(Absent::Ignored, done),
+            Vec::<String>::new(),
+            "a launch counts connected routers only"
+        );
+        assert_eq!(
+            hub.pending(Absent::Counted(Duration::from_secs(10)), done),
+            [
+                "b (disconnected 0s ago)",
+                "e (expected, not connected)",
+                "envoy routers: 0 connected, 1 expected"
+            ]
+        );
+
+        let waiter = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                hub.wait_routers(
+                    Duration::from_secs(60),
+                    Absent::Counted(Duration::from_secs(10)),
+                    |r| r.has_acked(3),
+                )
+                .await
+            }
+        });
+        hub.connect("e", address);
+        acked(&hub, "e", 3);
+        hub.connect_kind("x", address, RouterKind::Envoy);
+        acked(&hub, "x", 3);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            !waiter.is_finished(),
+            "b went away 5 s ago: it may still route"
+        );
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(waiter.await.unwrap(), Ok(()), "b's window is over");
+
+        let e = hub.connect("e", address);
+        hub.disconnect("e", e);
+        let still = hub
+            .wait_routers(
+                Duration::from_secs(30),
+                Absent::Counted(Duration::from_secs(10)),
+                |_| true,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            still,
+            ["e (expected, not connected)"],
+            "an expected router is waited for to the limit, however long gone"
+        );
+    }
+
+    #[test]
+    fn expected_routers_are_checked_by_key() {
+        let bad = ExpectedRouters {
+            expected: BTreeSet::from(["edge 1".to_string()]),
+            ..Default::default()
+        };
+        assert_eq!(bad.check().unwrap_err().0, "routers.expected");
+        let zero = ExpectedRouters {
+            minimum: BTreeMap::from([(RouterKind::Grpc, 0)]),
+            ..Default::default()
+        };
+        assert_eq!(zero.check().unwrap_err().0, "routers.minimum.grpc");
+        let config: crate::config::Config =
+            toml::from_str("[routers]\nexpected = [\"edge-1\"]\nminimum = { envoy = 2 }\n")
+                .unwrap();
+        assert_eq!(config.routers.minimum[&RouterKind::Envoy], 2);
+        assert!(
+            toml::from_str::<crate::config::Config>("[routers]\nminimum = { apache = 1 }\n")
+                .is_err()
+        );
     }
 
     #[test]

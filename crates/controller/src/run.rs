@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use signpost_protocol::Epoch;
 
 use crate::api::{self, ApiState};
-use crate::auth::{tokens::Tokens, Gate};
+use crate::auth::{tokens::Tokens, Gate, Rate};
 use crate::cloud::{self, AutoScaling, AwsFleet, Hints};
 use crate::config::{Config, ConfigError, TlsConfig};
 use crate::endpoints::Endpoints;
@@ -153,7 +153,7 @@ pub async fn run(
     };
     let epoch = new_epoch();
     info!(%epoch, "controller epoch");
-    let routers = Arc::new(Routers::new(epoch));
+    let routers = Arc::new(Routers::expecting(epoch, config.routers.clone()));
     let hub = Hub::new(
         registry.subscribe(),
         routers.clone(),
@@ -373,6 +373,11 @@ fn secure(
         refusals: Arc::default(),
         subscriptions_per_identity: config.limits.subscriptions_per_identity,
         subscriptions: Arc::default(),
+        expected: config.routers.expected.clone(),
+        rate: config
+            .auth
+            .required(&config.tls)
+            .then(|| Rate::per_second(config.limits.requests_per_second)),
     });
     Ok((ApiListener::new(tcp, tls)?, gate))
 }

@@ -16,7 +16,7 @@
 
 pub mod tokens;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -153,10 +153,18 @@ pub enum Refusal {
     BadId { router: String },
     #[error("identity {identity:?} already has {limit} open subscriptions (limits.subscriptions_per_identity)")]
     TooManySubscriptions { identity: String, limit: usize },
+    #[error("router id {router:?} is not in routers.expected")]
+    NotExpected { router: String },
+    #[error("identity {identity:?} sent more than {limit} requests per second (limits.requests_per_second); retry in {retry_after_ms} ms")]
+    RateLimited {
+        identity: String,
+        limit: u32,
+        retry_after_ms: u64,
+    },
 }
 
 impl Refusal {
-    pub const LABELS: [&'static str; 7] = [
+    pub const LABELS: [&'static str; 9] = [
         "no_credentials",
         "unknown_token",
         "bad_certificate",
@@ -164,6 +172,8 @@ impl Refusal {
         "not_itself",
         "bad_id",
         "too_many_subscriptions",
+        "not_expected",
+        "rate_limited",
     ];
 
     pub fn label(&self) -> &'static str {
@@ -175,6 +185,8 @@ impl Refusal {
             Refusal::NotItself { .. } => "not_itself",
             Refusal::BadId { .. } => "bad_id",
             Refusal::TooManySubscriptions { .. } => "too_many_subscriptions",
+            Refusal::NotExpected { .. } => "not_expected",
+            Refusal::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -182,7 +194,9 @@ impl Refusal {
         match self {
             Refusal::NoCredentials | Refusal::UnknownToken => StatusCode::UNAUTHORIZED,
             Refusal::BadId { .. } => StatusCode::BAD_REQUEST,
-            Refusal::TooManySubscriptions { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::TooManySubscriptions { .. } | Refusal::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             _ => StatusCode::FORBIDDEN,
         }
     }
@@ -289,6 +303,48 @@ pub struct Gate {
     /// Open watch streams by identity: a stolen or buggy credential must
     /// not open streams (each a task and a socket) without end.
     pub subscriptions: Arc<Mutex<HashMap<String, usize>>>,
+    /// `routers.expected`: when not empty, the only router ids that may
+    /// subscribe or ack (with or without authentication).
+    pub expected: BTreeSet<String>,
+    /// `limits.requests_per_second` per identity; `None` without
+    /// authentication (loopback only), where there is no identity to
+    /// limit by.
+    pub rate: Option<Rate>,
+}
+
+/// Requests per second per identity (GCRA, a burst of one second's worth).
+pub struct Rate {
+    limit: u32,
+    limiter: governor::DefaultKeyedRateLimiter<String>,
+}
+
+impl Rate {
+    pub fn per_second(limit: u32) -> Rate {
+        let per_second = std::num::NonZeroU32::new(limit).unwrap_or(std::num::NonZeroU32::MIN);
+        Rate {
+            limit,
+            limiter: governor::RateLimiter::keyed(governor::Quota::per_second(per_second)),
+        }
+    }
+
+    fn check(&self, identity: &str) -> Result<(), Refusal> {
+        use governor::clock::Clock;
+        let key = identity.to_owned();
+        self.limiter.check_key(&key).map_err(|not_until| {
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            Refusal::RateLimited {
+                identity: key,
+                limit: self.limit,
+                retry_after_ms: wait.as_millis() as u64,
+            }
+        })?;
+        // Forget identities idle for a while, so that the map stays the
+        // size of the active fleet.
+        if self.limiter.len() > 10_000 {
+            self.limiter.retain_recent();
+        }
+        Ok(())
+    }
 }
 
 /// One open watch stream of an identity, given back when its response
@@ -339,6 +395,22 @@ impl Gate {
             refusals: Arc::default(),
             subscriptions_per_identity: usize::MAX,
             subscriptions: Arc::default(),
+            expected: BTreeSet::new(),
+            rate: None,
+        }
+    }
+
+    /// Refuses a router id that `routers.expected` does not list.
+    fn expects(&self, action: &Action) -> Result<(), Refusal> {
+        match action {
+            Action::Subscribe { router } | Action::Ack { router }
+                if !self.expected.is_empty() && !self.expected.contains(router) =>
+            {
+                Err(Refusal::NotExpected {
+                    router: router.clone(),
+                })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -413,13 +485,15 @@ impl Gate {
         what: &str,
     ) -> Result<Caller, Refusal> {
         let caller = self.identify(peer, authorization);
-        if !self.required {
-            return caller;
-        }
         let verdict = caller
             .as_ref()
             .map_err(Clone::clone)
-            .and_then(|c| authorize(c, action));
+            .and_then(|c| match self.required {
+                true => authorize(c, action),
+                // The node id is taken as given, as before authentication.
+                false => Ok(()),
+            })
+            .and_then(|()| self.expects(action));
         match verdict {
             Ok(()) => caller,
             Err(refusal) => {
@@ -449,7 +523,13 @@ impl Gate {
         let verdict = caller
             .as_ref()
             .map_err(Clone::clone)
-            .and_then(|c| authorize(c, &action))
+            .and_then(|c| {
+                if let Some(rate) = &gate.rate {
+                    rate.check(&c.identity)?;
+                }
+                authorize(c, &action)
+            })
+            .and_then(|()| gate.expects(&action))
             .and_then(|()| match (&action, &caller) {
                 // Without authentication, the router id is all there is to
                 // count by.
@@ -481,10 +561,19 @@ impl Gate {
                     Json(json!({ "error": refusal.to_string() })),
                 )
                     .into_response();
-                if refusal.status() == StatusCode::UNAUTHORIZED {
-                    response
-                        .headers_mut()
-                        .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+                match &refusal {
+                    Refusal::NoCredentials | Refusal::UnknownToken => {
+                        response
+                            .headers_mut()
+                            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+                    }
+                    Refusal::RateLimited { retry_after_ms, .. } => {
+                        let seconds = retry_after_ms.div_ceil(1000).max(1);
+                        response
+                            .headers_mut()
+                            .insert(header::RETRY_AFTER, seconds.into());
+                    }
+                    _ => {}
                 }
                 response
             }
@@ -560,5 +649,56 @@ mod tests {
             router: "edge-1".into(),
         };
         assert_eq!(authorize(&admin, &ack).unwrap_err().label(), "not_itself");
+    }
+
+    #[test]
+    fn with_routers_expected_no_other_id_subscribes_or_acks_even_unauthenticated() {
+        let gate = Gate {
+            expected: BTreeSet::from(["edge-1".to_string()]),
+            ..Gate::open()
+        };
+        let peer = Peer {
+            address: "127.0.0.1:9".parse().unwrap(),
+            certificate: None,
+        };
+        let sub = |router: &str| Action::Subscribe {
+            router: router.into(),
+        };
+        assert!(gate.admit(&peer, None, &sub("edge-1"), "xds ads").is_ok());
+        let refused = gate
+            .admit(&peer, None, &sub("edge-9"), "xds ads")
+            .unwrap_err();
+        assert_eq!(refused.label(), "not_expected");
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert!(refused.to_string().contains("edge-9"), "{refused}");
+        assert_eq!(
+            gate.admit(&peer, None, &Action::Read, "/v1/services")
+                .map(|c| c.role),
+            Ok(Role::Admin)
+        );
+        assert!(gate.refusals.counts().contains(&("not_expected", 1)));
+    }
+
+    #[test]
+    fn each_identity_has_its_own_request_rate() {
+        let rate = Rate::per_second(3);
+        for _ in 0..3 {
+            assert_eq!(rate.check("grafana"), Ok(()), "a second's worth at once");
+        }
+        let refused = rate.check("grafana").unwrap_err();
+        assert_eq!(refused.label(), "rate_limited");
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let Refusal::RateLimited { retry_after_ms, .. } = refused else {
+            unreachable!()
+        };
+        assert!(
+            (1..=334).contains(&retry_after_ms),
+            "one request's interval: {retry_after_ms}"
+        );
+        assert_eq!(
+            rate.check("edge-1"),
+            Ok(()),
+            "another identity is not slowed"
+        );
     }
 }
