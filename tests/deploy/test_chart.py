@@ -62,6 +62,10 @@ FULL = {
 }
 FULL["router"]["tokenSecretName"] = "signpost-router-token"
 
+# TLS from cert-manager instead of a Secret made beforehand.
+CERT_MANAGER = {"security": {"tls": {"certManager": {"enabled": True,
+                                                     "issuerRef": {"name": "signpost-ca"}}}}}
+
 
 def render(values):
     with helm.Chart.load(str(CHART)) as chart:
@@ -80,7 +84,7 @@ def by_kind(docs, kind):
 
 
 def test_chart_lints_clean():
-    for values in (MINIMAL, FULL):
+    for values in (MINIMAL, FULL, CERT_MANAGER):
         result = helm.lint(str(CHART), values=values, strict=True, kube_version=KUBE_VERSION)
         assert not result["errors"], result
         # severity 1 is INFO ("icon is recommended"); WARNING and ERROR are 2 and up.
@@ -194,8 +198,15 @@ def test_irsa_role_annotation_and_router_wiring():
     ({"serviceAccount": {"roleArn": "signpost-role"}}, "roleArn"),
     ({"service": {"port": "http"}}, "port"),
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+    ({"security": {"tls": {"certManager": {"enabled": True, "issuer": "ca"}}}}, "issuer"),
+    ({"security": {"tls": {"certManager": {"issuerRef": {"name": "ca", "knd": "Issuer"}}}}}, "knd"),
+    ({"security": {"tls": {"certManager": {"duration": "90 days"}}}}, "duration"),
+    ({"security": {"tls": {"certManager": {"dnsNames": ["Signpost_API"]}}}}, "dnsNames"),
+    ({"security": {"tls": {"certManager": {"enabled": "yes"}}}}, "enabled"),
 ], ids=["negative-replicas", "bad-lease-duration", "bad-duration", "zero-threshold", "bad-port", "typo-key",
-        "bad-role-arn", "port-not-int", "bad-pull-policy"])
+        "bad-role-arn", "port-not-int", "bad-pull-policy", "cert-manager-unknown-key",
+        "cert-manager-issuer-ref-typo", "cert-manager-bad-duration", "cert-manager-bad-dns-name",
+        "cert-manager-enabled-not-bool"])
 def test_bad_values_are_rejected_by_the_schema(values, message):
     with helm.Chart.load(str(CHART)) as chart:
         with pytest.raises(helm.HelmError) as e:
@@ -205,7 +216,7 @@ def test_bad_values_are_rejected_by_the_schema(values, message):
     assert message in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("values", [MINIMAL, FULL], ids=["defaults", "full"])
+@pytest.mark.parametrize("values", [MINIMAL, FULL, CERT_MANAGER], ids=["defaults", "full", "cert-manager"])
 def test_configmap_toml_is_accepted_by_the_controller(values, signpost_bin, tmp_path):
     (cm,) = by_kind(render(values), "ConfigMap")
     path = tmp_path / "controller.toml"
@@ -264,3 +275,88 @@ def test_the_api_off_loopback_needs_tls_unless_plaintext_is_accepted(signpost_bi
     (deploy,) = by_kind(render(MINIMAL), "Deployment")
     (c,) = deploy["spec"]["template"]["spec"]["containers"]
     assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_no_certificate_unless_cert_manager_is_enabled():
+    for values in (MINIMAL, FULL, {"security": {"insecurePlaintext": True}}):
+        assert not by_kind(render(values), "Certificate")
+
+
+def _tls_volume(deploy, name):
+    (volume,) = [v for v in deploy["spec"]["template"]["spec"]["volumes"] if v["name"] == name]
+    return volume["secret"]["secretName"]
+
+
+@pytest.mark.parametrize("values,secret", [
+    (CERT_MANAGER, "signpost-tls"),
+    ({**CERT_MANAGER, "fullnameOverride": "sp"}, "sp-tls"),
+    ({"security": {"tls": {"secretName": "my-tls", "certManager": CERT_MANAGER["security"]["tls"]["certManager"]}}},
+     "my-tls"),
+], ids=["default-secret", "fullname-override", "named-secret"])
+def test_cert_manager_certificate_goes_into_the_secret_the_pods_mount(values, secret):
+    docs = render({**values, "router": {"enabled": True}})
+    (cert,) = by_kind(docs, "Certificate")
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    spec = cert["spec"]
+    assert spec["secretName"] == secret
+    deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+                   for d in by_kind(docs, "Deployment")}
+    assert _tls_volume(deployments["controller"], "tls") == secret
+    # Routers verify the controller with the same Secret's ca.crt (and only that).
+    assert _tls_volume(deployments["router"], "controller-ca") == secret
+    assert spec["privateKey"] == {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"}
+    assert "server auth" in spec["usages"]
+    assert spec["issuerRef"] == {"name": "signpost-ca", "kind": "Issuer", "group": "cert-manager.io"}
+    # Empty: cert-manager's own defaults, not an empty string it would refuse.
+    assert "duration" not in spec and "renewBefore" not in spec
+    # Everything else is still plain, valid Kubernetes.
+    for doc in docs:
+        if doc["kind"] != "Certificate":
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_cert_manager_certificate_names_the_controller_service():
+    values = {"security": {"tls": {"certManager": {
+        "enabled": True,
+        "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"},
+        "duration": "2160h", "renewBefore": "720h",
+        "dnsNames": ["signpost.example.com", "signpost"]}}}}
+    docs = render(values)
+    (svc,) = [s for s in by_kind(docs, "Service")
+              if s["metadata"]["labels"]["app.kubernetes.io/component"] == "controller"]
+    name, ns = svc["metadata"]["name"], "signpost"  # render()'s namespace
+    (cert,) = by_kind(docs, "Certificate")
+    spec = cert["spec"]
+    assert spec["dnsNames"] == [name, f"{name}.{ns}", f"{name}.{ns}.svc",
+                                f"{name}.{ns}.svc.cluster.local", "signpost.example.com"], \
+        "the Service's four names, then the extra ones, without duplicates"
+    assert spec["duration"] == "2160h" and spec["renewBefore"] == "720h"
+    assert spec["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render({**values, "fullnameOverride": "edge-sd"}, name="r", namespace="infra")
+    (cert,) = [d for n, t in files.items() if not n.endswith("NOTES.txt")
+               for d in yaml.safe_load_all(t) if d and d["kind"] == "Certificate"]
+    assert cert["spec"]["dnsNames"][:4] == ["edge-sd", "edge-sd.infra", "edge-sd.infra.svc",
+                                            "edge-sd.infra.svc.cluster.local"]
+
+
+def test_without_tls_the_chart_refuses_unless_cert_manager_issues_it():
+    with pytest.raises(helm.HelmError) as e:
+        render({"security": {"tls": {"certManager": {"enabled": False, "issuerRef": {"name": "ca"}}}}})
+    assert "security.tls.secretName" in str(e.value) and "certManager" in str(e.value), str(e.value)
+    # Enabled without an issuer: refused, naming the key.
+    with pytest.raises(helm.HelmError) as e:
+        render({"security": {"tls": {"certManager": {"enabled": True}}}})
+    assert "security.tls.certManager.issuerRef.name" in str(e.value), str(e.value)
+    docs = render(CERT_MANAGER)
+    (cm,) = by_kind(docs, "ConfigMap")
+    toml = cm["data"]["controller.toml"]
+    assert 'cert = "/etc/signpost/tls/tls.crt"' in toml and 'client_ca = "/etc/signpost/tls/ca.crt"' in toml
+    assert "insecure_plaintext" not in toml
+    (deploy,) = by_kind(docs, "Deployment")
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["SIGNPOST_HA_ADVERTISE"]["value"] == "https://$(POD_IP):7070"
+    assert {"name": "tls", "mountPath": "/etc/signpost/tls", "readOnly": True} in c["volumeMounts"]

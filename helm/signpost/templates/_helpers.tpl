@@ -48,3 +48,16 @@ and floats always with a fraction (TOML's 20 is not a float). */ -}}
 {{- define "signpost.toml.float" -}}
 {{- $f := float64 . }}{{ if eq (floor $f) $f }}{{ printf "%d.0" (int64 $f) }}{{ else }}{{ $f }}{{ end }}
 {{- end }}
+
+{{- /* The Secret of the controller's TLS files (tls.crt, tls.key, ca.crt):
+security.tls.secretName, else, with the cert-manager Certificate
+(security.tls.certManager.enabled), the release's full name + "-tls", which
+that Certificate writes. Empty: no TLS. */ -}}
+{{- define "signpost.tlsSecretName" -}}
+{{- $tls := .Values.security.tls }}
+{{- if $tls.secretName }}
+{{- $tls.secretName }}
+{{- else if $tls.certManager.enabled }}
+{{- printf "%s-tls" (include "signpost.fullname" .) }}
+{{- end }}
+{{- end }}
