@@ -122,6 +122,16 @@ fn rfc3339_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::
 /// that it went away and when.
 const DISCONNECTED_KEPT: Duration = Duration::from_secs(15 * 60);
 
+/// Router ids are plain names, so that the id in a path or a query is the
+/// id the handler sees, with no escaping to disagree about.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 253
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 /// `[routers]`: the routers an operator expects, so that a missing one is
 /// visible and waited for instead of silently not counted.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -137,7 +147,7 @@ pub struct ExpectedRouters {
 impl ExpectedRouters {
     /// The first bad entry, as (key, reason) for the config's error.
     pub fn check(&self) -> Result<(), (String, String)> {
-        if let Some(id) = self.expected.iter().find(|id| !crate::auth::valid_id(id)) {
+        if let Some(id) = self.expected.iter().find(|id| !valid_id(id)) {
             return Err((
                 "routers.expected".into(),
                 format!("{id:?} is not a router id (1 to 253 letters, digits, '.', '_' or '-')"),

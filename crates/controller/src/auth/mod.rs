@@ -35,6 +35,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::listener::Peer;
+use crate::routers::valid_id;
 use tokens::Tokens;
 
 pub use crate::config::Role;
@@ -76,16 +77,6 @@ pub enum Action {
 #[derive(Deserialize)]
 struct WatchQuery {
     router: String,
-}
-
-/// Router ids are plain names, so that the id in a path or a query is the
-/// id the handler sees, with no escaping to disagree about.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 253
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 impl Action {

@@ -64,7 +64,7 @@ impl Tokens {
                     "{at}: sha256 must be 64 hex digits (`printf %s TOKEN | sha256sum`)"
                 )));
             }
-            if !super::valid_id(&entry.identity) {
+            if !crate::routers::valid_id(&entry.identity) {
                 return Err(invalid(format!(
                     "{at}: identity must be 1 to 253 letters, digits, '.', '_' or '-'"
                 )));
