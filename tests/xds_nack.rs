@@ -139,3 +139,71 @@ async fn a_nacking_client_is_shown_and_holds_a_launch_until_the_ack_wait_ends() 
         "held for the ACK wait (launch_timeout 8s), not {held:?}"
     );
 }
+
+/// xDS streams count against `limits.subscriptions_per_identity` as watch
+/// streams do (without authentication, by node id): one more is refused
+/// with RESOURCE_EXHAUSTED and counted, and a stream that ends gives its
+/// slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xds_streams_count_against_the_subscriptions_of_their_identity() {
+    let xds_port = free_port();
+    let toml = format!(
+        "[limits]\nsubscriptions_per_identity = 2\n\
+         [xds]\nlisten = \"127.0.0.1:{xds_port}\"\nenvoy_listener = \"127.0.0.1:{}\"\n",
+        free_port()
+    );
+    let tags = [("signpost:service", "web"), ("signpost:port", "18680")];
+    let scene = Scene::start(PORT, "web-xds-slots", &tags, 1, &toml).await;
+    let controller = &scene.controller;
+    // An ADS stream as node `edge`: the first response, or the refusal.
+    let open = || async {
+        let mut client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://127.0.0.1:{xds_port}"))
+                .await
+                .expect("connect to the xDS server");
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(DiscoveryRequest {
+            node: Some(Node {
+                id: "edge".into(),
+                user_agent_name: "envoy".into(),
+                ..Default::default()
+            }),
+            type_url: CDS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut responses = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .expect("ADS stream")
+            .into_inner();
+        let first = responses.message().await;
+        (first.map(|r| r.is_some()), tx, responses)
+    };
+    let (first, _tx1, one) = open().await;
+    let (second, _tx2, _two) = open().await;
+    assert!(
+        matches!((&first, &second), (Ok(true), Ok(true))),
+        "two streams of `edge` are served: {first:?} {second:?}"
+    );
+    let (third, _tx3, _three) = open().await;
+    let status = third.expect_err("a third stream of `edge` is refused");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("subscriptions_per_identity"),
+        "{status:?}"
+    );
+    assert_eq!(
+        controller
+            .metric("signpost_auth_refusals_total{reason=\"too_many_subscriptions\"}")
+            .await,
+        Some(1.0)
+    );
+    drop((one, _tx1));
+    wait_for("a slot to free up", Duration::from_secs(20), || async {
+        let (again, tx, stream) = open().await;
+        again.ok().map(|_| (tx, stream))
+    })
+    .await;
+}

@@ -236,6 +236,16 @@ pub fn authorize(caller: &Caller, action: &Action) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Whom a subscription counts against: the caller's identity, or without
+/// authentication the router id, which is all there is to count by.
+fn subscriber<'a>(caller: &'a Caller, router: &'a str) -> &'a str {
+    if caller.credential == Credential::None {
+        router
+    } else {
+        &caller.identity
+    }
+}
+
 /// How often one kind of refusal of one caller is logged: a router retrying
 /// a refused ack every second must not flood the log.
 const LOG_EVERY: Duration = Duration::from_secs(30);
@@ -338,9 +348,10 @@ impl Rate {
     }
 }
 
-/// One open watch stream of an identity, given back when its response
-/// body is dropped (the stream ended or the client went away).
-struct Slot {
+/// One open subscription (a watch stream or an xDS ADS stream) of an
+/// identity, given back when dropped (the stream ended or the client went
+/// away).
+pub struct Slot {
     subscriptions: Arc<Mutex<HashMap<String, usize>>>,
     identity: String,
 }
@@ -403,6 +414,21 @@ impl Gate {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Takes one of `limits.subscriptions_per_identity` for an xDS stream
+    /// admitted by `admit`, held as long as the returned slot; refused,
+    /// counted and logged when none is left.
+    pub fn hold_subscription(
+        &self,
+        caller: &Caller,
+        router: &str,
+        peer: &Peer,
+        what: &str,
+    ) -> Result<Slot, Refusal> {
+        let who = subscriber(caller, router);
+        self.take_slot(who)
+            .inspect_err(|refusal| self.refusals.record(refusal, who, peer, what))
     }
 
     /// Takes a subscription slot for `identity`, if it has one left.
@@ -525,12 +551,7 @@ impl Gate {
                 // Without authentication, the router id is all there is to
                 // count by.
                 (Action::Subscribe { router }, Ok(c)) => {
-                    let who = if c.credential == Credential::None {
-                        router
-                    } else {
-                        &c.identity
-                    };
-                    gate.take_slot(who).map(Some)
+                    gate.take_slot(subscriber(c, router)).map(Some)
                 }
                 _ => Ok(None),
             });
@@ -691,5 +712,34 @@ mod tests {
             Ok(()),
             "another identity is not slowed"
         );
+    }
+
+    #[test]
+    fn an_xds_stream_holds_a_subscription_slot_of_its_identity_until_dropped() {
+        let gate = Gate {
+            subscriptions_per_identity: 1,
+            ..Gate::open()
+        };
+        let peer = Peer {
+            address: "127.0.0.1:9".parse().unwrap(),
+            certificate: None,
+        };
+        let edge = caller("edge", Role::Router);
+        let held = gate
+            .hold_subscription(&edge, "edge", &peer, "xds ads")
+            .unwrap();
+        let refused = gate
+            .hold_subscription(&edge, "edge", &peer, "xds ads")
+            .err()
+            .expect("one slot only");
+        assert_eq!(refused.label(), "too_many_subscriptions");
+        assert!(gate
+            .refusals
+            .counts()
+            .contains(&("too_many_subscriptions", 1)));
+        drop(held);
+        assert!(gate
+            .hold_subscription(&edge, "edge", &peer, "xds ads")
+            .is_ok());
     }
 }

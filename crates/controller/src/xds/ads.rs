@@ -343,11 +343,19 @@ impl Ads {
         };
         let admitted = self
             .gate
-            .admit(&peer, authorization.as_deref(), &action, "xds ads");
-        if let Err(refusal) = admitted {
-            let _ = tx.send(Err(super::refused(&refusal))).await;
-            return;
-        }
+            .admit(&peer, authorization.as_deref(), &action, "xds ads")
+            .and_then(|caller| {
+                self.gate
+                    .hold_subscription(&caller, &node.id, &peer, "xds ads")
+            });
+        // Held for as long as the stream is served.
+        let _slot = match admitted {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                let _ = tx.send(Err(super::refused(&refusal))).await;
+                return;
+            }
+        };
         let address = peer.address;
         let kind = kind_of(&node);
         let connection = self.routers.connect_kind(&node.id, address, kind);

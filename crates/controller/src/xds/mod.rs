@@ -184,7 +184,9 @@ pub fn refused(refusal: &Refusal) -> Status {
     match refusal {
         Refusal::NoCredentials | Refusal::UnknownToken => Status::unauthenticated(text),
         Refusal::BadId { .. } => Status::invalid_argument(text),
-        Refusal::TooManySubscriptions { .. } => Status::resource_exhausted(text),
+        Refusal::TooManySubscriptions { .. } | Refusal::RateLimited { .. } => {
+            Status::resource_exhausted(text)
+        }
         _ => Status::permission_denied(text),
     }
 }
