@@ -21,7 +21,8 @@ SIGNPOST_HAPROXY="$(bash tests/proxies/env.sh haproxy)"
 SIGNPOST_NGINX="$(bash tests/proxies/env.sh nginx)"
 export SIGNPOST_HAPROXY SIGNPOST_NGINX
 
-cargo test --workspace --locked
+# --no-fail-fast: one run shows every failing test binary, not the first.
+cargo test --workspace --locked --no-fail-fast
 
 # The emulator's lifecycle-hook extension, tested on its own.
 localstack/tests/run.sh
