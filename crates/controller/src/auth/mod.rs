@@ -502,15 +502,14 @@ impl Gate {
         what: &str,
     ) -> Result<Caller, Refusal> {
         let caller = self.identify(peer, authorization);
-        let verdict = caller
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(|c| match self.required {
+        let verdict = caller.as_ref().map_err(Clone::clone).and_then(|c| {
+            self.expects(action)?;
+            match self.required {
                 true => authorize(c, action),
                 // The node id is taken as given, as before authentication.
                 false => Ok(()),
-            })
-            .and_then(|()| self.expects(action));
+            }
+        });
         match verdict {
             Ok(()) => caller,
             Err(refusal) => {
@@ -544,9 +543,10 @@ impl Gate {
                 if let Some(rate) = &gate.rate {
                     rate.check(&c.identity)?;
                 }
+                // An id that is not expected is refused whoever asks.
+                gate.expects(&action)?;
                 authorize(c, &action)
             })
-            .and_then(|()| gate.expects(&action))
             .and_then(|()| match (&action, &caller) {
                 // Without authentication, the router id is all there is to
                 // count by.
