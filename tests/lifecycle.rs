@@ -325,7 +325,9 @@ async fn cycle_under_load(
 
     for cycle in 0..cycles {
         cloud.set_desired(group, 6).await;
-        let six = wait_in_service(&cloud, group, 6, Duration::from_secs(30)).await;
+        // Four launches, each healthy and acked first: 30 s was once too
+        // short on a loaded CI machine (none of them had failed).
+        let six = wait_in_service(&cloud, group, 6, Duration::from_secs(60)).await;
         controller.wait_endpoints("web", "healthy", &six).await;
         cloud.set_desired(group, 2).await;
         if kill_during_scale_in {
