@@ -84,7 +84,7 @@ fn signal(pid: u32, sig: &str) {
 
 /// A replica's leadership as `/readyz` shows it.
 async fn leadership(c: &Controller) -> serde_json::Value {
-    common::http_get(&c.url("/readyz"))
+    c.fetch("/readyz")
         .await
         .ok()
         .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(&body).ok())
@@ -521,8 +521,9 @@ async fn takeover_times_over_20_kills() {
     };
     let mut replicas = [Some(start(0, 0).await), Some(start(1, 0).await)];
     let urls = format!(
-        "http://127.0.0.1:{},http://127.0.0.1:{}",
-        ports[0], ports[1]
+        "{},{}",
+        replicas[0].as_ref().unwrap().0.url(""),
+        replicas[1].as_ref().unwrap().0.url("")
     );
     let router = Router::start(&urls, "r1", &cache_file("bench-r1"), &[]).await;
     let (mut leading, mut serving, mut completing) = (Vec::new(), Vec::new(), Vec::new());
@@ -570,18 +571,15 @@ async fn takeover_times_over_20_kills() {
     summary("kill -> first completion", completing);
 
     // Steady state: one minute of the lease's DynamoDB calls on each replica.
-    let calls = |c: &Controller| {
-        let c = c.url("/metrics");
-        async move {
-            let (_, body) = common::http_get(&c).await.unwrap();
-            String::from_utf8(body.to_vec())
-                .unwrap()
-                .lines()
-                .filter(|l| l.starts_with("signpost_lease_calls_total{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>()
-        }
-    };
+    async fn calls(c: &Controller) -> f64 {
+        let (_, body) = c.fetch("/metrics").await.unwrap();
+        String::from_utf8(body.to_vec())
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("signpost_lease_calls_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    }
     let before = [
         calls(&replicas[0].as_ref().unwrap().0).await,
         calls(&replicas[1].as_ref().unwrap().0).await,

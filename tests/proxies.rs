@@ -105,6 +105,7 @@ impl Fronted {
             "--cache".into(),
             path("cache.json"),
         ];
+        args.extend(common::Pki::router_args(&controller.url(""), id));
         let first_file = match kind {
             Kind::Haproxy => {
                 std::fs::write(dir.join("haproxy.cfg"), haproxy_cfg(&dir, port)).unwrap();

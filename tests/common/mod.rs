@@ -866,6 +866,100 @@ impl Drop for Backends {
     }
 }
 
+/// The harness's certificates: one CA for the whole test process, the
+/// controllers' certificate for 127.0.0.1, the harness's own client
+/// certificate (role admin, for reading the API), and one client
+/// certificate per router id, made when first asked for.
+///
+/// Every controller a test starts runs with `[tls]` and `client_ca` unless
+/// the test configures `[tls]` or `[auth]` itself (the security tests),
+/// serves xDS (Envoy and gRPC clients speak to the xDS listener, which
+/// shares the API's TLS; its TLS has tests of its own), or
+/// `SIGNPOST_TEST_PLAINTEXT=1` is set (to debug with plain HTTP).
+pub struct Pki {
+    ca: pki::Ca,
+    server: pki::Pair,
+    harness: pki::Pair,
+    routers: std::sync::Mutex<HashMap<String, Arc<pki::Pair>>>,
+}
+
+/// The identity of the harness's client certificate.
+const HARNESS: &str = "test-harness";
+
+impl Pki {
+    pub fn get() -> &'static Pki {
+        static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+        PKI.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("signpost-pki-{}", std::process::id()));
+            let ca = pki::Ca::new(&dir, "signpost-tests");
+            let server = ca.server("controller");
+            let harness = ca.client(HARNESS, pki::Name::Cn(HARNESS));
+            Pki {
+                ca,
+                server,
+                harness,
+                routers: Default::default(),
+            }
+        })
+    }
+
+    /// Whether a controller started with `extra` gets the harness's TLS.
+    pub fn applies(extra: &str) -> bool {
+        std::env::var_os("SIGNPOST_TEST_PLAINTEXT").is_none()
+            && !["[tls]", "[auth]", "[xds]"]
+                .iter()
+                .any(|table| extra.contains(table))
+    }
+
+    fn controller_toml(&self) -> String {
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n[auth]\nroles = {{ {HARNESS} = \"admin\" }}\n",
+            self.server.cert.display().to_string(),
+            self.server.key.display().to_string(),
+            self.ca.cert.display().to_string(),
+        )
+    }
+
+    fn harness_client(&self) -> signpost_router::transport::Controller {
+        signpost_router::transport::Controller::new(
+            &signpost_router::transport::Credentials {
+                controller_ca: Some(self.ca.cert.clone()),
+                client_cert: Some(self.harness.cert.clone()),
+                client_key: Some(self.harness.key.clone()),
+                token_file: None,
+            },
+            true,
+            Duration::from_secs(2),
+        )
+        .expect("the harness's credentials are usable")
+    }
+
+    /// `--controller-ca`, `--client-cert` and `--client-key` for a router
+    /// (or agent) `id` of a controller at `url`; none for plain HTTP.
+    pub fn router_args(url: &str, id: &str) -> Vec<String> {
+        if !url.starts_with("https://") {
+            return Vec::new();
+        }
+        let pki = Pki::get();
+        let pair = pki
+            .routers
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(pki.ca.client(&format!("router-{id}"), pki::Name::Cn(id))))
+            .clone();
+        let path = |p: &std::path::Path| p.display().to_string();
+        vec![
+            "--controller-ca".into(),
+            path(&pki.ca.cert),
+            "--client-cert".into(),
+            path(&pair.cert),
+            "--client-key".into(),
+            path(&pair.key),
+        ]
+    }
+}
+
 /// The `signpost controller` binary, run as a user would, against the emulator.
 pub struct Controller {
     pub port: u16,
@@ -970,12 +1064,21 @@ impl Controller {
         } else {
             "resync_interval = \"1s\"\n"
         };
+        // Every suite runs with TLS and client certificates, as a deployed
+        // controller does, unless the test sets up its own (see `Pki`).
+        let (secure, tls) = match tls {
+            None if Pki::applies(extra) => {
+                let pki = Pki::get();
+                (pki.controller_toml(), Some(pki.harness_client()))
+            }
+            tls => (String::new(), tls),
+        };
         std::fs::write(
             &config,
             format!(
                 "listen = \"127.0.0.1:{port}\"\n{resync}{extra}\n\
                  [aws]\n{aws}\n\
-                 [health]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n"
+                 [health]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n{secure}"
             ),
         )
         .unwrap();
@@ -1156,6 +1259,7 @@ impl Router {
         let child = Command::new(env!("CARGO_BIN_EXE_signpost"))
             .arg("router")
             .args(["--controller", controller, "--id", id])
+            .args(Pki::router_args(controller, id))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .arg("--cache")
