@@ -1259,7 +1259,12 @@ impl Router {
         let child = Command::new(env!("CARGO_BIN_EXE_signpost"))
             .arg("router")
             .args(["--controller", controller, "--id", id])
-            .args(Pki::router_args(controller, id))
+            // The harness's certificate for `id`, unless the test brings
+            // its own credentials (the security tests).
+            .args(match extra.contains(&"--controller-ca") {
+                true => Vec::new(),
+                false => Pki::router_args(controller, id),
+            })
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .arg("--cache")
