@@ -337,3 +337,132 @@ async fn receive_message_faults_are_named_backed_off_and_events_resume() {
         .await;
     }
 }
+
+/// CompleteLifecycleAction failing (500 on every call) while a launch and
+/// then a scale-in wait on signpost: the instance stays held (no hook is
+/// let go, none is lost), each failure is counted and retried at the next
+/// listing within the call budget, and once the fault clears the action
+/// completes within one operation timeout and two resyncs. DescribeLifecycleHooks
+/// failing fails the listing whole: named in `/readyz`, nothing removed.
+/// All under 50 checked requests a second through a router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_call_faults_hold_the_hooks_and_lose_no_action() {
+    let emulator = Emulator::start().await;
+    let cloud = Cloud::new(&emulator).await;
+    let mut backends = Backends::new(common::BACKEND_PORT);
+    cloud.create_group(GROUP, &tags(), 2).await;
+    common::hold_launches_and_terminations(&cloud, GROUP).await;
+    let mut instances = cloud.instances(GROUP).await;
+    backends.follow(&instances).await;
+    let proxy = FaultProxy::start(&emulator.endpoint()).await;
+    let controller = Controller::start_with_aws(
+        &emulator,
+        "[lifecycle]\nrouter_grace = \"1s\"\ndrain_timeout = \"20s\"\n",
+        AWS,
+        &[("AWS_ENDPOINT_URL", &proxy.url())],
+    )
+    .await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&instances))
+        .await;
+    let cache = std::env::temp_dir().join(format!(
+        "signpost-faults-{}-lifecycle.json",
+        std::process::id()
+    ));
+    let router = Router::start(&controller.url(""), "edge-1", &cache, &[]).await;
+    controller.wait_in_sync(&router).await;
+    let load = Load::start(format!("http://127.0.0.1:{}/users/x", router.port), 50);
+    let errors = |transition: &str| {
+        format!(r#"signpost_lifecycle_actions_total{{transition="{transition}",result="error"}}"#)
+    };
+
+    for (desired, transition, held_in) in [
+        (3, "launch", "Pending:Wait"),
+        (2, "terminate", "Terminating:Wait"),
+    ] {
+        let started = Instant::now();
+        proxy.inject("CompleteLifecycleAction", Fault::Status(500), Times::Always);
+        cloud.set_desired(GROUP, desired).await;
+        if desired > instances.len() as i32 {
+            instances = cloud.instances(GROUP).await;
+            backends.follow(&instances).await;
+        }
+        wait_for(
+            &format!("{transition}: completions to fail and be retried"),
+            Duration::from_secs(30),
+            || async {
+                let failed = controller.metric(&errors(transition)).await.unwrap_or(0.0);
+                (failed >= 2.0).then_some(())
+            },
+        )
+        .await;
+        let held = common::in_state(&cloud, GROUP, held_in).await;
+        assert_eq!(
+            held.len(),
+            1,
+            "{transition}: the instance is still held: {held:?}"
+        );
+        let calls = proxy.calls("CompleteLifecycleAction");
+        let peak = most_within(&calls, started, Duration::from_secs(1));
+        assert!(
+            peak <= 2 * CALLS_PER_SECOND,
+            "{transition}: {peak} completions in one second, budget {CALLS_PER_SECOND}/s"
+        );
+
+        proxy.clear("CompleteLifecycleAction");
+        let cleared = Instant::now();
+        let now_in_service = common::wait_in_service(
+            &cloud,
+            GROUP,
+            desired as usize,
+            OPERATION_TIMEOUT + RESYNC * 2 + Duration::from_secs(5),
+        )
+        .await;
+        eprintln!(
+            "CompleteLifecycleAction 500 ({transition}): {} calls, {peak} in the busiest second, {} failures counted; completed {:.1} s after the fault cleared",
+            calls.iter().filter(|t| **t >= started).count(),
+            controller.metric(&errors(transition)).await.unwrap_or(0.0),
+            cleared.elapsed().as_secs_f64()
+        );
+        instances.retain(|(id, _)| now_in_service.contains(id));
+        controller
+            .wait_endpoints("users", "healthy", &ids(&instances))
+            .await;
+    }
+
+    // DescribeLifecycleHooks is asked only while an instance waits on a
+    // hook: fault it, then scale out.
+    let before = listed(&controller).await;
+    proxy.inject("DescribeLifecycleHooks", Fault::Status(500), Times::Always);
+    cloud.set_desired(GROUP, 3).await;
+    instances = cloud.instances(GROUP).await;
+    backends.follow(&instances).await;
+    wait_for(
+        "/readyz to name DescribeLifecycleHooks",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = controller.get("/readyz").await;
+            let reason = body["reason"].as_str().unwrap_or_default().to_owned();
+            (status == 503 && reason.contains("DescribeLifecycleHooks")).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        listed(&controller).await,
+        before,
+        "nothing removed or added"
+    );
+    proxy.clear("DescribeLifecycleHooks");
+    common::wait_in_service(&cloud, GROUP, 3, Duration::from_secs(30)).await;
+
+    let (sent, failures) = load.finish().await;
+    eprintln!(
+        "lifecycle faults: {sent} requests through the router, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:#?}",
+        failures.len()
+    );
+}
