@@ -466,3 +466,112 @@ async fn lifecycle_call_faults_hold_the_hooks_and_lose_no_action() {
         failures.len()
     );
 }
+
+/// The event queue deleted under a running controller (an operator's
+/// mistake, a stack torn down): receives fail as `not_found`, named in
+/// `/readyz` and counted, back off instead of looping, and the registry is
+/// untouched; once a queue of that name exists again, events resume
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_queue_is_named_backed_off_and_events_resume_when_it_returns() {
+    let emulator = Emulator::start().await;
+    let cloud = Cloud::new(&emulator).await;
+    let create = || async {
+        cloud
+            .sqs
+            .create_queue()
+            .queue_name("signpost-events")
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap()
+    };
+    let queue = create().await;
+    let mut backends = Backends::new(common::BACKEND_PORT);
+    cloud.create_group(GROUP, &tags(), 2).await;
+    let mut instances = cloud.instances(GROUP).await;
+    backends.follow(&instances).await;
+    let proxy = FaultProxy::start(&emulator.endpoint()).await;
+    let controller = Controller::start_with_aws(
+        &emulator,
+        &format!("resync_interval = \"600s\"\n[events]\nqueue_url = \"{queue}\"\nwait_time = \"1s\""),
+        "max_attempts = 3\nattempt_timeout = \"3s\"\noperation_timeout = \"8s\"\ncalls_per_second = 4",
+        &[("AWS_ENDPOINT_URL", &proxy.url())],
+    )
+    .await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&instances))
+        .await;
+    let before = listed(&controller).await;
+
+    cloud
+        .sqs
+        .delete_queue()
+        .queue_url(&queue)
+        .send()
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    let sample = r#"signpost_event_receive_failures_total{kind="not_found"}"#;
+    let failing = wait_for(
+        "/readyz to name the missing queue",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = controller.get("/readyz").await;
+            let failing = body["events"]["receive_failing"].clone();
+            let counted = controller.metric(sample).await.unwrap_or(0.0);
+            (failing["api"] == "ReceiveMessage" && failing["kind"] == "not_found" && counted >= 1.0)
+                .then_some(failing)
+        },
+    )
+    .await;
+    // Held a while to see how often receives come.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let receives = proxy.calls("ReceiveMessage");
+    let during = receives.iter().filter(|t| **t >= deleted).count();
+    let peak = most_within(&receives, deleted, Duration::from_secs(1));
+    assert!(
+        peak <= 2 * CALLS_PER_SECOND,
+        "{peak} receives in one second"
+    );
+    assert_eq!(
+        listed(&controller).await,
+        before,
+        "the registry is untouched"
+    );
+
+    assert_eq!(create().await, queue, "the same name gives the same URL");
+    let returned = Instant::now();
+    cloud.set_desired(GROUP, 3).await;
+    instances = cloud.instances(GROUP).await;
+    backends.follow(&instances).await;
+    let event = serde_json::json!({
+        "version": "0", "id": "e-q", "source": "aws.autoscaling",
+        "detail-type": "EC2 Instance Launch Successful", "account": "123456789012",
+        "time": "2026-12-06T06:00:00Z", "region": "us-east-1",
+        "detail": { "AutoScalingGroupName": GROUP, "EC2InstanceId": instances.last().unwrap().0, "StatusCode": "InProgress" }
+    });
+    cloud
+        .sqs
+        .send_message()
+        .queue_url(&queue)
+        .message_body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+    // The receive backoff grows to 30 s at most.
+    wait_for(
+        "the scale-out listed on an event once the queue is back",
+        Duration::from_secs(40),
+        || async { (listed(&controller).await == ids(&instances)).then_some(()) },
+    )
+    .await;
+    let (_, body) = controller.get("/readyz").await;
+    assert!(body["events"]["receive_failing"].is_null(), "{body}");
+    eprintln!(
+        "queue deleted: {during} receives in {:.1} s ({peak} in the busiest second); listed on an event {:.1} s after the queue returned; {failing}",
+        (returned - deleted).as_secs_f64(),
+        returned.elapsed().as_secs_f64()
+    );
+}
