@@ -22,17 +22,18 @@ impl fmt::Display for Version {
 
 impl Version {
     /// Reads a `version_info`; `None` for anything signpost did not write
-    /// (empty on a first request, another control plane's).
+    /// (empty on a first request, another control plane's). Only the text
+    /// `Display` writes: `1-07`, `+1-7` or `01-7` were never sent, so an
+    /// ACK carrying one acknowledges nothing (found by the fuzzer, which
+    /// read `1-07` as revision 7).
     pub fn parse(text: &str) -> Option<Version> {
         let (epoch, revision) = text.split_once('-')?;
-        let epoch: u64 = epoch.parse().ok()?;
-        if Epoch::from_bits(epoch).get() != epoch {
-            return None;
-        }
-        Some(Version {
-            epoch: Epoch::from_bits(epoch),
+        let version = Version {
+            epoch: Epoch::from_bits(epoch.parse().ok()?),
             revision: revision.parse().ok()?,
-        })
+        };
+        // Also refuses an epoch that from_bits had to change (0, or above 2^53).
+        (version.to_string() == text).then_some(version)
     }
 }
 
@@ -50,5 +51,20 @@ mod tests {
         for foreign in ["", "12", "x-1", "1-x", "0-3", "1-2-3"] {
             assert_eq!(Version::parse(foreign), None, "{foreign:?}");
         }
+    }
+
+    #[test]
+    fn only_the_text_signpost_writes_reads_as_a_version() {
+        // Found by the fuzzer: "1-07" read as revision 7 of epoch 1.
+        for padded in ["1-07", "01-7", "+1-7", "1-+7", "9007199254740992-1"] {
+            assert_eq!(Version::parse(padded), None, "{padded:?}");
+        }
+        assert_eq!(
+            Version::parse("1-7"),
+            Some(Version {
+                epoch: Epoch::from_bits(1),
+                revision: 7
+            })
+        );
     }
 }
