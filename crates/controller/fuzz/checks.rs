@@ -159,10 +159,14 @@ pub fn tags(data: &[u8]) {
             // A path the tags accept is one the probe can request (it
             // parses this URI, `health::NetProbe`), or the group's
             // endpoints would never pass with no tag named.
-            let uri = format!("http://10.0.0.1:8080{path}");
-            assert!(
-                uri.parse::<hyper::Uri>().is_ok(),
-                "{pairs:?} gave health path {path:?}, which the probe cannot request"
+            let uri = format!("http://10.0.0.1:8080{path}").parse::<hyper::Uri>();
+            assert_eq!(
+                uri.as_ref()
+                    .ok()
+                    .and_then(|u| u.path_and_query())
+                    .map(|p| p.as_str()),
+                Some(path.as_str()),
+                "{pairs:?} gave health path {path:?}, which the probe cannot request as written"
             );
         }
         HealthCheck::Grpc { service } => assert!(service.chars().all(name_char), "{pairs:?}"),
