@@ -59,9 +59,16 @@ for t in "${targets[@]}"; do
         status=FAILED
         failed+=("$t")
     fi
-    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "logs/$t.log" | tail -1)
-    cov=$(grep -o 'cov: [0-9]*' "logs/$t.log" | tail -1)
-    echo "$t: $status, ${execs:-?} execs in ${seconds}s, ${cov:-cov: ?} edges"
+    # libFuzzer's own count and time ("Done N runs in S second(s)"); a
+    # failure stops the run early, at its last status line.
+    done_line=$(grep -E '^Done [0-9]+ runs' "logs/$t.log" | tail -1 || true)
+    if [ -n "$done_line" ]; then
+        ran=$(echo "$done_line" | sed -E 's/^Done ([0-9]+) runs in ([0-9]+) .*/\1 execs in \2 s/')
+    else
+        ran="stopped after $(grep -oE '^#[0-9]+' "logs/$t.log" | tail -1 | tr -d '#') execs"
+    fi
+    cov=$(grep -oE 'cov: [0-9]+' "logs/$t.log" | tail -1 || true)
+    echo "$t: $status, $ran, ${cov:-cov: ?} edges"
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "failed: ${failed[*]} (see logs/ and artifacts/)" >&2
