@@ -733,19 +733,30 @@ fn validate_endpoint(key: &str, url: &str) -> Result<(), ConfigError> {
 }
 
 /// `name` as one part of a dotted key, as the file would spell it: bare when
-/// TOML allows, quoted otherwise (`health.services."api.v2"`), so that an
-/// error names a key that exists (found by the fuzzer: a service
-/// `"u<sers"` was named as `health.services.u<sers`, no TOML key).
+/// TOML allows, else a one-line basic string (`health.services."api.v2"`),
+/// so that an error names a key that exists. Found by the fuzzer: a service
+/// `"u<sers"` was named as `health.services.u<sers`, no TOML key; and a
+/// name with a newline, quoted as a value would be, came out as a
+/// multi-line string, which a key cannot be.
 fn key_part(name: &str) -> String {
     let bare = !name.is_empty()
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if bare {
-        name.to_owned()
-    } else {
-        toml::Value::from(name).to_string()
+        return name.to_owned();
     }
+    let mut quoted = String::from('"');
+    for c in name.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if c.is_control() => quoted.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
 }
 
 fn validate_health(prefix: &str, h: &HealthSettings) -> Result<(), ConfigError> {
@@ -924,6 +935,11 @@ mod tests {
         let e = err("[health.services.\"u<sers\"]\ninterval = \"1s\"\ntimeout = \"2s\"\n");
         assert!(
             e.contains("config key health.services.\"u<sers\".timeout:"),
+            "{e}"
+        );
+        let e = err("[health.services.\"a\\nb\\\"c\\\\d\"]\nhealthy_threshold = 0\n");
+        assert!(
+            e.contains(r#"config key health.services."a\u000Ab\"c\\d".healthy_threshold:"#),
             "{e}"
         );
         let e = err("[health.services.users-2]\nhealthy_threshold = 0\n");
