@@ -589,7 +589,7 @@ impl Config {
             .map_err(|(key, reason)| invalid(key, reason))?;
         validate_health("health", &self.health.defaults())?;
         for name in self.health.services.keys() {
-            let key = format!("health.services.{name}");
+            let key = format!("health.services.{}", key_part(name));
             validate_health(&key, &self.health.for_service(name))?;
         }
         Ok(())
@@ -730,6 +730,33 @@ fn validate_endpoint(key: &str, url: &str) -> Result<(), ConfigError> {
         return Err(bad("a query string"));
     }
     Ok(())
+}
+
+/// `name` as one part of a dotted key, as the file would spell it: bare when
+/// TOML allows, else a one-line basic string (`health.services."api.v2"`),
+/// so that an error names a key that exists. Found by the fuzzer: a service
+/// `"u<sers"` was named as `health.services.u<sers`, no TOML key; and a
+/// name with a newline, quoted as a value would be, came out as a
+/// multi-line string, which a key cannot be.
+fn key_part(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        return name.to_owned();
+    }
+    let mut quoted = String::from('"');
+    for c in name.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if c.is_control() => quoted.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
 }
 
 fn validate_health(prefix: &str, h: &HealthSettings) -> Result<(), ConfigError> {
@@ -895,6 +922,31 @@ mod tests {
             .contains("unknown field `lambda`"));
         assert!(err("[health.services.users]\nhealthy_threshold = 0")
             .contains("health.services.users.healthy_threshold"));
+    }
+
+    #[test]
+    fn a_bad_service_override_is_named_by_its_key_as_the_file_spells_it() {
+        // Found by the fuzzer: the name went into the key unquoted.
+        let e = err("[health.services.\"api.v2\"]\nhealthy_threshold = 0\n");
+        assert!(
+            e.contains("config key health.services.\"api.v2\".healthy_threshold:"),
+            "{e}"
+        );
+        let e = err("[health.services.\"u<sers\"]\ninterval = \"1s\"\ntimeout = \"2s\"\n");
+        assert!(
+            e.contains("config key health.services.\"u<sers\".timeout:"),
+            "{e}"
+        );
+        let e = err("[health.services.\"a\\nb\\\"c\\\\d\"]\nhealthy_threshold = 0\n");
+        assert!(
+            e.contains(r#"config key health.services."a\u000Ab\"c\\d".healthy_threshold:"#),
+            "{e}"
+        );
+        let e = err("[health.services.users-2]\nhealthy_threshold = 0\n");
+        assert!(
+            e.contains("config key health.services.users-2.healthy_threshold:"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -301,11 +301,15 @@ impl RouterRecord {
     }
 
     /// Requests it reported in flight to `instance`, in any service.
+    /// Saturating: the counts are the router's word, and a sum that
+    /// overflowed panicked in a debug build (under the records lock, which
+    /// it poisoned) and wrapped in a release build, to 0 for a total of
+    /// 2^64, which read as drained.
     pub fn in_flight_to(&self, instance: &str) -> u64 {
         self.in_flight
             .values()
             .filter_map(|by_instance| by_instance.get(instance))
-            .sum()
+            .fold(0, |total, &n| total.saturating_add(n))
     }
 }
 
@@ -774,6 +778,24 @@ mod tests {
             in_flight: BTreeMap::new(),
             ejected: vec![],
         }
+    }
+
+    #[test]
+    fn in_flight_counts_that_overflow_a_u64_saturate_and_are_not_drained() {
+        // Written with the fuzz target's ack check (corpus/ack/
+        // seed-shared-instance-overflow): the sum overflowed.
+        let routers = Routers::new(Epoch::from_bits(1));
+        let connection = routers.connect("edge-1", "127.0.0.1:1".parse().unwrap());
+        routers.sent("edge-1", connection, 1);
+        let mut big = ack(Epoch::from_bits(1), 1);
+        big.in_flight = BTreeMap::from([
+            ("users".into(), BTreeMap::from([("i-1".into(), u64::MAX)])),
+            ("admin".into(), BTreeMap::from([("i-1".into(), 1)])),
+        ]);
+        routers.acked("edge-1", big).unwrap();
+        let record = &routers.list()[0];
+        assert_eq!(record.in_flight_to("i-1"), u64::MAX);
+        assert!(!record.drained("i-1"));
     }
 
     #[test]

@@ -119,11 +119,26 @@ fn parse_health(value: &str) -> Result<HealthCheck, TagError> {
         return Err(TagError::BadHealth(value.into()));
     }
     match value.strip_prefix("http:") {
-        Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+        Some(path)
+            if path.starts_with('/')
+                && !path.contains(char::is_whitespace)
+                && probe_can_request(path) =>
+        {
             Ok(HealthCheck::Http { path: path.into() })
         }
         _ => Err(TagError::BadHealth(value.into())),
     }
+}
+
+/// Whether the HTTP probe, which requests `http://address:port{path}`
+/// (`health::NetProbe`), sends `path` as written. A path that URI cannot
+/// carry (a control character, say) failed every probe, so the
+/// group's endpoints never became healthy and no tag was named as wrong
+/// (found by the fuzzer: `http:/a\0b` was taken).
+fn probe_can_request(path: &str) -> bool {
+    format!("http://0.0.0.0{path}")
+        .parse::<hyper::Uri>()
+        .is_ok_and(|uri| uri.path_and_query().map(|p| p.as_str()) == Some(path))
 }
 
 fn parse_route(value: &str) -> Result<String, TagError> {
@@ -229,6 +244,9 @@ mod tests {
             "http:health",
             "http",
             "TCP",
+            // Found by the fuzzer: paths the probe's URI cannot carry.
+            "http:/heagn\0h",
+            "http:/h\u{7f}",
         ] {
             let err = parse_tags(&[(SERVICE, "u"), (PORT, "1"), (HEALTH, bad)], None).unwrap_err();
             assert_eq!(err, TagError::BadHealth(bad.into()));

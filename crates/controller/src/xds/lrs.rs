@@ -69,10 +69,14 @@ pub fn in_flight(
                 .values()
                 .find(|ep| ep.address == at.ip() && ep.port == at.port());
             if let Some(instance) = instance {
-                *out.entry(service.name.clone())
+                // Saturating, as `RouterRecord::in_flight_to`: one endpoint
+                // reported in two localities must not wrap to 0 (drained).
+                let count = out
+                    .entry(service.name.clone())
                     .or_default()
                     .entry(instance.instance_id.to_string())
-                    .or_default() += e.total_requests_in_progress;
+                    .or_default();
+                *count = count.saturating_add(e.total_requests_in_progress);
             }
         }
     }
@@ -177,5 +181,69 @@ impl LoadReportingService for LrsService {
         let caller = super::caller_of(&request);
         tokio::spawn(self.0.clone().serve(caller, request.into_inner(), tx));
         Ok(Response::new(Responses::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, EndpointState, HealthCheck, Service, ServiceSettings};
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress};
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        UpstreamEndpointStats, UpstreamLocalityStats,
+    };
+    use std::collections::BTreeSet;
+    use std::time::SystemTime;
+
+    #[test]
+    fn counts_of_one_endpoint_in_two_localities_saturate_rather_than_wrap() {
+        let endpoint = Endpoint {
+            instance_id: "i-1".into(),
+            address: [10, 0, 0, 1].into(),
+            port: 8080,
+            zone: "a".into(),
+            group: "g".into(),
+            state: EndpointState::Draining,
+            since: SystemTime::UNIX_EPOCH,
+        };
+        let service = Service {
+            name: "users".into(),
+            settings: ServiceSettings {
+                route: "/users".into(),
+                port: 8080,
+                health: HealthCheck::Tcp,
+            },
+            groups: BTreeSet::new(),
+            endpoints: [(endpoint.instance_id.clone(), endpoint)]
+                .into_iter()
+                .collect(),
+        };
+        let snapshot = Snapshot {
+            revision: 1,
+            services: [("users".to_string(), Arc::new(service))]
+                .into_iter()
+                .collect(),
+            problems: BTreeMap::new(),
+        };
+        let locality = |n| UpstreamLocalityStats {
+            upstream_endpoint_stats: vec![UpstreamEndpointStats {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: "10.0.0.1".into(),
+                        port_specifier: Some(PortSpecifier::PortValue(8080)),
+                        ..Default::default()
+                    })),
+                }),
+                total_requests_in_progress: n,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let report = [ClusterStats {
+            cluster_name: "users".into(),
+            upstream_locality_stats: vec![locality(u64::MAX), locality(1)],
+            ..Default::default()
+        }];
+        assert_eq!(in_flight(&report, &snapshot)["users"]["i-1"], u64::MAX);
     }
 }
