@@ -27,19 +27,5 @@ pub mod xds {
     pub use crate::xds_version::Version;
 }
 
-/// `routers` checks `[routers] expected` ids with `auth::valid_id`; the
-/// `auth` module is the API's middleware (axum, rustls), so this is a copy
-/// of that one function. The corpus replay (`tests/fuzz_corpus.rs`) runs
-/// the controller's own.
-pub mod auth {
-    pub fn valid_id(id: &str) -> bool {
-        !id.is_empty()
-            && id.len() <= 253
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    }
-}
-
 #[path = "../checks.rs"]
 pub mod checks;
