@@ -31,7 +31,7 @@ use crate::tags;
 /// Ids per DescribeInstances call. The `instance-id` filter is used rather
 /// than `InstanceIds`, so that an id AWS no longer knows does not fail the
 /// whole batch.
-const INSTANCE_BATCH: usize = 100;
+pub(crate) const INSTANCE_BATCH: usize = 100;
 
 /// A failed AWS call: which API, what kind of failure (what callers and
 /// metrics act on), and AWS's own code and message.
@@ -690,7 +690,8 @@ impl AutoScaling for AwsFleet {
 /// A budget of AWS calls per second with a burst of one second's worth
 /// (the generic cell rate algorithm): calls beyond it wait their turn rather
 /// than draw throttling errors that would slow every tool in the account.
-struct CallBudget {
+/// Shared with the simulated fleet (`sim`), so that it spaces calls alike.
+pub(crate) struct CallBudget {
     interval: Duration,
     burst: Duration,
     /// The theoretical time of the next call; a std mutex, never held across
@@ -699,7 +700,7 @@ struct CallBudget {
 }
 
 impl CallBudget {
-    fn new(aws: &AwsConfig) -> CallBudget {
+    pub(crate) fn new(aws: &AwsConfig) -> CallBudget {
         CallBudget {
             interval: Duration::from_secs_f64(1.0 / aws.calls_per_second),
             burst: Duration::from_secs(1),
@@ -707,7 +708,7 @@ impl CallBudget {
         }
     }
 
-    async fn acquire(&self) {
+    pub(crate) async fn acquire(&self) {
         let slot = {
             let mut next = self.next.lock().expect("budget lock");
             let now = Instant::now();
