@@ -3,7 +3,7 @@
 //! One listing costs `ceil(groups / 100)` DescribeAutoScalingGroups calls and
 //! `ceil(instances / 100)` DescribeInstances calls: calls grow with N/100.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -322,6 +322,63 @@ pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
     loader.load().await
 }
 
+/// How long the hooks read for a group are used before they are read again.
+/// Hooks change rarely (with a deploy), while at 1 % churn a minute most
+/// groups have an instance held by a hook at most listings: read at every
+/// listing, they cost a DescribeLifecycleHooks per such group, about 60 a
+/// listing at 10,000 instances in 500 groups (README, "Scale"). A change is
+/// seen sooner where it matters: a group an event names is read at once,
+/// and so is a group with an instance held for a transition its cached
+/// hooks have no hook of (one added since).
+pub(crate) const HOOKS_FRESH: Duration = Duration::from_secs(30 * 60);
+
+/// The hooks of each group as last read, and when (see `HOOKS_FRESH`).
+#[derive(Debug, Default)]
+pub(crate) struct HookCache {
+    read: HashMap<String, (Instant, Vec<LifecycleHook>)>,
+}
+
+impl HookCache {
+    pub(crate) fn store(&mut self, group: &str, hooks: &[LifecycleHook], now: Instant) {
+        self.read.insert(group.to_owned(), (now, hooks.to_vec()));
+    }
+
+    /// For each group with instances held for `transitions`: its hooks into
+    /// `known` when they are known already or the cache may answer; else
+    /// its name in the list returned, of groups to read.
+    pub(crate) fn answer<'a>(
+        &self,
+        waiting: impl IntoIterator<Item = (&'a str, BTreeSet<Transition>)>,
+        known: &mut HashMap<String, Vec<LifecycleHook>>,
+        now: Instant,
+    ) -> Vec<String> {
+        let mut to_read = Vec::new();
+        for (group, transitions) in waiting {
+            if known.contains_key(group) {
+                continue;
+            }
+            let cached = self.read.get(group).filter(|(at, hooks)| {
+                now.saturating_duration_since(*at) < HOOKS_FRESH
+                    && transitions
+                        .iter()
+                        .all(|t| hooks.iter().any(|h| h.transition == *t))
+            });
+            match cached {
+                Some((_, hooks)) => {
+                    known.insert(group.to_owned(), hooks.clone());
+                }
+                None => to_read.push(group.to_owned()),
+            }
+        }
+        to_read
+    }
+
+    /// Forgets the groups no longer listed.
+    pub(crate) fn keep_only(&mut self, listed: &HashSet<&str>) {
+        self.read.retain(|group, _| listed.contains(group.as_str()));
+    }
+}
+
 /// The real thing, through the AWS SDK.
 pub struct AwsFleet {
     autoscaling: aws_sdk_autoscaling::Client,
@@ -332,6 +389,7 @@ pub struct AwsFleet {
     /// The instance ids of the last listing, described again beside the
     /// next group listing rather than after it.
     last_ids: Mutex<BTreeSet<String>>,
+    hook_cache: Mutex<HookCache>,
 }
 
 /// What events named since the last listing: instances to describe and
@@ -383,6 +441,7 @@ impl AwsFleet {
             budget: CallBudget::new(&config.aws),
             hints,
             last_ids: Mutex::default(),
+            hook_cache: Mutex::default(),
         }
     }
 
@@ -620,24 +679,40 @@ impl AutoScaling for AwsFleet {
             .cloned()
             .collect();
         // Hooks only matter while an instance waits on one, so only those
-        // groups cost a DescribeLifecycleHooks call.
-        let waiting: Vec<String> = groups
-            .iter()
-            .filter(|g| {
-                g.instances().iter().any(|i| {
-                    i.lifecycle_state()
-                        .is_some_and(|s| LifecycleState::from(s.as_str()).is_held_by_hook())
-                })
-            })
-            .filter_map(|g| g.auto_scaling_group_name())
-            .filter(|name| !hooks.contains_key(*name))
-            .map(str::to_owned)
-            .collect();
+        // groups need them, and the cache answers for most of them.
+        let waiting = groups.iter().filter_map(|g| {
+            let held: BTreeSet<Transition> = g
+                .instances()
+                .iter()
+                .filter_map(|i| LifecycleState::from(i.lifecycle_state()?.as_str()).held_for())
+                .collect();
+            Some((g.auto_scaling_group_name()?, held)).filter(|(_, held)| !held.is_empty())
+        });
+        let now = Instant::now();
+        let to_read = {
+            let mut cache = self.hook_cache.lock().expect("hooks lock");
+            for (group, found) in &hooks {
+                cache.store(group, found, now);
+            }
+            cache.answer(waiting, &mut hooks, now)
+        };
         let mut late_calls = CallCount::default();
         let (late, more_hooks) = tokio::try_join!(
             self.describe_some(&unforeseen, &mut late_calls),
-            self.hooks_of(waiting, &mut hook_calls),
+            self.hooks_of(to_read, &mut hook_calls),
         )?;
+        {
+            let mut cache = self.hook_cache.lock().expect("hooks lock");
+            for (group, found) in &more_hooks {
+                cache.store(group, found, now);
+            }
+            cache.keep_only(
+                &groups
+                    .iter()
+                    .filter_map(|g| g.auto_scaling_group_name())
+                    .collect(),
+            );
+        }
         hooks.extend(more_hooks);
         calls.describe_instances = early_calls.describe_instances + late_calls.describe_instances;
         calls.describe_lifecycle_hooks = hook_calls.describe_lifecycle_hooks;
@@ -948,6 +1023,48 @@ mod tests {
         for kind in ErrorKind::ALL {
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.label());
         }
+    }
+
+    #[test]
+    fn cached_hooks_answer_until_stale_or_a_transition_has_none() {
+        let hook = |name: &str, transition| LifecycleHook {
+            name: name.into(),
+            transition,
+            heartbeat_timeout: Duration::from_secs(600),
+        };
+        let launch = BTreeSet::from([Transition::Launching]);
+        let both = BTreeSet::from([Transition::Launching, Transition::Terminating]);
+        let start = Instant::now();
+        let mut cache = HookCache::default();
+        cache.store(
+            "web",
+            &[hook("signpost-launch", Transition::Launching)],
+            start,
+        );
+        let answer = |cache: &HookCache, waiting: Vec<(&str, BTreeSet<Transition>)>, at| {
+            let mut known = HashMap::new();
+            let read = cache.answer(waiting, &mut known, at);
+            (read, known.into_keys().collect::<BTreeSet<_>>())
+        };
+
+        let (read, known) = answer(
+            &cache,
+            vec![("web", launch.clone()), ("api", launch.clone())],
+            start,
+        );
+        assert_eq!(
+            (read, known),
+            (vec!["api".to_owned()], BTreeSet::from(["web".to_owned()]))
+        );
+        let (read, _) = answer(&cache, vec![("web", both)], start);
+        assert_eq!(read, ["web"], "a terminate hook added since: read again");
+        let late = start + HOOKS_FRESH;
+        let (read, _) = answer(&cache, vec![("web", launch.clone())], late);
+        assert_eq!(read, ["web"], "stale");
+
+        cache.keep_only(&HashSet::from(["api"]));
+        let (read, _) = answer(&cache, vec![("web", launch)], start);
+        assert_eq!(read, ["web"], "a group no longer listed is forgotten");
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,7 +8,8 @@
 //!   listing saw, 100 ids a call, one after the other;
 //! - round two, at the same time: DescribeInstances of the ids round one
 //!   did not foresee (100 a call); DescribeLifecycleHooks for each group
-//!   with an instance a hook holds, one after the other.
+//!   with an instance a hook holds and no fresh hooks in the cache
+//!   (`cloud::HookCache`, on simulated time), one after the other.
 //!
 //! Calls are counted in the returned `CallCount` exactly where the real
 //! listing counts them (once per call, retries inside it not counted).
@@ -18,10 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::cloud::{ActionCall, AutoScaling, CallCount, CloudError, INSTANCE_BATCH};
+use crate::cloud::{ActionCall, AutoScaling, CallCount, CloudError, HookCache, INSTANCE_BATCH};
 use crate::model::{
     Ec2Instance, Fleet, HookResult, LifecycleAction, LifecycleHook, LifecycleState, ObservedGroup,
-    ObservedInstance,
+    ObservedInstance, Transition,
 };
 use crate::sim::calls::{Api, Calls};
 use crate::sim::fleet::SimFleet;
@@ -39,6 +40,10 @@ pub struct SimAutoScaling {
     default_port: Option<u16>,
     /// The instance ids of the last listing (as `AwsFleet` keeps them).
     last_ids: Mutex<BTreeSet<String>>,
+    /// The hooks of groups as last read (the real `HookCache`).
+    hook_cache: Mutex<HookCache>,
+    /// The simulated clock's start, as the cache's `Instant`.
+    origin: tokio::time::Instant,
     /// Nanoseconds spent reading the account for answers: AWS's side of
     /// the work, which a benchmark subtracts from the controller's.
     answering: AtomicU64,
@@ -59,6 +64,8 @@ impl SimAutoScaling {
             calls,
             default_port: None,
             last_ids: Mutex::default(),
+            hook_cache: Mutex::default(),
+            origin: tokio::time::Instant::now(),
             answering: AtomicU64::new(0),
         }
     }
@@ -92,7 +99,7 @@ impl SimAutoScaling {
 
     /// The account as AWS would answer it now: the groups and their
     /// instances, and what EC2 says of each instance.
-    fn read(&self) -> (Vec<Listed>, HashMap<String, Ec2Instance>) {
+    fn read(&self) -> (Vec<Listed>, HashMap<String, Ec2Instance>, Duration) {
         let fleet = self.fleet();
         let mut ec2 = HashMap::new();
         let listed = fleet
@@ -119,14 +126,16 @@ impl SimAutoScaling {
                 hooks: g.hooks.clone(),
             })
             .collect();
-        (listed, ec2)
+        (listed, ec2, fleet.clock())
     }
 }
 
 impl AutoScaling for SimAutoScaling {
     async fn describe_fleet(&self) -> Result<(Fleet, CallCount), CloudError> {
         let reading = std::time::Instant::now();
-        let (listed, mut ec2) = self.read();
+        let (listed, mut ec2, clock) = self.read();
+        // The cache's clock is the account's: simulated time.
+        let now = self.origin + clock;
         self.answered(reading);
         let expected: Vec<String> = self
             .last_ids
@@ -160,18 +169,35 @@ impl AutoScaling for SimAutoScaling {
             .iter()
             .filter(|id| expected.binary_search(id).is_err())
             .count();
-        let waiting: BTreeSet<&str> = listed
-            .iter()
-            .filter(|g| g.instances.iter().any(|(_, s, _)| s.is_held_by_hook()))
-            .map(|g| g.name.as_str())
-            .collect();
+        let waiting = listed.iter().filter_map(|g| {
+            let held: BTreeSet<Transition> = g
+                .instances
+                .iter()
+                .filter_map(|(_, s, _)| s.held_for())
+                .collect();
+            Some((g.name.as_str(), held)).filter(|(_, held)| !held.is_empty())
+        });
+        let mut hooks = HashMap::new();
+        let to_read = self
+            .hook_cache
+            .lock()
+            .expect("hooks lock")
+            .answer(waiting, &mut hooks, now);
         let late = unforeseen.div_ceil(INSTANCE_BATCH);
         tokio::try_join!(
             self.sequential(Api::DescribeInstances, late),
-            self.sequential(Api::DescribeLifecycleHooks, waiting.len()),
+            self.sequential(Api::DescribeLifecycleHooks, to_read.len()),
         )?;
         calls.describe_instances += late as u32;
-        calls.describe_lifecycle_hooks = waiting.len() as u32;
+        calls.describe_lifecycle_hooks = to_read.len() as u32;
+        {
+            let mut cache = self.hook_cache.lock().expect("hooks lock");
+            for g in listed.iter().filter(|g| to_read.contains(&g.name)) {
+                cache.store(&g.name, &g.hooks, now);
+                hooks.insert(g.name.clone(), g.hooks.clone());
+            }
+            cache.keep_only(&listed.iter().map(|g| g.name.as_str()).collect());
+        }
 
         // The answers, made into the model as the real listing makes them.
         let groups = listed
@@ -199,11 +225,7 @@ impl AutoScaling for SimAutoScaling {
                             ec2: ec2.remove(id),
                         })
                         .collect(),
-                    hooks: if waiting.contains(g.name.as_str()) {
-                        g.hooks.clone()
-                    } else {
-                        Vec::new()
-                    },
+                    hooks: hooks.remove(&g.name).unwrap_or_default(),
                 }
             })
             .collect();
@@ -296,5 +318,26 @@ mod tests {
             .iter()
             .filter(|g| !g.hooks.is_empty())
             .all(|g| g.instances.iter().any(|i| i.waiting_on().is_some())));
+
+        // Hooks read are cached: half a minute on, only the groups that had
+        // no instance held before are read, and every group with one held
+        // still has its hooks.
+        let before: BTreeSet<String> = fleet
+            .groups
+            .iter()
+            .filter(|g| !g.hooks.is_empty())
+            .map(|g| g.name.clone())
+            .collect();
+        cloud.fleet().advance(Duration::from_secs(30));
+        let (fleet, cached) = cloud.describe_fleet().await.unwrap();
+        let holding: Vec<&ObservedGroup> = fleet
+            .groups
+            .iter()
+            .filter(|g| g.instances.iter().any(|i| i.waiting_on().is_some()))
+            .collect();
+        let new = holding.iter().filter(|g| !before.contains(&g.name)).count();
+        assert_eq!(cached.describe_lifecycle_hooks as usize, new);
+        assert!(new < holding.len(), "some were cached");
+        assert!(holding.iter().all(|g| g.hooks.len() == 2));
     }
 }
