@@ -5,9 +5,9 @@
 //! The pattern, as the real listing makes it (no events here, so no hints):
 //! - round one, at the same time: DescribeAutoScalingGroups pages of 100
 //!   groups, one after the other; DescribeInstances of the ids the last
-//!   listing saw, 100 ids a call, one after the other;
+//!   listing saw, 100 ids a call, `INSTANCE_LANES` calls at a time;
 //! - round two, at the same time: DescribeInstances of the ids round one
-//!   did not foresee (100 a call); DescribeLifecycleHooks for each group
+//!   did not foresee (100 a call, in lanes likewise); DescribeLifecycleHooks for each group
 //!   with an instance a hook holds and no fresh hooks in the cache
 //!   (`cloud::HookCache`, on simulated time), one after the other.
 //!
@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::cloud::{ActionCall, AutoScaling, CallCount, CloudError, HookCache, INSTANCE_BATCH};
+use crate::cloud::{
+    ActionCall, AutoScaling, CallCount, CloudError, HookCache, INSTANCE_BATCH, INSTANCE_LANES,
+};
 use crate::model::{
     Ec2Instance, Fleet, HookResult, LifecycleAction, LifecycleHook, LifecycleState, ObservedGroup,
     ObservedInstance, Transition,
@@ -97,6 +99,16 @@ impl SimAutoScaling {
         Ok(())
     }
 
+    /// `n` DescribeInstances calls, `INSTANCE_LANES` at a time.
+    async fn in_lanes(&self, n: usize) -> Result<(), CloudError> {
+        let lane = |k: usize| {
+            let calls = n / INSTANCE_LANES + usize::from(k < n % INSTANCE_LANES);
+            self.sequential(Api::DescribeInstances, calls)
+        };
+        tokio::try_join!(lane(0), lane(1), lane(2), lane(3))?;
+        Ok(())
+    }
+
     /// The account as AWS would answer it now: the groups and their
     /// instances, and what EC2 says of each instance.
     fn read(&self) -> (Vec<Listed>, HashMap<String, Ec2Instance>, Duration) {
@@ -157,7 +169,7 @@ impl AutoScaling for SimAutoScaling {
                 Api::DescribeAutoScalingGroups,
                 calls.describe_auto_scaling_groups as usize
             ),
-            self.sequential(Api::DescribeInstances, calls.describe_instances as usize),
+            self.in_lanes(calls.describe_instances as usize),
         )?;
 
         // Round two.
@@ -185,7 +197,7 @@ impl AutoScaling for SimAutoScaling {
             .answer(waiting, &mut hooks, now);
         let late = unforeseen.div_ceil(INSTANCE_BATCH);
         tokio::try_join!(
-            self.sequential(Api::DescribeInstances, late),
+            self.in_lanes(late),
             self.sequential(Api::DescribeLifecycleHooks, to_read.len()),
         )?;
         calls.describe_instances += late as u32;
