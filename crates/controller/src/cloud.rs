@@ -3,7 +3,7 @@
 //! One listing costs `ceil(groups / 100)` DescribeAutoScalingGroups calls and
 //! `ceil(instances / 100)` DescribeInstances calls: calls grow with N/100.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -28,10 +28,16 @@ use crate::model::{
 };
 use crate::tags;
 
+/// DescribeInstances calls a listing has in flight at once. One after the
+/// other, the 100 calls of 10,000 instances took most of a 30 s resync at
+/// a quarter of a second each (README, "Scale"); `aws.calls_per_second`
+/// still bounds the rate.
+pub(crate) const INSTANCE_LANES: usize = 4;
+
 /// Ids per DescribeInstances call. The `instance-id` filter is used rather
 /// than `InstanceIds`, so that an id AWS no longer knows does not fail the
 /// whole batch.
-const INSTANCE_BATCH: usize = 100;
+pub(crate) const INSTANCE_BATCH: usize = 100;
 
 /// A failed AWS call: which API, what kind of failure (what callers and
 /// metrics act on), and AWS's own code and message.
@@ -322,6 +328,63 @@ pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
     loader.load().await
 }
 
+/// How long the hooks read for a group are used before they are read again.
+/// Hooks change rarely (with a deploy), while at 1 % churn a minute most
+/// groups have an instance held by a hook at most listings: read at every
+/// listing, they cost a DescribeLifecycleHooks per such group, about 60 a
+/// listing at 10,000 instances in 500 groups (README, "Scale"). A change is
+/// seen sooner where it matters: a group an event names is read at once,
+/// and so is a group with an instance held for a transition its cached
+/// hooks have no hook of (one added since).
+pub(crate) const HOOKS_FRESH: Duration = Duration::from_secs(30 * 60);
+
+/// The hooks of each group as last read, and when (see `HOOKS_FRESH`).
+#[derive(Debug, Default)]
+pub(crate) struct HookCache {
+    read: HashMap<String, (Instant, Vec<LifecycleHook>)>,
+}
+
+impl HookCache {
+    pub(crate) fn store(&mut self, group: &str, hooks: &[LifecycleHook], now: Instant) {
+        self.read.insert(group.to_owned(), (now, hooks.to_vec()));
+    }
+
+    /// For each group with instances held for `transitions`: its hooks into
+    /// `known` when they are known already or the cache may answer; else
+    /// its name in the list returned, of groups to read.
+    pub(crate) fn answer<'a>(
+        &self,
+        waiting: impl IntoIterator<Item = (&'a str, BTreeSet<Transition>)>,
+        known: &mut HashMap<String, Vec<LifecycleHook>>,
+        now: Instant,
+    ) -> Vec<String> {
+        let mut to_read = Vec::new();
+        for (group, transitions) in waiting {
+            if known.contains_key(group) {
+                continue;
+            }
+            let cached = self.read.get(group).filter(|(at, hooks)| {
+                now.saturating_duration_since(*at) < HOOKS_FRESH
+                    && transitions
+                        .iter()
+                        .all(|t| hooks.iter().any(|h| h.transition == *t))
+            });
+            match cached {
+                Some((_, hooks)) => {
+                    known.insert(group.to_owned(), hooks.clone());
+                }
+                None => to_read.push(group.to_owned()),
+            }
+        }
+        to_read
+    }
+
+    /// Forgets the groups no longer listed.
+    pub(crate) fn keep_only(&mut self, listed: &HashSet<&str>) {
+        self.read.retain(|group, _| listed.contains(group.as_str()));
+    }
+}
+
 /// The real thing, through the AWS SDK.
 pub struct AwsFleet {
     autoscaling: aws_sdk_autoscaling::Client,
@@ -332,6 +395,7 @@ pub struct AwsFleet {
     /// The instance ids of the last listing, described again beside the
     /// next group listing rather than after it.
     last_ids: Mutex<BTreeSet<String>>,
+    hook_cache: Mutex<HookCache>,
 }
 
 /// What events named since the last listing: instances to describe and
@@ -383,6 +447,7 @@ impl AwsFleet {
             budget: CallBudget::new(&config.aws),
             hints,
             last_ids: Mutex::default(),
+            hook_cache: Mutex::default(),
         }
     }
 
@@ -443,59 +508,91 @@ impl AwsFleet {
         }
     }
 
+    /// DescribeInstances for `ids` in batches of 100, `INSTANCE_LANES`
+    /// batches at a time.
     async fn describe_instances(
         &self,
         ids: &[String],
         calls: &mut CallCount,
     ) -> Result<Vec<(String, Ec2Instance)>, CloudError> {
+        let batches: Vec<&[String]> = ids.chunks(INSTANCE_BATCH).collect();
+        let lane = |k: usize| {
+            let mine: Vec<&[String]> = batches
+                .iter()
+                .skip(k)
+                .step_by(INSTANCE_LANES)
+                .copied()
+                .collect();
+            async move {
+                let mut count = CallCount::default();
+                let mut found = Vec::new();
+                for batch in mine {
+                    found.extend(self.describe_batch(batch, &mut count).await?);
+                }
+                Ok::<_, CloudError>((found, count))
+            }
+        };
+        // As many as INSTANCE_LANES.
+        let lanes = tokio::try_join!(lane(0), lane(1), lane(2), lane(3))?;
         let mut found = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(INSTANCE_BATCH) {
-            let mut next_token = None;
-            loop {
-                self.budget.acquire().await;
-                calls.describe_instances += 1;
-                let page = self
-                    .ec2
-                    .describe_instances()
-                    .filters(
-                        Ec2Filter::builder()
-                            .name("instance-id")
-                            .set_values(Some(batch.to_vec()))
-                            .build(),
-                    )
-                    .max_results(1000)
-                    .set_next_token(next_token)
-                    .send()
-                    .await
-                    .map_err(|e| CloudError::from_sdk("DescribeInstances", e))?;
-                for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                    let Some(id) = instance.instance_id() else {
-                        continue;
-                    };
-                    let state = instance
-                        .state()
-                        .and_then(|s| s.name())
-                        .map_or("unknown", |n| n.as_str())
-                        .into();
-                    let private_ip = instance
-                        .private_ip_address()
-                        .and_then(|a| a.parse::<IpAddr>().ok());
-                    let launch_time = instance
-                        .launch_time()
-                        .and_then(|t| SystemTime::try_from(*t).ok());
-                    found.push((
-                        id.to_owned(),
-                        Ec2Instance {
-                            state,
-                            private_ip,
-                            launch_time,
-                        },
-                    ));
-                }
-                next_token = page.next_token.filter(|t| !t.is_empty());
-                if next_token.is_none() {
-                    break;
-                }
+        for (some, count) in [lanes.0, lanes.1, lanes.2, lanes.3] {
+            found.extend(some);
+            calls.describe_instances += count.describe_instances;
+        }
+        Ok(found)
+    }
+
+    async fn describe_batch(
+        &self,
+        batch: &[String],
+        calls: &mut CallCount,
+    ) -> Result<Vec<(String, Ec2Instance)>, CloudError> {
+        let mut found = Vec::with_capacity(batch.len());
+        let mut next_token = None;
+        loop {
+            self.budget.acquire().await;
+            calls.describe_instances += 1;
+            let page = self
+                .ec2
+                .describe_instances()
+                .filters(
+                    Ec2Filter::builder()
+                        .name("instance-id")
+                        .set_values(Some(batch.to_vec()))
+                        .build(),
+                )
+                .max_results(1000)
+                .set_next_token(next_token)
+                .send()
+                .await
+                .map_err(|e| CloudError::from_sdk("DescribeInstances", e))?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                let Some(id) = instance.instance_id() else {
+                    continue;
+                };
+                let state = instance
+                    .state()
+                    .and_then(|s| s.name())
+                    .map_or("unknown", |n| n.as_str())
+                    .into();
+                let private_ip = instance
+                    .private_ip_address()
+                    .and_then(|a| a.parse::<IpAddr>().ok());
+                let launch_time = instance
+                    .launch_time()
+                    .and_then(|t| SystemTime::try_from(*t).ok());
+                found.push((
+                    id.to_owned(),
+                    Ec2Instance {
+                        state,
+                        private_ip,
+                        launch_time,
+                    },
+                ));
+            }
+            next_token = page.next_token.filter(|t| !t.is_empty());
+            if next_token.is_none() {
+                break;
             }
         }
         Ok(found)
@@ -620,24 +717,40 @@ impl AutoScaling for AwsFleet {
             .cloned()
             .collect();
         // Hooks only matter while an instance waits on one, so only those
-        // groups cost a DescribeLifecycleHooks call.
-        let waiting: Vec<String> = groups
-            .iter()
-            .filter(|g| {
-                g.instances().iter().any(|i| {
-                    i.lifecycle_state()
-                        .is_some_and(|s| LifecycleState::from(s.as_str()).is_held_by_hook())
-                })
-            })
-            .filter_map(|g| g.auto_scaling_group_name())
-            .filter(|name| !hooks.contains_key(*name))
-            .map(str::to_owned)
-            .collect();
+        // groups need them, and the cache answers for most of them.
+        let waiting = groups.iter().filter_map(|g| {
+            let held: BTreeSet<Transition> = g
+                .instances()
+                .iter()
+                .filter_map(|i| LifecycleState::from(i.lifecycle_state()?.as_str()).held_for())
+                .collect();
+            Some((g.auto_scaling_group_name()?, held)).filter(|(_, held)| !held.is_empty())
+        });
+        let now = Instant::now();
+        let to_read = {
+            let mut cache = self.hook_cache.lock().expect("hooks lock");
+            for (group, found) in &hooks {
+                cache.store(group, found, now);
+            }
+            cache.answer(waiting, &mut hooks, now)
+        };
         let mut late_calls = CallCount::default();
         let (late, more_hooks) = tokio::try_join!(
             self.describe_some(&unforeseen, &mut late_calls),
-            self.hooks_of(waiting, &mut hook_calls),
+            self.hooks_of(to_read, &mut hook_calls),
         )?;
+        {
+            let mut cache = self.hook_cache.lock().expect("hooks lock");
+            for (group, found) in &more_hooks {
+                cache.store(group, found, now);
+            }
+            cache.keep_only(
+                &groups
+                    .iter()
+                    .filter_map(|g| g.auto_scaling_group_name())
+                    .collect(),
+            );
+        }
         hooks.extend(more_hooks);
         calls.describe_instances = early_calls.describe_instances + late_calls.describe_instances;
         calls.describe_lifecycle_hooks = hook_calls.describe_lifecycle_hooks;
@@ -690,7 +803,8 @@ impl AutoScaling for AwsFleet {
 /// A budget of AWS calls per second with a burst of one second's worth
 /// (the generic cell rate algorithm): calls beyond it wait their turn rather
 /// than draw throttling errors that would slow every tool in the account.
-struct CallBudget {
+/// Shared with the simulated fleet (`sim`), so that it spaces calls alike.
+pub(crate) struct CallBudget {
     interval: Duration,
     burst: Duration,
     /// The theoretical time of the next call; a std mutex, never held across
@@ -699,7 +813,7 @@ struct CallBudget {
 }
 
 impl CallBudget {
-    fn new(aws: &AwsConfig) -> CallBudget {
+    pub(crate) fn new(aws: &AwsConfig) -> CallBudget {
         CallBudget {
             interval: Duration::from_secs_f64(1.0 / aws.calls_per_second),
             burst: Duration::from_secs(1),
@@ -707,7 +821,7 @@ impl CallBudget {
         }
     }
 
-    async fn acquire(&self) {
+    pub(crate) async fn acquire(&self) {
         let slot = {
             let mut next = self.next.lock().expect("budget lock");
             let now = Instant::now();
@@ -947,6 +1061,48 @@ mod tests {
         for kind in ErrorKind::ALL {
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.label());
         }
+    }
+
+    #[test]
+    fn cached_hooks_answer_until_stale_or_a_transition_has_none() {
+        let hook = |name: &str, transition| LifecycleHook {
+            name: name.into(),
+            transition,
+            heartbeat_timeout: Duration::from_secs(600),
+        };
+        let launch = BTreeSet::from([Transition::Launching]);
+        let both = BTreeSet::from([Transition::Launching, Transition::Terminating]);
+        let start = Instant::now();
+        let mut cache = HookCache::default();
+        cache.store(
+            "web",
+            &[hook("signpost-launch", Transition::Launching)],
+            start,
+        );
+        let answer = |cache: &HookCache, waiting: Vec<(&str, BTreeSet<Transition>)>, at| {
+            let mut known = HashMap::new();
+            let read = cache.answer(waiting, &mut known, at);
+            (read, known.into_keys().collect::<BTreeSet<_>>())
+        };
+
+        let (read, known) = answer(
+            &cache,
+            vec![("web", launch.clone()), ("api", launch.clone())],
+            start,
+        );
+        assert_eq!(
+            (read, known),
+            (vec!["api".to_owned()], BTreeSet::from(["web".to_owned()]))
+        );
+        let (read, _) = answer(&cache, vec![("web", both)], start);
+        assert_eq!(read, ["web"], "a terminate hook added since: read again");
+        let late = start + HOOKS_FRESH;
+        let (read, _) = answer(&cache, vec![("web", launch.clone())], late);
+        assert_eq!(read, ["web"], "stale");
+
+        cache.keep_only(&HashSet::from(["api"]));
+        let (read, _) = answer(&cache, vec![("web", launch)], start);
+        assert_eq!(read, ["web"], "a group no longer listed is forgotten");
     }
 
     #[tokio::test(start_paused = true)]

@@ -44,6 +44,9 @@ pub mod registry;
 pub mod reload;
 pub mod routers;
 mod run;
+/// A simulated account at scale behind `cloud::AutoScaling` (benchmarks).
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
 pub mod tags;
 pub mod tls;
 pub mod xds;

@@ -98,6 +98,15 @@ impl LifecycleState {
         )
     }
 
+    /// The transition whose hook holds an instance in this state, if any.
+    pub fn held_for(&self) -> Option<Transition> {
+        match self {
+            LifecycleState::PendingWait => Some(Transition::Launching),
+            LifecycleState::TerminatingWait => Some(Transition::Terminating),
+            _ => None,
+        }
+    }
+
     /// Whether an instance in this state may take traffic once healthy.
     /// `Pending:Wait` is among them: a launch hook holds the instance there
     /// precisely so that it can be checked and pushed to routers before the
@@ -355,11 +364,7 @@ impl ObservedInstance {
 
     /// The hook transition the instance is waiting on, if any.
     pub fn waiting_on(&self) -> Option<Transition> {
-        match self.lifecycle_state {
-            LifecycleState::PendingWait => Some(Transition::Launching),
-            LifecycleState::TerminatingWait => Some(Transition::Terminating),
-            _ => None,
-        }
+        self.lifecycle_state.held_for()
     }
 }
 
