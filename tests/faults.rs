@@ -430,13 +430,19 @@ async fn lifecycle_call_faults_hold_the_hooks_and_lose_no_action() {
             .await;
     }
 
-    // DescribeLifecycleHooks is asked only while an instance waits on a
-    // hook: fault it, then scale out.
+    // DescribeLifecycleHooks is asked while an instance waits on a hook of
+    // a group whose hooks are not known yet (they are kept 30 min once
+    // read): fault it, then make a new group with hooks and an instance.
     let before = listed(&controller).await;
     proxy.inject("DescribeLifecycleHooks", Fault::Status(500), Times::Always);
-    cloud.set_desired(GROUP, 3).await;
-    instances = cloud.instances(GROUP).await;
-    backends.follow(&instances).await;
+    const OTHER: &str = "users-b";
+    cloud.create_group(OTHER, &tags(), 0).await;
+    common::hold_launches_and_terminations(&cloud, OTHER).await;
+    cloud.set_desired(OTHER, 1).await;
+    // `follow` keeps exactly the backends it is given: both groups'.
+    let mut both = instances.clone();
+    both.extend(cloud.instances(OTHER).await);
+    backends.follow(&both).await;
     wait_for(
         "/readyz to name DescribeLifecycleHooks",
         Duration::from_secs(20),
@@ -453,7 +459,7 @@ async fn lifecycle_call_faults_hold_the_hooks_and_lose_no_action() {
         "nothing removed or added"
     );
     proxy.clear("DescribeLifecycleHooks");
-    common::wait_in_service(&cloud, GROUP, 3, Duration::from_secs(30)).await;
+    common::wait_in_service(&cloud, OTHER, 1, Duration::from_secs(30)).await;
 
     let (sent, failures) = load.finish().await;
     eprintln!(
