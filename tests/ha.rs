@@ -144,8 +144,9 @@ async fn three_replicas_started_together_elect_one_leader() {
     let (leader, token) = one_leader(&[&a, &b, &c], Duration::from_secs(10)).await;
     // Nobody took the lease from another: only the leader ever wrote it.
     // (Token 2 when the leader's first take timed out on its side after
-    // DynamoDB applied it, and it took its own lease again at once: seen
-    // with moto slow at start on a loaded machine.)
+    // DynamoDB applied it: it follows "itself" until that lease expires,
+    // then takes it again. Seen with moto slow at start on a loaded
+    // machine.)
     for (i, r) in [&a, &b, &c].into_iter().enumerate() {
         let took = r
             .metric("signpost_lease_calls_total{call=\"UpdateItem\",result=\"ok\"}")

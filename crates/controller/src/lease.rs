@@ -304,8 +304,6 @@ pub enum Call {
 pub struct Elector {
     pub timing: Timing,
     pub leadership: Leadership,
-    /// This replica's id: a lease that names it is its own to take again.
-    pub me: String,
 }
 
 /// A store's answer to one call, as the elector sees it.
@@ -321,20 +319,11 @@ pub enum Answer {
 }
 
 impl Elector {
-    pub fn new(timing: Timing, me: &str) -> Elector {
+    pub fn new(timing: Timing) -> Elector {
         Elector {
             timing,
             leadership: Leadership::Follower { leader: None },
-            me: me.to_owned(),
         }
-    }
-
-    /// A lease that names this replica while it follows: its own take whose
-    /// answer was lost (a timed-out UpdateItem that AWS applied), or a
-    /// previous run's under the same id. Taken again at once, with a new
-    /// token, instead of waiting out a lease nobody else may take.
-    fn own(&self, leader: &LeaseItem) -> bool {
-        leader.owner == self.me
     }
 
     /// The next call at wall time `now`: a leader renews; a follower takes a
@@ -343,9 +332,7 @@ impl Elector {
         match &self.leadership {
             Leadership::Leader(t) => Call::Renew { token: t.token },
             Leadership::Follower { leader: None } => Call::Acquire,
-            Leadership::Follower { leader: Some(l) } if l.is_free(now) || self.own(l) => {
-                Call::Acquire
-            }
+            Leadership::Follower { leader: Some(l) } if l.is_free(now) => Call::Acquire,
             _ => Call::Read,
         }
     }
@@ -354,7 +341,7 @@ impl Elector {
     /// known lease expires sooner (a dead leader's lease is taken promptly).
     pub fn wait(&self, now: SystemTime) -> Duration {
         match &self.leadership {
-            Leadership::Follower { leader: Some(l) } if !l.is_free(now) && !self.own(l) => {
+            Leadership::Follower { leader: Some(l) } if !l.is_free(now) => {
                 let left = l.expires.duration_since(now).unwrap_or_default();
                 // Just past the expiry, so that the next look finds it free.
                 (left + Duration::from_millis(50)).min(self.timing.renew_every)
@@ -406,7 +393,7 @@ pub async fn run<S: LeaseStore>(
     calls: std::sync::Arc<LeaseCalls>,
     stop: CancellationToken,
 ) {
-    let mut elector = Elector::new(timing, &me.id);
+    let mut elector = Elector::new(timing);
     let mut last_failure: Option<String> = None;
     loop {
         let sent = Instant::now();
@@ -636,9 +623,7 @@ impl LeaseStore for DynamoLease {
             .update_expression(
                 "SET #owner = :me, #address = :address, #expires = :expires, #token = if_not_exists(#token, :zero) + :one",
             )
-            .condition_expression(
-                "attribute_not_exists(#expires) OR #expires <= :now OR #owner = :me",
-            )
+            .condition_expression("attribute_not_exists(#expires) OR #expires <= :now")
             .expression_attribute_names("#owner", "owner")
             .expression_attribute_names("#address", "address")
             .expression_attribute_names("#expires", "expires")
@@ -739,10 +724,7 @@ pub mod fake {
         ) -> Result<Option<LeaseItem>, LeaseError> {
             self.up()?;
             let mut item = self.item.lock().unwrap();
-            if item
-                .as_ref()
-                .is_some_and(|i| !i.is_free(now) && i.owner != me.id)
-            {
+            if item.as_ref().is_some_and(|i| !i.is_free(now)) {
                 return Ok(None);
             }
             let token = item.as_ref().map_or(0, |i| i.token) + 1;
@@ -805,7 +787,7 @@ mod tests {
     #[test]
     fn a_follower_takes_only_a_free_lease_and_looks_again_at_its_expiry() {
         let now = SystemTime::now();
-        let mut e = Elector::new(Timing::new(LEASE), "a");
+        let mut e = Elector::new(Timing::new(LEASE));
         assert_eq!(e.next_call(now), Call::Acquire, "nobody known: try");
         e.leadership = Leadership::Follower {
             leader: Some(item("b", 4, now + Duration::from_secs(2))),
@@ -821,19 +803,13 @@ mod tests {
             leader: Some(item("b", 4, now + Duration::from_secs(60))),
         };
         assert_eq!(e.wait(now), Duration::from_secs(5), "at most a period");
-        // Its own lease (a take whose answer was lost): taken again at once.
-        e.leadership = Leadership::Follower {
-            leader: Some(item("a", 1, now + Duration::from_secs(60))),
-        };
-        assert_eq!(e.next_call(now), Call::Acquire);
-        assert_eq!(e.wait(now), Duration::ZERO);
     }
 
     #[test]
     fn a_leader_acts_until_the_renew_deadline_counted_from_the_send() {
         let t0 = Instant::now();
         let w0 = SystemTime::now();
-        let mut e = Elector::new(Timing::new(LEASE), "a");
+        let mut e = Elector::new(Timing::new(LEASE));
         e.apply(
             Answer::Acquired(item("a", 7, w0 + LEASE)),
             t0,
@@ -864,7 +840,7 @@ mod tests {
     fn a_leader_whose_renewal_is_refused_steps_down_at_once() {
         let t0 = Instant::now();
         let w0 = SystemTime::now();
-        let mut e = Elector::new(Timing::new(LEASE), "a");
+        let mut e = Elector::new(Timing::new(LEASE));
         e.apply(Answer::Acquired(item("a", 1, w0 + LEASE)), t0, w0, t0);
         e.apply(Answer::Lost, t0, w0, t0 + Duration::from_secs(1));
         assert_eq!(e.leadership.acting(t0 + Duration::from_secs(1)), None);
