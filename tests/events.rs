@@ -9,48 +9,15 @@ use common::{ids, wait_for, Backends, Cloud, Controller, Emulator};
 
 const PORT: u16 = common::BACKEND_PORT;
 
-async fn queue(cloud: &Cloud) -> String {
-    cloud
-        .sqs
-        .create_queue()
-        .queue_name("signpost-events")
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap()
-}
-
-async fn send(cloud: &Cloud, queue: &str, body: &str) {
-    cloud
-        .sqs
-        .send_message()
-        .queue_url(queue)
-        .message_body(body)
-        .send()
-        .await
-        .unwrap();
-}
-
 async fn queued(cloud: &Cloud, queue: &str) -> usize {
     common::queue_depth(&cloud.sqs, queue).await
-}
-
-fn launched(group: &str) -> String {
-    serde_json::json!({
-        "version": "0", "id": "e-1", "source": "aws.autoscaling",
-        "detail-type": "EC2 Instance Launch Successful", "account": "123456789012",
-        "time": "2026-11-25T10:00:00Z", "region": "us-east-1",
-        "detail": { "AutoScalingGroupName": group, "EC2InstanceId": "i-any", "StatusCode": "InProgress" }
-    })
-    .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_trigger_a_reconcile_long_before_the_resync() {
     let emulator = Emulator::start().await;
     let cloud = Cloud::new(&emulator).await;
-    let queue = queue(&cloud).await;
+    let queue = cloud.event_queue().await;
     let mut backends = Backends::new(PORT);
     let tags = [("signpost:service", "users"), ("signpost:port", "18080")];
     cloud.create_group("users-a", &tags, 1).await;
@@ -69,19 +36,21 @@ async fn events_trigger_a_reconcile_long_before_the_resync() {
 
     // The first message of a new hook is a test notification: recognised,
     // handled, nothing else happens.
-    send(
-        &cloud,
-        &queue,
-        r#"{"Event":"autoscaling:TEST_NOTIFICATION","AutoScalingGroupName":"users-a"}"#,
-    )
-    .await;
+    cloud
+        .send_event(
+            &queue,
+            r#"{"Event":"autoscaling:TEST_NOTIFICATION","AutoScalingGroupName":"users-a"}"#,
+        )
+        .await;
     // Garbage is counted and deleted, and does not stop what follows.
-    send(&cloud, &queue, "this is not an event").await;
+    cloud.send_event(&queue, "this is not an event").await;
 
     cloud.set_desired("users-a", 3).await;
     let three = cloud.instances("users-a").await;
     backends.follow(&three).await;
-    send(&cloud, &queue, &launched("users-a")).await;
+    cloud
+        .send_event(&queue, &common::launch_event("users-a", "i-any"))
+        .await;
     controller
         .wait_endpoints("users", "healthy", &ids(&three))
         .await;
@@ -93,7 +62,9 @@ async fn events_trigger_a_reconcile_long_before_the_resync() {
     cloud.set_desired("users-a", 2).await;
     let left = cloud.instances("users-a").await;
     for _ in 0..3 {
-        send(&cloud, &queue, &launched("users-a")).await;
+        cloud
+            .send_event(&queue, &common::launch_event("users-a", "i-any"))
+            .await;
     }
     controller
         .wait_endpoints("users", "healthy", &ids(&left))

@@ -228,15 +228,7 @@ async fn describe_instances_faults_remove_nothing_and_converge() {
 async fn receive_message_faults_are_named_backed_off_and_events_resume() {
     let emulator = Emulator::start().await;
     let cloud = Cloud::new(&emulator).await;
-    let queue = cloud
-        .sqs
-        .create_queue()
-        .queue_name("signpost-events")
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
+    let queue = cloud.event_queue().await;
     let mut backends = Backends::new(common::BACKEND_PORT);
     cloud.create_group(GROUP, &tags(), 2).await;
     let mut instances = cloud.instances(GROUP).await;
@@ -300,20 +292,8 @@ async fn receive_message_faults_are_named_backed_off_and_events_resume() {
         cloud.set_desired(GROUP, instances.len() as i32 + 1).await;
         instances = cloud.instances(GROUP).await;
         backends.follow(&instances).await;
-        let event = serde_json::json!({
-            "version": "0", "id": "e-1", "source": "aws.autoscaling",
-            "detail-type": "EC2 Instance Launch Successful", "account": "123456789012",
-            "time": "2026-12-01T06:00:00Z", "region": "us-east-1",
-            "detail": { "AutoScalingGroupName": GROUP, "EC2InstanceId": instances.last().unwrap().0, "StatusCode": "InProgress" }
-        });
-        cloud
-            .sqs
-            .send_message()
-            .queue_url(&queue)
-            .message_body(event.to_string())
-            .send()
-            .await
-            .unwrap();
+        let launched = common::launch_event(GROUP, &instances.last().unwrap().0);
+        cloud.send_event(&queue, &launched).await;
         // The receive backoff grows to 30 s at most; events resume within it.
         wait_for(
             &format!(
@@ -482,18 +462,7 @@ async fn lifecycle_call_faults_hold_the_hooks_and_lose_no_action() {
 async fn a_deleted_queue_is_named_backed_off_and_events_resume_when_it_returns() {
     let emulator = Emulator::start().await;
     let cloud = Cloud::new(&emulator).await;
-    let create = || async {
-        cloud
-            .sqs
-            .create_queue()
-            .queue_name("signpost-events")
-            .send()
-            .await
-            .unwrap()
-            .queue_url
-            .unwrap()
-    };
-    let queue = create().await;
+    let queue = cloud.event_queue().await;
     let mut backends = Backends::new(common::BACKEND_PORT);
     cloud.create_group(GROUP, &tags(), 2).await;
     let mut instances = cloud.instances(GROUP).await;
@@ -547,25 +516,17 @@ async fn a_deleted_queue_is_named_backed_off_and_events_resume_when_it_returns()
         "the registry is untouched"
     );
 
-    assert_eq!(create().await, queue, "the same name gives the same URL");
+    assert_eq!(
+        cloud.event_queue().await,
+        queue,
+        "the same name gives the same URL"
+    );
     let returned = Instant::now();
     cloud.set_desired(GROUP, 3).await;
     instances = cloud.instances(GROUP).await;
     backends.follow(&instances).await;
-    let event = serde_json::json!({
-        "version": "0", "id": "e-q", "source": "aws.autoscaling",
-        "detail-type": "EC2 Instance Launch Successful", "account": "123456789012",
-        "time": "2026-12-06T06:00:00Z", "region": "us-east-1",
-        "detail": { "AutoScalingGroupName": GROUP, "EC2InstanceId": instances.last().unwrap().0, "StatusCode": "InProgress" }
-    });
-    cloud
-        .sqs
-        .send_message()
-        .queue_url(&queue)
-        .message_body(event.to_string())
-        .send()
-        .await
-        .unwrap();
+    let launched = common::launch_event(GROUP, &instances.last().unwrap().0);
+    cloud.send_event(&queue, &launched).await;
     // The receive backoff grows to 30 s at most.
     wait_for(
         "the scale-out listed on an event once the queue is back",

@@ -509,6 +509,30 @@ pub struct Cloud {
 }
 
 impl Cloud {
+    /// The queue `signpost-events` (its URL; the same again for the same
+    /// name, as on SQS).
+    pub async fn event_queue(&self) -> String {
+        self.sqs
+            .create_queue()
+            .queue_name("signpost-events")
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap()
+    }
+
+    /// Puts `body` on `queue`, as EventBridge or a hook notification would.
+    pub async fn send_event(&self, queue: &str, body: &str) {
+        self.sqs
+            .send_message()
+            .queue_url(queue)
+            .message_body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+
     /// A subnet of the test's own: its instances get 127.42.N.4, ...
     pub async fn new(emulator: &Emulator) -> Cloud {
         let addresses = Subnet::reserve();
@@ -1758,4 +1782,16 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.cut();
     }
+}
+
+/// An EventBridge "EC2 Instance Launch Successful" event of `group` for
+/// `instance`.
+pub fn launch_event(group: &str, instance: &str) -> String {
+    serde_json::json!({
+        "version": "0", "id": "e-1", "source": "aws.autoscaling",
+        "detail-type": "EC2 Instance Launch Successful", "account": "123456789012",
+        "time": "2026-11-25T10:00:00Z", "region": "us-east-1",
+        "detail": { "AutoScalingGroupName": group, "EC2InstanceId": instance, "StatusCode": "InProgress" }
+    })
+    .to_string()
 }
