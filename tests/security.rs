@@ -352,6 +352,54 @@ async fn tokens_give_roles_and_a_changed_tokens_file_applies_without_restart() {
     assert_eq!(get(&edge_2, &watch_path("edge-2")).await.0, 200);
 }
 
+/// A controller over TLS that knows its callers by bearer token: `ops`
+/// (admin, the harness's) and `holders` (identity, role), each with the
+/// token `<identity>-token`; `limits` are lines of its `[limits]`.
+struct TokenScene {
+    dir: PathBuf,
+    ca: Ca,
+    _emulator: Emulator,
+    controller: Controller,
+}
+
+impl TokenScene {
+    async fn start(test: &str, holders: &[(&str, &str)], limits: &str) -> TokenScene {
+        let dir = dir(test);
+        let ca = Ca::new(&dir, "signpost");
+        let server = ca.server("controller");
+        let tokens = dir.join("tokens.toml");
+        let entries: String = std::iter::once(("ops", "admin"))
+            .chain(holders.iter().copied())
+            .map(|(identity, role)| token_entry(&format!("{identity}-token"), identity, role))
+            .collect();
+        std::fs::write(&tokens, entries).unwrap();
+        let emulator = Emulator::start().await;
+        let rest = format!(
+            "[auth]\ntokens_file = {:?}\n[limits]\n{limits}\n",
+            tokens.display().to_string()
+        );
+        let ops = write_token(&dir, "ops", "ops-token");
+        let controller = Controller::start_tls(
+            &emulator,
+            &tls_toml(&server, None, &rest),
+            &credentials(&ca, None, Some(&ops)),
+        )
+        .await;
+        TokenScene {
+            dir,
+            ca,
+            _emulator: emulator,
+            controller,
+        }
+    }
+
+    /// A client presenting `identity`'s token.
+    fn link(&self, identity: &str) -> Link {
+        let token = write_token(&self.dir, identity, &format!("{identity}-token"));
+        link(&credentials(&self.ca, None, Some(&token)))
+    }
+}
+
 /// The forged-ack attack: a router of the fleet (valid certificate, its
 /// own identity `mallory`) posts "revision applied, nothing in flight" in
 /// the real router's name while that router still has a request in flight
@@ -483,34 +531,16 @@ async fn a_forged_ack_cannot_complete_a_scale_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_holds_at_most_its_share_of_subscriptions() {
-    let dir = dir("limits");
-    let ca = Ca::new(&dir, "signpost");
-    let server = ca.server("controller");
-    let tokens = dir.join("tokens.toml");
-    std::fs::write(
-        &tokens,
-        token_entry("ops-token", "ops", "admin") + &token_entry("edge-token", "edge", "router"),
-    )
-    .unwrap();
-    let emulator = Emulator::start().await;
-    let rest = format!(
-        "[auth]\ntokens_file = {:?}\n[limits]\nsubscriptions_per_identity = 2\n",
-        tokens.display().to_string()
-    );
-    let ops = write_token(&dir, "ops", "ops-token");
-    let controller = Controller::start_tls(
-        &emulator,
-        &tls_toml(&server, None, &rest),
-        &credentials(&ca, None, Some(&ops)),
+    let scene = TokenScene::start(
+        "limits",
+        &[("edge", "router")],
+        "subscriptions_per_identity = 2",
     )
     .await;
-    let edge = link(&credentials(
-        &ca,
-        None,
-        Some(&write_token(&dir, "edge", "edge-token")),
-    ));
+    let controller = &scene.controller;
+    let edge = scene.link("edge");
     let open = || async {
-        let request = Request::get(watch(&controller, "edge"))
+        let request = Request::get(watch(controller, "edge"))
             .body(Full::default())
             .unwrap();
         edge.send(request).await.unwrap()
@@ -548,34 +578,14 @@ async fn an_identity_holds_at_most_its_share_of_subscriptions() {
 /// the caller is served again once its rate allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_over_its_request_rate_is_refused_and_others_are_not() {
-    let dir = dir("rate");
-    let ca = Ca::new(&dir, "signpost");
-    let server = ca.server("controller");
-    let tokens = dir.join("tokens.toml");
-    std::fs::write(
-        &tokens,
-        token_entry("ops-token", "ops", "admin")
-            + &token_entry("grafana-token", "grafana", "reader")
-            + &token_entry("edge-token", "edge", "router"),
-    )
-    .unwrap();
-    let emulator = Emulator::start().await;
-    let rest = format!(
-        "[auth]\ntokens_file = {:?}\n[limits]\nrequests_per_second = 5\n",
-        tokens.display().to_string()
-    );
-    let ops = write_token(&dir, "ops", "ops-token");
-    let controller = Controller::start_tls(
-        &emulator,
-        &tls_toml(&server, None, &rest),
-        &credentials(&ca, None, Some(&ops)),
+    let scene = TokenScene::start(
+        "rate",
+        &[("grafana", "reader"), ("edge", "router")],
+        "requests_per_second = 5",
     )
     .await;
-    let grafana = link(&credentials(
-        &ca,
-        None,
-        Some(&write_token(&dir, "grafana", "grafana-token")),
-    ));
+    let controller = &scene.controller;
+    let grafana = scene.link("grafana");
     let read = || async {
         let request = Request::get(controller.url("/v1/services"))
             .body(Full::default())
@@ -604,12 +614,8 @@ async fn an_identity_over_its_request_rate_is_refused_and_others_are_not() {
             >= Some(10.0)
     );
 
-    let edge = link(&credentials(
-        &ca,
-        None,
-        Some(&write_token(&dir, "edge", "edge-token")),
-    ));
-    let (status, _) = call(&edge, Method::GET, watch(&controller, "edge"), None)
+    let edge = scene.link("edge");
+    let (status, _) = call(&edge, Method::GET, watch(controller, "edge"), None)
         .await
         .unwrap();
     assert_eq!(status, 200, "another identity is not slowed");
