@@ -66,6 +66,14 @@ FULL["router"]["tokenSecretName"] = "signpost-router-token"
 CERT_MANAGER = {"security": {"tls": {"certManager": {"enabled": True,
                                                      "issuerRef": {"name": "signpost-ca"}}}}}
 
+# Routers with a token per pod (a StatefulSet) and with a certificate per pod
+# (cert-manager's csi-driver).
+ROUTER_TOKENS = {"security": {"tls": {"secretName": "signpost-tls"}, "tokensSecretName": "signpost-tokens"},
+                 "router": {"enabled": True, "replicas": 3, "tokenSecretName": "signpost-router-tokens"}}
+CSI = {"enabled": True, "issuerRef": {"name": "signpost-ca"}}
+ROUTER_CSI = {"security": {"tls": {"secretName": "signpost-tls"}},
+              "router": {"enabled": True, "certManagerCSI": CSI}}
+
 
 def render(values):
     with helm.Chart.load(str(CHART)) as chart:
@@ -84,21 +92,25 @@ def by_kind(docs, kind):
 
 
 def test_chart_lints_clean():
-    for values in (MINIMAL, FULL, CERT_MANAGER):
+    for values in (MINIMAL, FULL, CERT_MANAGER, ROUTER_TOKENS, ROUTER_CSI):
         result = helm.lint(str(CHART), values=values, strict=True, kube_version=KUBE_VERSION)
         assert not result["errors"], result
         # severity 1 is INFO ("icon is recommended"); WARNING and ERROR are 2 and up.
         assert all(m["severity"] <= 1 for m in result["messages"]), result
 
 
-@pytest.mark.parametrize("values", [MINIMAL, FULL], ids=["defaults", "full"])
+@pytest.mark.parametrize("values", [MINIMAL, FULL, ROUTER_CSI], ids=["defaults", "full", "router-csi"])
 def test_every_manifest_is_valid_kubernetes(values):
     docs = render(values)
     kinds = sorted(d["kind"] for d in docs)
     if values is FULL:
+        # Routers with tokens: a StatefulSet and its headless Service.
+        assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget",
+                         "PodDisruptionBudget", "Service", "Service", "Service", "ServiceAccount",
+                         "ServiceMonitor", "StatefulSet"], kinds
+    elif values is ROUTER_CSI:
         assert kinds == ["ConfigMap", "Deployment", "Deployment", "PodDisruptionBudget",
-                         "PodDisruptionBudget", "Service", "Service", "ServiceAccount",
-                         "ServiceMonitor"], kinds
+                         "PodDisruptionBudget", "Service", "Service", "ServiceAccount"], kinds
     else:
         assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service",
                          "ServiceAccount"], kinds
@@ -175,11 +187,12 @@ def test_irsa_role_annotation_and_router_wiring():
     (sa,) = by_kind(docs, "ServiceAccount")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == \
         FULL["serviceAccount"]["roleArn"]
-    router = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "sp-router")
+    (router,) = by_kind(docs, "StatefulSet")
+    assert router["metadata"]["name"] == "sp-router"
     args = router["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["router", "--controller"] and args[2] == "https://sp:7171"
     assert args[args.index("--controller-ca") + 1] == "/etc/signpost/tls/ca.crt"
-    assert args[args.index("--token-file") + 1] == "/etc/signpost/token/token"
+    assert args[args.index("--token-file") + 1] == "/etc/signpost/token/$(POD_NAME)"
     pod = router["spec"]["template"]["spec"]
     (ca,) = [v for v in pod["volumes"] if v["name"] == "controller-ca"]
     assert ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], "never the controller's key"
@@ -203,10 +216,18 @@ def test_irsa_role_annotation_and_router_wiring():
     ({"security": {"tls": {"certManager": {"duration": "90 days"}}}}, "duration"),
     ({"security": {"tls": {"certManager": {"dnsNames": ["Signpost_API"]}}}}, "dnsNames"),
     ({"security": {"tls": {"certManager": {"enabled": "yes"}}}}, "enabled"),
+    ({"router": {"tokenSecretName": "t", "certManagerCSI": CSI}}, "certManagerCSI/enabled"),
+    ({"router": {"certManagerCSI": {"enabled": True}}}, "issuerRef"),
+    ({"router": {"certManagerCSI": {"enabled": True, "issuerRef": {"name": ""}}}}, "issuerRef/name"),
+    ({"router": {"certManagerCSI": {**CSI, "commonName": "edge"}}}, "commonName"),
+    ({"router": {"certManagerCSI": {**CSI, "duration": "30 days"}}}, "duration"),
+    ({"router": {"tokenSecretName": ["a", "b"]}}, "tokenSecretName"),
 ], ids=["negative-replicas", "bad-lease-duration", "bad-duration", "zero-threshold", "bad-port", "typo-key",
         "bad-role-arn", "port-not-int", "bad-pull-policy", "cert-manager-unknown-key",
         "cert-manager-issuer-ref-typo", "cert-manager-bad-duration", "cert-manager-bad-dns-name",
-        "cert-manager-enabled-not-bool"])
+        "cert-manager-enabled-not-bool", "router-tokens-and-certificates", "router-csi-without-issuer",
+        "router-csi-empty-issuer", "router-csi-unknown-key", "router-csi-bad-duration",
+        "router-token-secret-not-a-string"])
 def test_bad_values_are_rejected_by_the_schema(values, message):
     with helm.Chart.load(str(CHART)) as chart:
         with pytest.raises(helm.HelmError) as e:
@@ -294,7 +315,7 @@ def _tls_volume(deploy, name):
      "my-tls"),
 ], ids=["default-secret", "fullname-override", "named-secret"])
 def test_cert_manager_certificate_goes_into_the_secret_the_pods_mount(values, secret):
-    docs = render({**values, "router": {"enabled": True}})
+    docs = render({**values, "router": {"enabled": True, "certManagerCSI": CSI}})
     (cert,) = by_kind(docs, "Certificate")
     assert cert["apiVersion"] == "cert-manager.io/v1"
     spec = cert["spec"]
@@ -360,3 +381,175 @@ def test_without_tls_the_chart_refuses_unless_cert_manager_issues_it():
     env = {e["name"]: e for e in c["env"]}
     assert env["SIGNPOST_HA_ADVERTISE"]["value"] == "https://$(POD_IP):7070"
     assert {"name": "tls", "mountPath": "/etc/signpost/tls", "readOnly": True} in c["volumeMounts"]
+
+
+# Router identities (chart README, "Router identities"): a router subscribes
+# as its pod name and the controller serves it only under the identity its
+# credential names, so each pod's credential must name that pod.
+
+def router_workload(docs):
+    (workload,) = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
+                   and d["metadata"]["labels"]["app.kubernetes.io/component"] == "router"]
+    return workload
+
+
+def router_container(workload):
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def arg(args, flag):
+    return args[args.index(flag) + 1]
+
+
+def pod_name_env(container):
+    """The env var Kubernetes sets to the pod's own name (downward API)."""
+    (name,) = [e["name"] for e in container["env"]
+               if e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"]
+    return name
+
+
+def test_router_tokens_make_a_stateful_set_whose_pods_read_their_own_token():
+    docs = render(ROUTER_TOKENS)
+    assert not [d for d in by_kind(docs, "Deployment")
+                if d["metadata"]["labels"]["app.kubernetes.io/component"] == "router"]
+    sts = router_workload(docs)
+    assert sts["kind"] == "StatefulSet" and sts["metadata"]["name"] == "signpost-router"
+    spec = sts["spec"]
+    assert spec["replicas"] == 3 and spec["podManagementPolicy"] == "Parallel"
+    # The governing Service: headless, selecting exactly the router pods.
+    (headless,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == spec["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == spec["selector"]["matchLabels"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in headless["spec"]["selector"].items())
+    # The traffic Service is still there, and the PDB covers the StatefulSet's pods.
+    assert {s["metadata"]["name"] for s in by_kind(docs, "Service")} == \
+        {"signpost", "signpost-router", "signpost-router-headless"}
+    (pdb,) = [p for p in by_kind(docs, "PodDisruptionBudget") if p["metadata"]["name"] == "signpost-router"]
+    assert pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+
+    c = router_container(sts)
+    var = pod_name_env(c)
+    assert arg(c["args"], "--id") == f"$({var})"
+    assert arg(c["args"], "--token-file") == f"/etc/signpost/token/$({var})"
+    assert "--client-cert" not in c["args"]
+    pod = spec["template"]["spec"]
+    (token,) = [v for v in pod["volumes"] if v["name"] == "token"]
+    assert token["secret"] == {"secretName": "signpost-router-tokens"}, "every key: rotations show up"
+    assert {"name": "token", "mountPath": "/etc/signpost/token", "readOnly": True} in c["volumeMounts"]
+    # Pod i of the StatefulSet reads the Secret's key named like itself and
+    # subscribes under that same name: the identity its token has in tokens.toml.
+    for i in range(3):
+        pod_name = f"{sts['metadata']['name']}-{i}"
+        expand = lambda a: a.replace(f"$({var})", pod_name)
+        assert expand(arg(c["args"], "--id")) == pod_name
+        assert expand(arg(c["args"], "--token-file")) == f"/etc/signpost/token/{pod_name}"
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_router_tokens_notes_name_the_keys_the_secrets_need():
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(ROUTER_TOKENS, name="signpost", namespace="signpost")
+    (notes,) = [t for n, t in files.items() if n.endswith("NOTES.txt")]
+    assert "signpost-router-0\n  signpost-router-1\n  signpost-router-2\n" in notes, notes
+    assert '"signpost-router-tokens"' in notes and '"signpost-tokens"' in notes, notes
+
+
+def test_router_csi_certificate_names_the_pod_the_router_subscribes_as():
+    values = {**ROUTER_CSI, "router": {"enabled": True, "certManagerCSI": {
+        "enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"},
+        "duration": "48h", "renewBefore": "16h"}}}
+    docs = render(values)
+    assert not by_kind(docs, "StatefulSet")
+    deploy = router_workload(docs)
+    assert deploy["kind"] == "Deployment"
+    pod = deploy["spec"]["template"]["spec"]
+    c = router_container(deploy)
+    var = pod_name_env(c)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "client-cert"]
+    assert volume["csi"] == {"driver": "csi.cert-manager.io", "readOnly": True, "volumeAttributes": {
+        "csi.cert-manager.io/issuer-name": "corp-ca",
+        "csi.cert-manager.io/issuer-kind": "ClusterIssuer",
+        "csi.cert-manager.io/issuer-group": "cert-manager.io",
+        "csi.cert-manager.io/common-name": "${POD_NAME}",
+        "csi.cert-manager.io/key-usages": "client auth,digital signature",
+        "csi.cert-manager.io/fs-group": "65532",
+        "csi.cert-manager.io/duration": "48h",
+        "csi.cert-manager.io/renew-before": "16h",
+    }}
+    # The driver expands ${POD_NAME} to the pod's name (not Kubernetes: it
+    # is not a $(VAR) of the container); the router's --id is the same name.
+    assert arg(c["args"], "--id") == f"$({var})"
+    # The key's group is the one the router runs as.
+    assert volume["csi"]["volumeAttributes"]["csi.cert-manager.io/fs-group"] == \
+        str(pod["securityContext"]["runAsGroup"])
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "client-cert"]
+    assert mount["readOnly"] is True
+    # The driver's default file names, in the mounted volume.
+    assert arg(c["args"], "--client-cert") == f"{mount['mountPath']}/tls.crt"
+    assert arg(c["args"], "--client-key") == f"{mount['mountPath']}/tls.key"
+    assert arg(c["args"], "--controller-ca") == "/etc/signpost/tls/ca.crt"
+    assert "--token-file" not in c["args"]
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert 'client_ca = "/etc/signpost/tls/ca.crt"' in cm["data"]["controller.toml"]
+    # Defaults: the driver's own duration and renewal.
+    (volume,) = [v for v in router_workload(render(ROUTER_CSI))["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == "client-cert"]
+    attrs = volume["csi"]["volumeAttributes"]
+    assert "csi.cert-manager.io/duration" not in attrs and "csi.cert-manager.io/renew-before" not in attrs
+    assert attrs["csi.cert-manager.io/issuer-kind"] == "Issuer"
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_plaintext_routers_need_no_credential_and_stay_a_deployment():
+    docs = render({"security": {"insecurePlaintext": True}, "router": {"enabled": True}})
+    deploy = router_workload(docs)
+    assert deploy["kind"] == "Deployment"
+    args = router_container(deploy)["args"]
+    assert arg(args, "--controller") == "http://signpost:7070"
+    assert not {"--token-file", "--client-cert", "--controller-ca"} & set(args)
+
+
+TLS = {"tls": {"secretName": "signpost-tls"}}
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"security": TLS, "router": {"enabled": True}},
+     "router.enabled with TLS needs a credential for each router pod"),
+    ({"security": {"insecurePlaintext": True}, "router": {"enabled": True, "tokenSecretName": "rt"}},
+     "need TLS to the controller"),
+    ({"security": {"insecurePlaintext": True}, "router": {"enabled": True, "certManagerCSI": CSI}},
+     "need TLS to the controller"),
+    ({"security": TLS, "router": {"enabled": True, "tokenSecretName": "rt"}},
+     "router.tokenSecretName needs security.tokensSecretName"),
+    ({"security": {"tls": {"secretName": "s", "clientAuth": False}, "tokensSecretName": "t"},
+      "router": {"enabled": True, "certManagerCSI": CSI}},
+     "router.certManagerCSI needs security.tls.clientAuth"),
+    ({"fullnameOverride": "signpost-edge-discovery-eu-west-1-production-x", "security": {**TLS, "tokensSecretName": "t"},
+      "router": {"enabled": True, "tokenSecretName": "rt"}},
+     "must be at most 52 characters"),
+    ({"security": TLS, "podSecurityContext": {"runAsGroup": None, "fsGroup": None},
+      "router": {"enabled": True, "certManagerCSI": CSI}},
+     "needs podSecurityContext.runAsGroup or fsGroup"),
+], ids=["tls-without-credential", "tokens-without-tls", "certificates-without-tls",
+        "tokens-without-controller-tokens", "certificates-without-client-auth", "stateful-set-name-too-long",
+        "certificates-without-group"])
+def test_router_identity_combinations_that_cannot_work_are_refused(values, message):
+    with pytest.raises(helm.HelmError) as e:
+        with helm.Chart.load(str(CHART)) as chart:
+            chart.render(values, name="signpost", namespace="signpost")
+    assert message in str(e.value), str(e.value)
+
+
+def test_routers_of_another_controller_are_not_held_to_this_ones_config():
+    # An https:// controller elsewhere: its tokens and client CAs are not ours to check.
+    values = {"security": {"tls": {"secretName": "s", "clientAuth": False}, "tokensSecretName": "t"},
+              "router": {"enabled": True, "controllerUrl": "https://signpost.infra:7070",
+                         "certManagerCSI": CSI}}
+    assert router_workload(render(values))["kind"] == "Deployment"
+    values = {"security": TLS, "router": {"enabled": True, "controllerUrl": "https://signpost.infra:7070",
+                                          "tokenSecretName": "rt"}}
+    assert router_workload(render(values))["kind"] == "StatefulSet"
