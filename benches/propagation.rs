@@ -30,7 +30,7 @@ use hyper::{Method, Request};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use signpost_controller::auth::Gate;
-use signpost_controller::listener::ApiListener;
+use signpost_controller::listener::{ApiListener, Peer};
 use signpost_controller::model::{Change, Endpoint, EndpointState, HealthCheck, ServiceSettings};
 use signpost_controller::push::hub::{Hub, PING_INTERVAL};
 use signpost_controller::registry::Registry;
@@ -128,13 +128,13 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
                 serving,
                 signpost_controller::lease::Leaders::single(),
             );
+            // Served as the controller serves it: the hub reads the peer
+            // from `ApiListener`'s connect info.
+            let listener = ApiListener::new(listener, None).unwrap();
             tasks.push(tokio::spawn(async move {
                 let routes = hub.routes();
-                let _ = axum::serve(
-                    listener,
-                    routes.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .await;
+                let _ = axum::serve(listener, routes.into_make_service_with_connect_info::<Peer>())
+                    .await;
             }));
             let http: Http = Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(usize::MAX)
@@ -280,6 +280,8 @@ fn ms(d: Duration) -> f64 {
 async fn subscriber(http: Http, base: String, id: String) {
     let uri = format!("{base}/v1/watch?router={id}&protocol={PROTOCOL}");
     let response = http.get(uri.parse().unwrap()).await.expect("subscribe");
+    // A refused subscription must stop the bench, not leave it waiting.
+    assert!(response.status().is_success(), "subscribe: {}", response.status());
     let mut body = response.into_body();
     let ack_uri = format!("{base}/v1/routers/{id}/ack");
     let mut mirror = Mirror::default();
