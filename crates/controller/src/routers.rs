@@ -331,11 +331,22 @@ impl Routers {
     /// `Absent::Counted` those that are missing or recently went away,
     /// each with why.
     pub fn pending(&self, absent: Absent, done: impl Fn(&RouterRecord) -> bool) -> Vec<String> {
+        self.pending_up_to(usize::MAX, absent, done)
+    }
+
+    /// The first `limit` of `pending`.
+    fn pending_up_to(
+        &self,
+        limit: usize,
+        absent: Absent,
+        done: impl Fn(&RouterRecord) -> bool,
+    ) -> Vec<String> {
         let routers = self.records.lock().unwrap();
         let mut pending: Vec<String> = routers
             .values()
             .filter(|r| r.connected && !done(r))
             .map(|r| r.id.clone())
+            .take(limit)
             .collect();
         if let Absent::Counted(within) = absent {
             let now = Instant::now();
@@ -346,6 +357,7 @@ impl Routers {
             }));
             pending.extend(self.missing_in(&routers));
         }
+        pending.truncate(limit);
         pending
     }
 
@@ -394,7 +406,9 @@ impl Routers {
         let wait = async {
             loop {
                 changed.borrow_and_update();
-                if self.pending(absent, &done).is_empty() {
+                // Woken by every ack: with 1,000 routers, naming all that
+                // are pending at each wake cost more than the acks did.
+                if self.pending_up_to(1, absent, &done).is_empty() {
                     return;
                 }
                 // A recently disconnected router stops counting once its
