@@ -31,7 +31,10 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use signpost_controller::auth::Gate;
 use signpost_controller::listener::{ApiListener, Peer};
-use signpost_controller::model::{Change, Endpoint, EndpointState, HealthCheck, ServiceSettings};
+use signpost_controller::model::{
+    Change, Endpoint, EndpointState, HealthCheck, ServiceSettings, Snapshot,
+};
+use signpost_controller::push::encode;
 use signpost_controller::push::hub::{Hub, PING_INTERVAL};
 use signpost_controller::registry::Registry;
 use signpost_controller::routers::Routers;
@@ -49,11 +52,19 @@ const ENDPOINTS: u8 = 20;
 /// allocator keeps what an earlier row freed.
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "clients") {
+        let protocol = Protocol::named(&args[at + 1]);
+        let address: SocketAddr = args[at + 2].parse().unwrap();
+        let routers: usize = args[at + 3].parse().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(clients(protocol, address, routers));
+        return;
+    }
     if let Some(at) = args.iter().position(|a| a == "row") {
-        let protocol = match args[at + 1].as_str() {
-            "ndjson" => Protocol::Ndjson,
-            _ => Protocol::Xds,
-        };
+        let protocol = Protocol::named(&args[at + 1]);
         let (routers, changes) = (args[at + 2].parse().unwrap(), args[at + 3].parse().unwrap());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -62,8 +73,8 @@ fn main() {
         runtime.block_on(run(protocol, routers, changes));
         return;
     }
-    println!("| protocol | routers | changes | p50 | p99 | max | memory with them connected | CPU per change |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| protocol | routers | changes | p50 | p99 | max | controller memory with them connected | controller CPU per change | routers' CPU per change | bytes to each router per change |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let me = std::env::current_exe().unwrap();
     for protocol in ["ndjson", "xds"] {
         for (routers, changes) in [("1", "200"), ("100", "100"), ("1000", "50")] {
@@ -80,6 +91,77 @@ fn main() {
 enum Protocol {
     Ndjson,
     Xds,
+}
+
+impl Protocol {
+    fn named(name: &str) -> Protocol {
+        match name {
+            "ndjson" => Protocol::Ndjson,
+            _ => Protocol::Xds,
+        }
+    }
+
+    fn arg(self) -> &'static str {
+        match self {
+            Protocol::Ndjson => "ndjson",
+            Protocol::Xds => "xds",
+        }
+    }
+}
+
+/// The routers: a process of their own (this binary, re-run with `clients
+/// <protocol> <address> <routers>`), so that the controller's CPU and memory
+/// are measured apart from theirs. It runs until killed.
+async fn clients(protocol: Protocol, address: SocketAddr, routers: usize) {
+    let mut tasks = Vec::new();
+    match protocol {
+        Protocol::Ndjson => {
+            let http: Http = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(usize::MAX)
+                .build(HttpConnector::new());
+            let base = format!("http://{address}");
+            for i in 0..routers {
+                let (http, base) = (http.clone(), base.clone());
+                tasks.push(tokio::spawn(subscriber(http, base, format!("bench-{i}"))));
+            }
+        }
+        Protocol::Xds => {
+            for i in 0..routers {
+                tasks.push(tokio::spawn(xds_client(address, format!("bench-{i}"))));
+            }
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// Kills the routers' process when the row ends, however it ends.
+struct RouterProcess(std::process::Child);
+
+impl RouterProcess {
+    fn start(protocol: Protocol, address: SocketAddr, routers: usize) -> RouterProcess {
+        let me = std::env::current_exe().unwrap();
+        let child = std::process::Command::new(me)
+            .args([
+                "clients",
+                protocol.arg(),
+                &address.to_string(),
+                &routers.to_string(),
+            ])
+            .spawn()
+            .expect("start the routers' process");
+        RouterProcess(child)
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds_of(&format!("/proc/{}/stat", self.0.id()))
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 type Http = Client<HttpConnector, Full<Bytes>>;
@@ -133,23 +215,16 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
             let listener = ApiListener::new(listener, None).unwrap();
             tasks.push(tokio::spawn(async move {
                 let routes = hub.routes();
-                let _ = axum::serve(listener, routes.into_make_service_with_connect_info::<Peer>())
-                    .await;
+                let _ = axum::serve(
+                    listener,
+                    routes.into_make_service_with_connect_info::<Peer>(),
+                )
+                .await;
             }));
-            let http: Http = Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(usize::MAX)
-                .build(HttpConnector::new());
-            let base = format!("http://{address}");
-            for i in 0..routers {
-                let (http, base) = (http.clone(), base.clone());
-                tasks.push(tokio::spawn(subscriber(http, base, format!("bench-{i}"))));
-            }
         }
         Protocol::Xds => {
             let (tx, resources) = tokio::sync::watch::channel(None);
-            let settings = xds::resources::Settings {
-                envoy_listener: "127.0.0.1:10000".parse().unwrap(),
-            };
+            let settings = xds_settings();
             tasks.push(tokio::spawn(xds::publish(
                 registry.subscribe(),
                 settings,
@@ -177,11 +252,9 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
             tasks.push(tokio::spawn(async move {
                 let _ = xds::serve(listener, ads, lrs, stopping).await;
             }));
-            for i in 0..routers {
-                tasks.push(tokio::spawn(xds_client(address, format!("bench-{i}"))));
-            }
         }
     }
+    let clients = RouterProcess::start(protocol, address, routers);
     let current = registry.snapshot().revision;
     tokio::time::timeout(Duration::from_secs(60), async {
         while routers_set.list().len() < routers {
@@ -199,7 +272,9 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
     // controller side's and the clients' together, an upper bound.
     let rss = resident_mib();
     let cpu_before = cpu_seconds();
+    let clients_cpu_before = clients.cpu_seconds();
     let mut samples = Vec::with_capacity(changes);
+    let mut bytes = 0;
     for i in 0..changes {
         let n = (i % ENDPOINTS as usize) as u8;
         let state = if (i / ENDPOINTS as usize).is_multiple_of(2) {
@@ -214,10 +289,12 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
             port: 8080,
             state,
         };
+        let before = registry.snapshot();
         let start = Instant::now();
         let revision = registry
             .apply(&[change], SystemTime::now())
             .expect("every change changes something");
+        bytes += sent_per_router(protocol, &before, &registry.snapshot());
         routers_set
             .wait_acked(revision, Duration::from_secs(60))
             .await
@@ -225,6 +302,8 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
         samples.push(start.elapsed());
     }
     let cpu_per_change = (cpu_seconds() - cpu_before) / changes as f64;
+    let clients_cpu_per_change = (clients.cpu_seconds() - clients_cpu_before) / changes as f64;
+    drop(clients);
     samples.sort();
     let at =
         |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
@@ -233,15 +312,56 @@ async fn run(protocol: Protocol, routers: usize, changes: usize) {
         Protocol::Xds => "xDS (ADS)",
     };
     println!(
-        "| {name} | {routers} | {changes} | {:.2} ms | {:.2} ms | {:.2} ms | {rss:.0} MiB | {:.2} ms |",
+        "| {name} | {routers} | {changes} | {:.2} ms | {:.2} ms | {:.2} ms | {rss:.0} MiB | {:.2} ms | {:.2} ms | {} |",
         ms(at(0.50)),
         ms(at(0.99)),
         ms(*samples.last().unwrap()),
-        cpu_per_change * 1000.0
+        cpu_per_change * 1000.0,
+        clients_cpu_per_change * 1000.0,
+        bytes / changes,
     );
     stop.cancel();
     for task in tasks {
         task.abort();
+    }
+}
+
+/// What the controller sends each router for the change from `before` to
+/// `after`, in bytes: the NDJSON line (delta or snapshot, whichever the hub
+/// would send), or the xDS resources that changed, whole (xDS sends a
+/// changed resource whole: here the service's ClusterLoadAssignment). Framing
+/// (HTTP chunks, gRPC and HTTP/2 frames, the xDS response's own fields) is
+/// not counted.
+fn sent_per_router(protocol: Protocol, before: &Snapshot, after: &Snapshot) -> usize {
+    match protocol {
+        Protocol::Ndjson => {
+            let epoch = Epoch::from_bits(1);
+            encode::delta(epoch, before, after)
+                .unwrap_or_else(|| encode::snapshot(epoch, after))
+                .to_line()
+                .len()
+        }
+        Protocol::Xds => {
+            let settings = xds_settings();
+            let view = |snapshot: &Snapshot| {
+                xds::resources::Resources::from_snapshot(snapshot, &settings).view(
+                    xds::ResourceType::Endpoints,
+                    &xds::resources::Subscription::Wildcard,
+                    xds::resources::Balancing::LeastRequest,
+                )
+            };
+            let (old, new) = (view(before), view(after));
+            new.iter()
+                .filter(|(name, resource)| old.get(*name) != Some(resource))
+                .map(|(_, resource)| resource.value.len())
+                .sum()
+        }
+    }
+}
+
+fn xds_settings() -> xds::resources::Settings {
+    xds::resources::Settings {
+        envoy_listener: "127.0.0.1:10000".parse().unwrap(),
     }
 }
 
@@ -258,7 +378,12 @@ fn resident_mib() -> f64 {
 
 /// CPU time (user + system) this process has used, in seconds (Linux).
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds_of("/proc/self/stat")
+}
+
+/// CPU time (user + system) of the process whose `stat` file this is.
+fn cpu_seconds_of(stat: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat).unwrap_or_default();
     // Fields after the command name, which is in parentheses: utime and
     // stime are the 12th and 13th of them, in clock ticks (100 a second).
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -281,7 +406,11 @@ async fn subscriber(http: Http, base: String, id: String) {
     let uri = format!("{base}/v1/watch?router={id}&protocol={PROTOCOL}");
     let response = http.get(uri.parse().unwrap()).await.expect("subscribe");
     // A refused subscription must stop the bench, not leave it waiting.
-    assert!(response.status().is_success(), "subscribe: {}", response.status());
+    assert!(
+        response.status().is_success(),
+        "subscribe: {}",
+        response.status()
+    );
     let mut body = response.into_body();
     let ack_uri = format!("{base}/v1/routers/{id}/ack");
     let mut mirror = Mirror::default();
