@@ -117,6 +117,8 @@ pub struct CompleteCall {
     pub time: f64,
     /// The caller's access key id: tests give each controller replica its own.
     pub caller: String,
+    /// The hook it named (`signpost-launch`, ...).
+    pub hook: Option<String>,
     pub instance: Option<String>,
     pub result: String,
     /// False: no such waiting action (already completed).
@@ -1067,6 +1069,17 @@ impl Controller {
         env: &[(&str, &str)],
     ) -> Controller {
         let health = ("200ms", "150ms");
+        Controller::spawn(emulator, free_port(), extra, aws, health, env, None).await
+    }
+
+    /// The same with the health checks' `interval` and `timeout`.
+    pub async fn start_with_aws_and_health(
+        emulator: &Emulator,
+        extra: &str,
+        aws: &str,
+        health: (&str, &str),
+        env: &[(&str, &str)],
+    ) -> Controller {
         Controller::spawn(emulator, free_port(), extra, aws, health, env, None).await
     }
 
