@@ -12,10 +12,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -25,6 +21,8 @@ use tracing::{debug, info};
 use crate::config::{HealthConfig, HealthSettings};
 use crate::model::{Change, EndpointState, HealthCheck, InstanceId, Snapshot};
 use crate::registry::Registry;
+
+mod http;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ProbeError {
@@ -56,21 +54,9 @@ pub trait Probe: Send + Sync + 'static {
 
 /// Real probes over the network. HTTP connections are kept alive between
 /// probes, so a steady state costs one request per interval, not a handshake.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct NetProbe {
-    client: Client<HttpConnector, Empty<Bytes>>,
-}
-
-impl Default for NetProbe {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1)
-            .build(connector);
-        NetProbe { client }
-    }
+    http: Arc<http::HttpProbe>,
 }
 
 impl Probe for NetProbe {
@@ -82,25 +68,7 @@ impl Probe for NetProbe {
                     .await
                     .map(drop)
                     .map_err(|e| ProbeError::Connect(e.to_string())),
-                HealthCheck::Http { path } => {
-                    let uri = format!("http://{addr}{path}");
-                    let response = self
-                        .client
-                        .get(
-                            uri.parse()
-                                .map_err(|e| ProbeError::Connect(format!("{uri}: {e}")))?,
-                        )
-                        .await
-                        .map_err(|e| ProbeError::Connect(error_chain(&e)))?;
-                    let status = response.status();
-                    // Read the body so the connection goes back to the pool.
-                    let _ = response.into_body().collect().await;
-                    if status.is_success() || status.is_redirection() {
-                        Ok(())
-                    } else {
-                        Err(ProbeError::Status(status.as_u16()))
-                    }
-                }
+                HealthCheck::Http { path } => self.http.check(addr, path).await,
                 HealthCheck::Grpc { service } => grpc_health(addr, service).await,
             }
         };

@@ -130,9 +130,9 @@ fn parse_health(value: &str) -> Result<HealthCheck, TagError> {
     }
 }
 
-/// Whether the HTTP probe, which requests `http://address:port{path}`
-/// (`health::NetProbe`), sends `path` as written. A path that URI cannot
-/// carry (a control character, say) failed every probe, so the
+/// Whether `path` is a request target as written, which the HTTP probe
+/// (`health::NetProbe`) puts in its request line unchanged. A path that a
+/// URI cannot carry (a control character, say) failed every probe, so the
 /// group's endpoints never became healthy and no tag was named as wrong
 /// (found by the fuzzer: `http:/a\0b` was taken).
 fn probe_can_request(path: &str) -> bool {
