@@ -900,7 +900,9 @@ impl Drop for Backends {
 /// Every controller a test starts runs with `[tls]` and `client_ca` unless
 /// the test configures `[tls]` or `[auth]` itself (the security tests),
 /// serves xDS (Envoy and gRPC clients speak to the xDS listener, which
-/// shares the API's TLS; its TLS has tests of its own), or
+/// shares the API's TLS; its TLS has tests of its own, and
+/// `Controller::start_mtls_with_health` gives such a controller the
+/// harness's TLS, as the gRPC suite does), or
 /// `SIGNPOST_TEST_PLAINTEXT=1` is set (to debug with plain HTTP).
 pub struct Pki {
     ca: pki::Ca,
@@ -983,6 +985,36 @@ impl Pki {
             "--client-key".into(),
             path(&pair.key),
         ]
+    }
+}
+
+/// The harness's certificates for tests that hand them to clients other
+/// than `signpost router` (a gRPC client's xDS bootstrap).
+impl Pki {
+    /// Whether `SIGNPOST_TEST_PLAINTEXT` asks for plain HTTP and gRPC.
+    pub fn plaintext() -> bool {
+        std::env::var_os("SIGNPOST_TEST_PLAINTEXT").is_some()
+    }
+
+    /// The CA's certificate (PEM): what clients trust the controller by.
+    pub fn ca_cert(&self) -> &std::path::Path {
+        &self.ca.cert
+    }
+
+    /// The CA itself, to issue certificates the harness does not keep.
+    pub fn ca(&self) -> &pki::Ca {
+        &self.ca
+    }
+
+    /// The client certificate for `id` (CN = `id`), the one
+    /// `router_args` gives a router of that id; made when first asked for.
+    pub fn client(&self, id: &str) -> Arc<pki::Pair> {
+        self.routers
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(self.ca.client(&format!("router-{id}"), pki::Name::Cn(id))))
+            .clone()
     }
 }
 
@@ -1262,6 +1294,34 @@ impl Controller {
             .await
             .expect("controller exits within 10s of SIGTERM")
             .unwrap()
+    }
+}
+
+impl Controller {
+    /// Starts a controller whose `extra` has `[xds]` with the harness's
+    /// `[tls]` and `client_ca` (`Pki`), which then cover the xDS listener
+    /// too; the harness reads the API with its own certificate. Unlike
+    /// `start_with_health`, which leaves a controller serving xDS plain.
+    pub async fn start_mtls_with_health(
+        emulator: &Emulator,
+        extra: &str,
+        interval: &str,
+        timeout: &str,
+    ) -> Controller {
+        let pki = Pki::get();
+        let extra = format!("{extra}\n{}", pki.controller_toml());
+        let aws = "max_attempts = 1\nattempt_timeout = \"2s\"\noperation_timeout = \"2s\"";
+        let tls = Some(pki.harness_client());
+        Controller::spawn(
+            emulator,
+            free_port(),
+            &extra,
+            aws,
+            (interval, timeout),
+            &[],
+            tls,
+        )
+        .await
     }
 }
 
