@@ -417,6 +417,8 @@ async fn over_mtls_a_grpc_client_is_served_only_as_the_node_its_certificate_name
     client.wait_answered_by(&two).await;
     let record = controller.router_record("grpc-mtls").await.unwrap();
     assert_eq!(record["kind"], "grpc", "{record}");
+    // The identity its certificate proved, as a signpost router's is shown.
+    assert_eq!(record["identity"], "grpc-mtls", "{record}");
 
     let refusals = |reason: &str| format!("signpost_auth_refusals_total{{reason=\"{reason}\"}}");
     let count = |reason: String| {

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::resources::{ordered, Balancing, ResourceSet, Resources, Subscription};
 use super::{ResourceType, Version};
-use crate::auth::{Action, Gate};
+use crate::auth::{Action, Credential, Gate};
 use crate::lease::{self, Leadership};
 use crate::listener::Peer;
 use crate::metrics::Histogram;
@@ -345,12 +345,14 @@ impl Ads {
             .gate
             .admit(&peer, authorization.as_deref(), &action, "xds ads")
             .and_then(|caller| {
-                self.gate
-                    .hold_subscription(&caller, &node.id, &peer, "xds ads")
+                let slot = self
+                    .gate
+                    .hold_subscription(&caller, &node.id, &peer, "xds ads")?;
+                Ok((caller, slot))
             });
-        // Held for as long as the stream is served.
-        let _slot = match admitted {
-            Ok(slot) => slot,
+        // The slot is held for as long as the stream is served.
+        let (caller, _slot) = match admitted {
+            Ok(admitted) => admitted,
             Err(refusal) => {
                 let _ = tx.send(Err(super::refused(&refusal))).await;
                 return;
@@ -359,6 +361,12 @@ impl Ads {
         let address = peer.address;
         let kind = kind_of(&node);
         let connection = self.routers.connect_kind(&node.id, address, kind);
+        // As the NDJSON hub does: the identity goes into `/v1/routers` and
+        // into the audit of each lifecycle completion its acks justify.
+        if caller.credential != Credential::None {
+            self.routers
+                .identify(&node.id, connection, &caller.identity);
+        }
         info!(router = %node.id, %address, ?kind, agent = %node.user_agent_name, "xDS client connected");
         let mut stream = Stream {
             id: node.id.clone(),
