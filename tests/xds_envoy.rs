@@ -2,17 +2,25 @@
 //! controller's xDS server, against the emulator with real backends at the
 //! instances' addresses: routing by prefix, and lifecycle hooks that wait
 //! for Envoy's ACK and, through LRS, for its requests in flight.
+//!
+//! The xDS listener has the harness's TLS and client CA (`common::Pki`), as
+//! a deployed controller's would, and each Envoy's bootstrap has an
+//! `UpstreamTlsContext` on its xDS cluster with its own client certificate
+//! (CN = its node id); `SIGNPOST_TEST_PLAINTEXT=1` runs the suite on a
+//! plain listener without a transport socket instead, except the mTLS test,
+//! which brings its own `[tls]` and `[auth]` and always has TLS.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::pki::{Ca, Name, Pair};
 use common::{
     completed, free_port, in_state, ip_of, wait_for, wait_in_service, Controller, FollowedGroup,
-    Load, Router, Scene,
+    Load, Pki, Router, Scene,
 };
 use tokio::process::{Child, Command};
 
@@ -42,7 +50,8 @@ fn xds_toml(xds_port: u16, listener_port: u16) -> String {
 }
 
 /// A real Envoy with the bootstrap README shows: ADS for everything, LRS
-/// to the same server.
+/// to the same server, over mTLS with the harness's certificates unless
+/// `SIGNPOST_TEST_PLAINTEXT` is set.
 struct Envoy {
     id: String,
     /// Where its listener (LDS `signpost`) takes requests.
@@ -54,47 +63,48 @@ struct Envoy {
 
 /// What an Envoy presents to a TLS xDS server: the CA it trusts the
 /// controller by, and its client certificate or a bearer token.
-struct EnvoyTls<'a> {
-    ca: &'a Path,
-    client: Option<&'a Pair>,
-    token: Option<&'a str>,
+struct EnvoyTls {
+    ca: PathBuf,
+    client: Option<Arc<Pair>>,
+    token: Option<&'static str>,
 }
 
-impl Envoy {
-    async fn start(id: &str, xds_port: u16, port: u16) -> Envoy {
-        Envoy::start_with_servers(id, &[xds_port], port).await
+impl EnvoyTls {
+    /// The harness's (`common::Pki`): its CA and the client certificate
+    /// naming node `id`; `None` (plaintext) with `SIGNPOST_TEST_PLAINTEXT`.
+    fn harness(id: &str) -> Option<EnvoyTls> {
+        if Pki::plaintext() {
+            return None;
+        }
+        let pki = Pki::get();
+        Some(EnvoyTls {
+            ca: pki.ca_cert().into(),
+            client: Some(pki.client(id)),
+            token: None,
+        })
     }
+}
 
-    /// With several xDS servers (controller replicas) in its xDS cluster: a
-    /// refused or ended stream is retried on the next one.
-    async fn start_with_servers(id: &str, xds_ports: &[u16], port: u16) -> Envoy {
-        Envoy::start_with(id, xds_ports, port, None).await
-    }
-
-    async fn start_with(
-        id: &str,
-        xds_ports: &[u16],
-        port: u16,
-        tls: Option<EnvoyTls<'_>>,
-    ) -> Envoy {
-        // README's example: the controller is verified against the CA and
-        // its address, the client certificate names this node id.
-        let token = tls
-            .as_ref()
-            .and_then(|t| t.token)
-            .map_or(String::new(), |t| {
-                format!(", initial_metadata: [{{key: authorization, value: \"Bearer {t}\"}}]")
-            });
-        let transport_socket = tls.map_or(String::new(), |tls| {
-            let certificate = tls.client.map_or(String::new(), |client| {
-                format!(
-                    "          tls_certificates:\n          - certificate_chain: {{filename: {}}}\n            private_key: {{filename: {}}}\n",
-                    client.cert.display(),
-                    client.key.display()
-                )
-            });
+/// The bootstrap of Envoy `id` (README's): admin on `admin`, the xDS
+/// cluster `signpost_xds` with the controller replicas at `xds_ports`;
+/// with `tls`, an `UpstreamTlsContext` on that cluster verifying the
+/// controller against the CA and the address its certificate names
+/// (127.0.0.1), presenting the client certificate (which names `id`) or a
+/// bearer token in both `grpc_services`.
+fn bootstrap(id: &str, admin: u16, xds_ports: &[u16], tls: Option<&EnvoyTls>) -> String {
+    let token = tls.and_then(|t| t.token).map_or(String::new(), |t| {
+        format!(", initial_metadata: [{{key: authorization, value: \"Bearer {t}\"}}]")
+    });
+    let transport_socket = tls.map_or(String::new(), |tls| {
+        let certificate = tls.client.as_ref().map_or(String::new(), |client| {
             format!(
-                r#"    transport_socket:
+                "          tls_certificates:\n          - certificate_chain: {{filename: {}}}\n            private_key: {{filename: {}}}\n",
+                client.cert.display(),
+                client.key.display()
+            )
+        });
+        format!(
+            r#"    transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
@@ -105,24 +115,18 @@ impl Envoy {
             match_typed_subject_alt_names:
             - {{san_type: IP_ADDRESS, matcher: {{exact: 127.0.0.1}}}}
 "#,
-                ca = tls.ca.display(),
-            )
-        });
-        let servers: Vec<String> = xds_ports
-            .iter()
-            .map(|p| {
-                format!("{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}}}")
-            })
-            .collect();
-        let servers = servers.join(", ");
-        let admin = free_port();
-        let dir = std::env::temp_dir().join(format!("signpost-envoy-{id}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let bootstrap = dir.join("bootstrap.yaml");
-        std::fs::write(
-            &bootstrap,
-            format!(
-                r#"node: {{id: {id}, cluster: edge, locality: {{zone: us-east-1a}}}}
+            ca = tls.ca.display(),
+        )
+    });
+    let servers: Vec<String> = xds_ports
+        .iter()
+        .map(|p| {
+            format!("{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}}}")
+        })
+        .collect();
+    let servers = servers.join(", ");
+    format!(
+        r#"node: {{id: {id}, cluster: edge, locality: {{zone: us-east-1a}}}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
 dynamic_resources:
   ads_config:
@@ -149,13 +153,37 @@ static_resources:
       cluster_name: signpost_xds
       endpoints: [{{lb_endpoints: [{servers}]}}]
 {transport_socket}"#
-            ),
+    )
+}
+
+impl Envoy {
+    /// Envoy `id` of the controller at `xds_port`, with the harness's
+    /// credentials (`EnvoyTls::harness`).
+    async fn start(id: &str, xds_port: u16, port: u16) -> Envoy {
+        Envoy::start_with_servers(id, &[xds_port], port).await
+    }
+
+    /// With several xDS servers (controller replicas) in its xDS cluster: a
+    /// refused or ended stream is retried on the next one.
+    async fn start_with_servers(id: &str, xds_ports: &[u16], port: u16) -> Envoy {
+        Envoy::start_with(id, xds_ports, port, EnvoyTls::harness(id)).await
+    }
+
+    /// With `tls` as given: `None` speaks plaintext to the xDS server.
+    async fn start_with(id: &str, xds_ports: &[u16], port: u16, tls: Option<EnvoyTls>) -> Envoy {
+        let admin = free_port();
+        let dir = std::env::temp_dir().join(format!("signpost-envoy-{id}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bootstrap_file = dir.join("bootstrap.yaml");
+        std::fs::write(
+            &bootstrap_file,
+            bootstrap(id, admin, xds_ports, tls.as_ref()),
         )
         .unwrap();
         let log = dir.join("envoy.log");
         let child = Command::new(envoy_bin())
             .arg("-c")
-            .arg(&bootstrap)
+            .arg(&bootstrap_file)
             .args(["--disable-hot-restart", "--concurrency", "1"])
             .args(["--log-level", "warn", "--log-path"])
             .arg(&log)
@@ -226,7 +254,7 @@ fn tags<'a>(service: &'a str, route: &'a str) -> Vec<(&'a str, &'a str)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_routes_by_whole_segment_prefix_to_each_services_instances() {
     let (xds_port, listener) = (free_port(), free_port());
-    let scene = Scene::start_with_health(
+    let scene = Scene::start_xds_with_health(
         PORT,
         "users-prefix",
         &tags("users", "/users"),
@@ -270,6 +298,10 @@ async fn envoy_routes_by_whole_segment_prefix_to_each_services_instances() {
 
     let r = controller.router_record("envoy-prefix").await.unwrap();
     assert_eq!(r["kind"], "envoy", "{r}");
+    if !Pki::plaintext() {
+        // The identity its client certificate proved: its node id.
+        assert_eq!(r["identity"], "envoy-prefix", "{r}");
+    }
     assert!(r["connected"].as_bool().unwrap());
     let revision = r["acked_revision"].as_u64().unwrap();
     for t in ["cds", "eds", "lds", "rds"] {
@@ -287,7 +319,7 @@ async fn scale_in_through_envoy_waits_for_the_request_in_flight() {
     let (xds_port, listener) = (free_port(), free_port());
     let toml = format!("{LIFECYCLE}{}", xds_toml(xds_port, listener));
     let scene =
-        Scene::start_with_health(PORT, "web-drain", &tags("web", "/"), 1, &toml, HEALTH).await;
+        Scene::start_xds_with_health(PORT, "web-drain", &tags("web", "/"), 1, &toml, HEALTH).await;
     let Scene {
         emulator: _emulator,
         cloud,
@@ -381,7 +413,7 @@ async fn a_frozen_envoy_holds_a_launch_until_it_acks() {
     let (xds_port, listener) = (free_port(), free_port());
     let toml = format!("{LIFECYCLE}{}", xds_toml(xds_port, listener));
     let scene =
-        Scene::start_with_health(PORT, "web-frozen", &tags("web", "/"), 1, &toml, HEALTH).await;
+        Scene::start_xds_with_health(PORT, "web-frozen", &tags("web", "/"), 1, &toml, HEALTH).await;
     let Scene {
         emulator: _emulator,
         cloud,
@@ -464,7 +496,8 @@ async fn cycle_under_load(group: &str, cycles: usize, with_router: bool) -> (usi
     let _alone = HEAVY.lock().await;
     let (xds_port, listener) = (free_port(), free_port());
     let toml = format!("{LIFECYCLE}{}", xds_toml(xds_port, listener));
-    let scene = Scene::start_with_health(PORT, group, &tags("web", "/"), 2, &toml, HEALTH).await;
+    let scene =
+        Scene::start_xds_with_health(PORT, group, &tags("web", "/"), 2, &toml, HEALTH).await;
     let Scene {
         emulator: _emulator,
         cloud,
@@ -543,6 +576,13 @@ async fn zero_failed_requests_through_envoy_and_a_signpost_router_side_by_side()
     );
 }
 
+/// A controller replica's role (`leader`, `follower`), from `/readyz`.
+async fn role(c: &Controller) -> Option<String> {
+    let (_, body) = c.fetch("/readyz").await.ok()?;
+    let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    body["leadership"]["role"].as_str().map(str::to_owned)
+}
+
 /// Two controller replicas with the DynamoDB lease, both in Envoy's xDS
 /// cluster: the follower refuses the ADS stream (UNAVAILABLE), so Envoy
 /// ends up on the leader; when the leader is SIGKILLed, Envoy reconnects
@@ -567,17 +607,9 @@ async fn envoy_follows_the_leader_of_two_controller_replicas() {
             xds_toml(xds_port, listener)
         );
         replicas.push(Some(
-            Controller::start_with_health(&emulator, &toml, HEALTH.0, HEALTH.1).await,
+            Controller::start_xds_with_health(&emulator, &toml, HEALTH.0, HEALTH.1).await,
         ));
     }
-    let role = |c: &Controller| {
-        let url = c.url("/readyz");
-        async move {
-            let (_, body) = common::http_get(&url).await.ok()?;
-            let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
-            body["leadership"]["role"].as_str().map(str::to_owned)
-        }
-    };
     let leader = wait_for("a leader", Duration::from_secs(10), || async {
         for (i, r) in replicas.iter().enumerate() {
             if role(r.as_ref().unwrap()).await.as_deref() == Some("leader") {
@@ -631,8 +663,8 @@ async fn over_mtls_an_envoy_is_served_only_as_the_node_its_certificate_names() {
     let ca = Ca::new(&dir, "signpost");
     let server = ca.server("controller");
     let ops = ca.client("ops", Name::Cn("ops"));
-    let edge = ca.client("envoy-edge", Name::Cn("envoy-edge"));
-    let other = ca.client("envoy-other", Name::Cn("envoy-other"));
+    let edge = Arc::new(ca.client("envoy-edge", Name::Cn("envoy-edge")));
+    let other = Arc::new(ca.client("envoy-other", Name::Cn("envoy-other")));
     let (xds_port, listener) = (free_port(), free_port());
     let tokens = dir.join("tokens.toml");
     std::fs::write(
@@ -669,26 +701,30 @@ async fn over_mtls_an_envoy_is_served_only_as_the_node_its_certificate_names() {
         .wait_endpoints("users", "healthy", &common::ids(&users))
         .await;
 
-    let tls = |client| {
+    let tls = |client: &Arc<Pair>| {
         Some(EnvoyTls {
-            ca: &ca.cert,
-            client: Some(client),
+            ca: ca.cert.clone(),
+            client: Some(client.clone()),
             token: None,
         })
     };
     let envoy = Envoy::start_with("envoy-edge", &[xds_port], listener, tls(&edge)).await;
     controller.wait_acked_by(&envoy.id).await;
+    let record = controller.router_record("envoy-edge").await.unwrap();
+    assert_eq!(record["identity"], "envoy-edge", "{record}");
     let (status, body) = envoy.get("/users/1").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, format!("instance={}", users[0].0));
     // A bearer token in the gRPC metadata, over TLS without a certificate.
     let by_token = Some(EnvoyTls {
-        ca: &ca.cert,
+        ca: ca.cert.clone(),
         client: None,
         token: Some("t0ken-of-envoy"),
     });
     let token_envoy = Envoy::start_with("envoy-token", &[xds_port], free_port(), by_token).await;
     controller.wait_acked_by(&token_envoy.id).await;
+    let record = controller.router_record("envoy-token").await.unwrap();
+    assert_eq!(record["identity"], "envoy-token", "{record}");
 
     let refused = "signpost_auth_refusals_total{reason=\"not_itself\"}";
     let before = controller.metric(refused).await.unwrap_or(0.0);

@@ -902,7 +902,8 @@ impl Drop for Backends {
 /// serves xDS (Envoy and gRPC clients speak to the xDS listener, which
 /// shares the API's TLS; its TLS has tests of its own, and
 /// `Controller::start_mtls_with_health` gives such a controller the
-/// harness's TLS, as the gRPC suite does), or
+/// harness's TLS, as the gRPC and Envoy suites do through
+/// `Controller::start_xds_with_health` and `Scene::start_xds_with_health`), or
 /// `SIGNPOST_TEST_PLAINTEXT=1` is set (to debug with plain HTTP).
 pub struct Pki {
     ca: pki::Ca,
@@ -1326,6 +1327,24 @@ impl Controller {
 }
 
 impl Controller {
+    /// Starts a controller whose `extra` has `[xds]`: with the harness's
+    /// TLS and client CA (`start_mtls_with_health`), unless
+    /// `SIGNPOST_TEST_PLAINTEXT` is set, then plain (`start_with_health`).
+    pub async fn start_xds_with_health(
+        emulator: &Emulator,
+        extra: &str,
+        interval: &str,
+        timeout: &str,
+    ) -> Controller {
+        if Pki::plaintext() {
+            Controller::start_with_health(emulator, extra, interval, timeout).await
+        } else {
+            Controller::start_mtls_with_health(emulator, extra, interval, timeout).await
+        }
+    }
+}
+
+impl Controller {
     /// SIGKILL: the controller vanishes without a goodbye, as on a crash.
     pub async fn kill(mut self) {
         self.child.kill().await.unwrap();
@@ -1480,7 +1499,34 @@ impl Scene {
         tags: &[(&str, &str)],
         desired: i32,
         controller_toml: &str,
+        health: (&str, &str),
+    ) -> Scene {
+        Scene::start_scene(port, group, tags, desired, controller_toml, health, false).await
+    }
+
+    /// The same for a controller serving xDS (`controller_toml` has
+    /// `[xds]`): with the harness's TLS and client CA, which then cover the
+    /// xDS listener too (`Controller::start_xds_with_health`), unless
+    /// `SIGNPOST_TEST_PLAINTEXT` is set.
+    pub async fn start_xds_with_health(
+        port: u16,
+        group: &str,
+        tags: &[(&str, &str)],
+        desired: i32,
+        controller_toml: &str,
+        health: (&str, &str),
+    ) -> Scene {
+        Scene::start_scene(port, group, tags, desired, controller_toml, health, true).await
+    }
+
+    async fn start_scene(
+        port: u16,
+        group: &str,
+        tags: &[(&str, &str)],
+        desired: i32,
+        controller_toml: &str,
         (interval, timeout): (&str, &str),
+        xds: bool,
     ) -> Scene {
         let emulator = Emulator::start().await;
         let cloud = Cloud::new(&emulator).await;
@@ -1488,8 +1534,15 @@ impl Scene {
         cloud.create_group(group, tags, desired).await;
         let instances = cloud.instances(group).await;
         backends.follow(&instances).await;
-        let controller =
-            Controller::start_with_health(&emulator, controller_toml, interval, timeout).await;
+        let controller = match xds {
+            false => {
+                Controller::start_with_health(&emulator, controller_toml, interval, timeout).await
+            }
+            true => {
+                Controller::start_xds_with_health(&emulator, controller_toml, interval, timeout)
+                    .await
+            }
+        };
         let (_, service) = tags
             .iter()
             .find(|(k, _)| *k == "signpost:service")
