@@ -364,7 +364,10 @@ async fn health_row(n: usize, groups: usize) {
     );
     stop.cancel();
     let _ = task.await;
-    drop(children);
+    // Killed and waited for: a next run binds the same addresses.
+    for mut child in children {
+        let _ = child.kill().await;
+    }
 }
 
 /// `count` HTTP servers at consecutive addresses from `first`, each
