@@ -24,14 +24,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use common::faults::{Fault, FaultProxy, Times};
-use common::{ids, Backends, Cloud, Controller, Emulator, EventBus, FollowedGroup, Router};
+use common::{
+    check_request, ids, Backends, Cloud, Controller, Emulator, EventBus, FollowedGroup, Router,
+};
 
 const GROUP: &str = "web-soak";
 const SERVICE: &str = "web";
@@ -208,7 +210,7 @@ impl CheckedLoad {
                     let (client, url, progress) = (client.clone(), url.clone(), progress.clone());
                     requests.spawn(async move {
                         let started = std::time::SystemTime::now();
-                        if let Err(reason) = check(&client, &url).await {
+                        if let Err(reason) = check_request(&client, &url).await {
                             progress.failed.fetch_add(1, Ordering::SeqCst);
                             *progress
                                 .reasons
@@ -241,31 +243,6 @@ impl CheckedLoad {
         self.task.await.unwrap();
         self.progress
     }
-}
-
-/// One request: a 200 from an instance within 5 s, or why not.
-async fn check(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Result<(), String> {
-    let answer = tokio::time::timeout(Duration::from_secs(5), async {
-        let response = client
-            .get(url.parse().unwrap())
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e:?}"))?
-            .to_bytes();
-        let body = String::from_utf8_lossy(&body).into_owned();
-        if status == 200 && body.starts_with("instance=") {
-            Ok(())
-        } else {
-            Err(format!("HTTP {status}: {}", body.trim()))
-        }
-    })
-    .await;
-    answer.unwrap_or_else(|_| Err("no answer within 5s".into()))
 }
 
 fn usage(pid: u32) -> Option<Usage> {

@@ -1700,28 +1700,7 @@ impl Load {
                     let (client, url) = (client.clone(), url.clone());
                     requests.spawn(async move {
                         let started = std::time::SystemTime::now();
-                        let answer = tokio::time::timeout(Duration::from_secs(5), async {
-                            let response = client
-                                .get(url.parse().unwrap())
-                                .await
-                                .map_err(|e| format!("{e:?}"))?;
-                            let status = response.status().as_u16();
-                            let body = response
-                                .into_body()
-                                .collect()
-                                .await
-                                .map_err(|e| format!("body: {e:?}"))?
-                                .to_bytes();
-                            let body = String::from_utf8_lossy(&body).into_owned();
-                            if status == 200 && body.starts_with("instance=") {
-                                Ok(())
-                            } else {
-                                Err(format!("HTTP {status}: {}", body.trim()))
-                            }
-                        })
-                        .await
-                        .unwrap_or_else(|_| Err("no answer within 5s".into()));
-                        answer.map_err(|e| {
+                        check_request(&client, &url).await.map_err(|e| {
                             let at = humantime::format_rfc3339_millis(started);
                             format!("{at}: {e}")
                         })
@@ -1745,6 +1724,34 @@ impl Load {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await.unwrap()
     }
+}
+
+/// One checked request: a 200 from an instance within 5 s, or why not.
+pub async fn check_request(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+) -> Result<(), String> {
+    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+        let response = client
+            .get(url.parse().unwrap())
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e:?}"))?
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if status == 200 && body.starts_with("instance=") {
+            Ok(())
+        } else {
+            Err(format!("HTTP {status}: {}", body.trim()))
+        }
+    })
+    .await;
+    answer.unwrap_or_else(|_| Err("no answer within 5s".into()))
 }
 
 /// Messages visible or in flight in an SQS queue.
