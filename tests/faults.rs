@@ -542,3 +542,187 @@ async fn a_deleted_queue_is_named_backed_off_and_events_resume_when_it_returns()
         returned.elapsed().as_secs_f64()
     );
 }
+
+/// RecordLifecycleActionHeartbeat failing (500, then throttled) while a
+/// launch waits on a hook with a 30 s heartbeat timeout (AWS's shortest),
+/// which signpost heartbeats every third of (10 s); the instance's
+/// application stays unhealthy meanwhile. Each fault is held over one
+/// heartbeat: the failure is counted
+/// (`signpost_lifecycle_heartbeats_total{result="error"}`) after at most
+/// the SDK's 3 attempts; the launch is neither completed nor let go;
+/// heartbeats resume at the next period once the fault clears, so the
+/// instance is still held well past the hook's own timeout counted from
+/// its launch, and completed with CONTINUE once healthy. All under checked
+/// load through a router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_faults_are_counted_and_the_held_launch_outlives_its_hook_timeout() {
+    const BEAT: &str = "RecordLifecycleActionHeartbeat";
+    const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
+    const MAX_ATTEMPTS: usize = 3;
+    let every = HEARTBEAT_TIMEOUT / 3;
+    let emulator = Emulator::start().await;
+    let cloud = Cloud::new(&emulator).await;
+    let mut backends = Backends::new(common::BACKEND_PORT);
+    cloud.create_group(GROUP, &tags(), 2).await;
+    let timeout = HEARTBEAT_TIMEOUT.as_secs() as i32;
+    cloud
+        .put_hook(GROUP, "signpost-launch", "launching", timeout, "ABANDON")
+        .await;
+    let instances = cloud.instances(GROUP).await;
+    backends.follow(&instances).await;
+    let proxy = FaultProxy::start(&emulator.endpoint()).await;
+    let controller = Controller::start_with_aws(
+        &emulator,
+        "[lifecycle]\nrouter_grace = \"1s\"\nlaunch_timeout = \"120s\"\n",
+        AWS,
+        &[("AWS_ENDPOINT_URL", &proxy.url())],
+    )
+    .await;
+    controller
+        .wait_endpoints("users", "healthy", &ids(&instances))
+        .await;
+    let cache = std::env::temp_dir().join(format!(
+        "signpost-faults-{}-heartbeat.json",
+        std::process::id()
+    ));
+    let router = Router::start(&controller.url(""), "edge-1", &cache, &[]).await;
+    controller.wait_in_sync(&router).await;
+    let load = Load::start(format!("http://127.0.0.1:{}/users/x", router.port), 50);
+    let beats = |result: &'static str| {
+        let controller = &controller;
+        async move {
+            let sample = format!(r#"signpost_lifecycle_heartbeats_total{{result="{result}"}}"#);
+            controller.metric(&sample).await.unwrap_or(0.0)
+        }
+    };
+
+    // A launch whose application runs but fails its health check until the
+    // test says otherwise: the hook's timeout counts from here.
+    cloud.set_desired(GROUP, 3).await;
+    let launched = Instant::now();
+    let all = cloud.instances(GROUP).await;
+    let (new, ip) = all
+        .iter()
+        .find(|(id, _)| !instances.iter().any(|(i, _)| i == id))
+        .cloned()
+        .expect("the launched instance");
+    backends.set_health(ip, false);
+    backends.follow(&all).await;
+
+    let mut faulted_attempts = Vec::new();
+    for (n, fault) in [Fault::Status(500), Fault::Throttle { retry_after: None }]
+        .into_iter()
+        .enumerate()
+    {
+        let failed = (n + 1) as f64;
+        let injected = Instant::now();
+        proxy.inject(BEAT, fault, Times::Always);
+        // The next heartbeat comes at most a period after the last one (or
+        // after the action was taken up), plus its attempts.
+        wait_for(
+            &format!("a heartbeat to fail ({})", fault.name()),
+            every + OPERATION_TIMEOUT + RESYNC * 2,
+            || async { (beats("error").await >= failed).then_some(()) },
+        )
+        .await;
+        proxy.clear(BEAT);
+        let cleared = Instant::now();
+        let attempts = proxy.calls(BEAT).iter().filter(|t| **t >= injected).count();
+        faulted_attempts.push(attempts);
+        assert!(
+            (1..=MAX_ATTEMPTS).contains(&attempts),
+            "{}: {attempts} attempts for one failed heartbeat",
+            fault.name()
+        );
+        let held = common::in_state(&cloud, GROUP, "Pending:Wait").await;
+        assert_eq!(held, vec![new.clone()], "{}: still held", fault.name());
+        let (_, lifecycle) = controller.get("/v1/lifecycle").await;
+        let active = lifecycle["active"].as_array().unwrap();
+        assert!(
+            active
+                .iter()
+                .any(|a| a["instance"] == new.as_str() && a["stage"] == "waiting_for_health"),
+            "{}: the action still waits for health: {lifecycle}",
+            fault.name()
+        );
+        wait_for(
+            &format!("heartbeats to resume after the {}", fault.name()),
+            every + OPERATION_TIMEOUT,
+            || async { (beats("ok").await >= failed).then_some(()) },
+        )
+        .await;
+        eprintln!(
+            "{BEAT} {}: failed heartbeat counted after {attempts} attempts, {:.1} s after the fault began; the next heartbeat went through {:.1} s after the clear ({:.1} s after the launch)",
+            fault.name(),
+            (cleared - injected).as_secs_f64(),
+            cleared.elapsed().as_secs_f64(),
+            launched.elapsed().as_secs_f64()
+        );
+    }
+    // Only heartbeats can have kept the action past the hook's own timeout,
+    // counted from the launch.
+    let past = launched.elapsed();
+    assert!(
+        past >= HEARTBEAT_TIMEOUT + Duration::from_secs(5),
+        "{past:?}"
+    );
+    assert_eq!(
+        common::in_state(&cloud, GROUP, "Pending:Wait").await,
+        vec![new.clone()],
+        "still held {past:?} after the launch"
+    );
+    assert!(
+        emulator.complete_calls().is_empty(),
+        "nothing completed early: {:?}",
+        emulator.complete_calls()
+    );
+
+    backends.set_health(ip, true);
+    common::wait_in_service(&cloud, GROUP, 3, Duration::from_secs(20)).await;
+    let done = common::completed(&controller, &new)
+        .await
+        .expect("the launch in /v1/lifecycle");
+    assert_eq!(done["result"], "continue", "{done}");
+    let completions = emulator.complete_calls();
+    assert!(
+        completions.len() == 1 && completions[0].result == "CONTINUE" && completions[0].found,
+        "{completions:?}"
+    );
+
+    // The heartbeats' rhythm: the first attempt of each a period after the
+    // previous one ended, never sooner.
+    let calls = proxy.calls(BEAT);
+    let mut starts: Vec<Instant> = Vec::new();
+    for t in &calls {
+        if starts.last().is_none_or(|s| *t > *s + OPERATION_TIMEOUT) {
+            starts.push(*t);
+        }
+    }
+    let gaps: Vec<f64> = starts
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    for gap in &gaps {
+        assert!(
+            *gap >= every.as_secs_f64() - 0.2,
+            "heartbeats {gap:.1} s apart: {gaps:?}"
+        );
+    }
+    let (sent, failures) = load.finish().await;
+    eprintln!(
+        "{BEAT}: {} heartbeats in {:.1} s ({} calls, {faulted_attempts:?} attempts for the failed ones, {} in the busiest second), {gaps:.1?} s apart; ok {}, error {}; completed {}; {sent} requests through the router, {} failed",
+        starts.len(),
+        launched.elapsed().as_secs_f64(),
+        calls.len(),
+        most_within(&calls, launched, Duration::from_secs(1)),
+        beats("ok").await,
+        beats("error").await,
+        done,
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:#?}",
+        failures.len()
+    );
+}

@@ -35,6 +35,10 @@ pub enum Fault {
     /// That status with AWS's error body (`InternalFailure` for 500,
     /// `ServiceUnavailable` for 503, ...).
     Status(u16),
+    /// That status with that error code in AWS's error body: a service's
+    /// own error, such as DynamoDB's throttling of a table
+    /// (`ProvisionedThroughputExceededException`, 400).
+    Error { status: u16, code: &'static str },
     /// The connection is reset (RST) before any answer.
     Reset,
     /// No answer for this long, then the real one.
@@ -62,6 +66,7 @@ impl Fault {
                 retry_after: Some(s),
             } => format!("throttled, Retry-After {s}"),
             Fault::Status(s) => format!("HTTP {s}"),
+            Fault::Error { status, code } => format!("{status} {code}"),
             Fault::Reset => "connection reset".into(),
             Fault::Stall(d) => format!("stall {d:?}"),
             Fault::Truncated => "truncated body".into(),
@@ -88,16 +93,22 @@ struct Script {
     calls: HashMap<String, Vec<Instant>>,
     /// Calls answered with a fault, by action.
     faulted: HashMap<String, usize>,
+    /// Arrival time of every call forwarded untouched, by action.
+    forwarded: HashMap<String, Vec<Instant>>,
 }
 
 impl Script {
     /// Counts the call and takes the fault it gets, if any.
     fn call(&mut self, action: &str) -> Option<Fault> {
-        self.calls
-            .entry(action.to_owned())
-            .or_default()
-            .push(Instant::now());
-        let (fault, times) = self.faults.get_mut(action)?;
+        let now = Instant::now();
+        self.calls.entry(action.to_owned()).or_default().push(now);
+        let Some((fault, times)) = self.faults.get_mut(action) else {
+            self.forwarded
+                .entry(action.to_owned())
+                .or_default()
+                .push(now);
+            return None;
+        };
         let fault = *fault;
         if let Times::Next(n) = times {
             *n -= 1;
@@ -193,6 +204,13 @@ impl FaultProxy {
     pub fn faulted(&self, action: &str) -> usize {
         let script = self.script.lock().unwrap();
         script.faulted.get(action).copied().unwrap_or(0)
+    }
+
+    /// Arrival times of the calls of `action` forwarded untouched (no fault
+    /// scripted for them): those that reached the emulator as sent.
+    pub fn forwarded(&self, action: &str) -> Vec<Instant> {
+        let script = self.script.lock().unwrap();
+        script.forwarded.get(action).cloned().unwrap_or_default()
     }
 }
 
@@ -311,6 +329,10 @@ async fn answer(
                 503 => "ServiceUnavailable",
                 _ => "InternalFailure",
             };
+            let message = "injected by the fault proxy";
+            return Ok(full(status, error_body(&action, json, code, message)));
+        }
+        Some(Fault::Error { status, code }) => {
             let message = "injected by the fault proxy";
             return Ok(full(status, error_body(&action, json, code, message)));
         }
