@@ -298,6 +298,16 @@ pub enum Call {
     Read,
 }
 
+impl Call {
+    /// The DynamoDB call it starts with, for `signpost_lease_calls_total`.
+    fn api(self) -> &'static str {
+        match self {
+            Call::Renew { .. } | Call::Acquire => "UpdateItem",
+            Call::Read => "GetItem",
+        }
+    }
+}
+
 /// The elector's state machine, without I/O: what to call next, and what
 /// an answer makes of the leadership. Times are passed in.
 #[derive(Clone, Debug)]
@@ -417,7 +427,10 @@ pub async fn run<S: LeaseStore>(
                     Answer::Failed
                 }
                 Err(_) => {
-                    warn!(?call, "lease call timed out");
+                    // `ask` was dropped before it could count its call: a
+                    // stalled, retrying or throttled store mostly ends so.
+                    calls.count(call.api(), "error");
+                    warn!(?call, "lease call cut at the lease's own deadline: the store did not answer in time");
                     Answer::Failed
                 }
             },
