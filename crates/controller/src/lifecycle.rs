@@ -45,6 +45,10 @@ const RECENT: usize = 1000;
 /// a still-waiting action is taken up again, in case the completion was lost.
 const REDO_AFTER: Duration = Duration::from_secs(30);
 
+/// The first retry of a failed heartbeat; each further one waits twice as
+/// long, up to the heartbeat period.
+const HEARTBEAT_RETRY: Duration = Duration::from_secs(1);
+
 /// One waiting action found in a listing, with what its task needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Waiting {
@@ -726,27 +730,40 @@ impl<C: AutoScaling> Lifecycle<C> {
             .acked(action, self.evidence(action.instance.as_str()));
     }
 
-    /// Sends heartbeats well before the hook's heartbeat timeout, for as
-    /// long as the action waits. Never returns.
+    /// Sends heartbeats well before the hook's heartbeat timeout (every
+    /// third of it; after a failure again in 1 s, then 2, 4, ... up to
+    /// that), for as long as the action waits. Never returns.
     async fn keep_alive(
         &self,
         action: &LifecycleAction,
         heartbeat_timeout: Duration,
     ) -> std::convert::Infallible {
         let every = (heartbeat_timeout / 3).max(Duration::from_millis(500));
+        let mut wait = every;
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(wait).await;
             if self.leadership.borrow().acting(Instant::now()).is_none() {
+                wait = every;
                 continue;
             }
             match self.cloud.heartbeat(action).await {
                 Ok(_) => {
                     debug!(group = %action.group, instance = %action.instance, "lifecycle heartbeat");
                     self.log.heartbeat(true);
+                    wait = every;
                 }
                 Err(e) => {
                     warn!(group = %action.group, instance = %action.instance, error = %e, "lifecycle heartbeat failed");
                     self.log.heartbeat(false);
+                    // Tried again soon, backing off, rather than a period
+                    // later: two failures a period apart let the hook
+                    // expire (found by the heartbeat fault test). The
+                    // calls go through the AWS call budget.
+                    wait = if wait == every {
+                        HEARTBEAT_RETRY.min(every)
+                    } else {
+                        (wait * 2).min(every)
+                    };
                 }
             }
         }
@@ -1133,6 +1150,38 @@ mod tests {
             1
         );
         assert_eq!(m.timeouts[&TimeoutStage::Launch], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_heartbeat_is_retried_before_the_hook_can_expire() {
+        let config = LifecycleConfig {
+            launch_timeout: Duration::from_secs(60),
+            ..LifecycleConfig::default()
+        };
+        let w = world(config, Duration::ZERO);
+        set(&w.registry, add("i-1"));
+        // Heartbeat timeout 30 s: a heartbeat every 10 s.
+        let task = spawn_action(&w, "i-1", Transition::Launching);
+        let fail = |on: bool| {
+            *w.lifecycle.cloud.action_error.lock().unwrap() = on.then(|| "throttled".into());
+        };
+        let beats = || w.lifecycle.cloud.heartbeats.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_millis(9_500)).await;
+        fail(true);
+        // Failing at 10 s and again a period later (20 s) would leave no
+        // heartbeat within the hook's 30 s.
+        tokio::time::sleep(Duration::from_millis(11_500)).await;
+        fail(false);
+        tokio::time::sleep(Duration::from_millis(8_000)).await;
+        assert_eq!(
+            beats(),
+            1,
+            "a heartbeat went through before the 30 s timeout (retries at 11, 13, 17, 25 s)"
+        );
+        // Back to one a period once it succeeds: 25 s, then 35 s.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(beats(), 2);
+        task.abort();
     }
 
     #[tokio::test(start_paused = true)]
