@@ -396,6 +396,62 @@ async fn a_paused_leader_completes_nothing_after_losing_the_lease() {
     .await;
 }
 
+/// A leader at an address its certificate does not name, as a pod IP behind
+/// a Kubernetes Service is: here replica b advertises 127.0.0.2 (forwarded
+/// to it) while the harness's certificate names 127.0.0.1 only. A router
+/// given replica a's URL follows a's redirect and verifies b under the name
+/// it verified a as, so it subscribes to b; before, the leader's
+/// certificate was checked against 127.0.0.2, the handshake failed, and the
+/// router went back to a, which redirected it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_follows_a_redirect_to_a_leader_at_an_address_its_certificate_does_not_name() {
+    if common::Pki::plaintext() {
+        return; // nothing is verified on plain HTTP
+    }
+    let _alone = HEAVY.lock().await;
+    let group = "web-ha-vouch";
+    let emulator = Emulator::start().await;
+    emulator.create_lease_table(TABLE).await;
+    let cloud = Cloud::new(&emulator).await;
+    cloud.create_group(group, &tags(), 1).await;
+    let b_port = common::free_port();
+    let forward = TcpProxy::start_on(
+        [127, 0, 0, 2].into(),
+        SocketAddr::from(([127, 0, 0, 1], b_port)),
+    )
+    .await;
+    let advertised = format!("https://127.0.0.2:{}", forward.port);
+    let toml_b = replica_toml("b", LIFECYCLE, None).replacen(
+        "[ha]\n",
+        &format!("[ha]\nadvertise = \"{advertised}\"\n"),
+        1,
+    );
+    let b = Controller::start_at_with_env(
+        &emulator,
+        b_port,
+        &toml_b,
+        HEALTH.0,
+        HEALTH.1,
+        &[("AWS_ACCESS_KEY_ID", "key-b")],
+        None,
+    )
+    .await;
+    one_leader(&[&b], Duration::from_secs(10)).await;
+    let a = replica(&emulator, "a", replica_toml("a", LIFECYCLE, None)).await;
+    let (leader, _) = one_leader(&[&a, &b], Duration::from_secs(10)).await;
+    assert_eq!(leader, 1, "b, started first, leads");
+    assert_eq!(
+        leadership(&a).await["leader"]["address"],
+        advertised.as_str()
+    );
+
+    let router = Router::start(&a.url(""), "r1", &cache_file("vouch-r1"), &[]).await;
+    b.wait_in_sync(&router).await;
+    let record = b.router_record("r1").await.expect("r1 subscribed to b");
+    assert_eq!(record["connected"], true, "{record}");
+    drop(forward);
+}
+
 /// DynamoDB out of reach (its endpoint only; Auto Scaling and EC2 answer):
 /// the leader steps down within its renew deadline, nobody completes the
 /// launch that becomes ready meanwhile, routers keep routing on what they

@@ -1862,14 +1862,21 @@ pub async fn lifecycle_settled(controller: &Controller, group: &str) {
 /// port: one AWS service out of reach while the others answer.
 pub struct TcpProxy {
     pub port: u16,
+    ip: IpAddr,
     target: SocketAddr,
     task: Option<JoinHandle<()>>,
 }
 
 impl TcpProxy {
     pub async fn start(target: SocketAddr) -> TcpProxy {
+        TcpProxy::start_on([127, 0, 0, 1].into(), target).await
+    }
+
+    /// The same listening on another loopback address than 127.0.0.1.
+    pub async fn start_on(ip: IpAddr, target: SocketAddr) -> TcpProxy {
         let mut proxy = TcpProxy {
             port: free_port(),
+            ip,
             target,
             task: None,
         };
@@ -1891,7 +1898,7 @@ impl TcpProxy {
     /// Listens again on the same port.
     pub async fn restore(&mut self) {
         self.cut();
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+        let listener = tokio::net::TcpListener::bind((self.ip, self.port))
             .await
             .expect("the proxy port is free again");
         let target = self.target;

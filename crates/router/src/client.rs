@@ -106,7 +106,9 @@ impl Subscriber {
             // name the other (stale reads of the lease) must not spin.
             redirects = if got_snapshot { 0 } else { redirects + 1 };
             if let SessionError::Redirected(leader) = &ended {
+                let from = self.controllers.current();
                 if redirects <= 3 && self.controllers.follow(leader) {
+                    self.link.vouch(&from, &self.controllers.current());
                     info!(leader = %leader, "following the controller's redirect to the leader");
                     continue;
                 }

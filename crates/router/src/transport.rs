@@ -4,7 +4,14 @@
 //! (`--token-file`). All three files are read again when they change, so
 //! rotated credentials apply without a restart: the token on its next
 //! request, the certificate on its next connection.
+//!
+//! A leader that a replica redirected the router to is verified under the
+//! name the redirecting replica was verified as (`vouch`), not under the
+//! address it advertises: replicas share one certificate for the
+//! controller's name (a Kubernetes Service's, say), and the address a
+//! leader advertises is usually a pod IP that no certificate names.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,15 +20,15 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION};
-use hyper::{Request, Response};
-use hyper_rustls::HttpsConnector;
+use hyper::{Request, Response, Uri};
+use hyper_rustls::{DefaultServerNameResolver, HttpsConnector, ResolveServerName};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 use thiserror::Error;
@@ -58,6 +65,33 @@ fn bad(flag: &'static str, reason: impl Into<String>) -> TransportError {
 pub struct Controller {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     token_file: Option<PathBuf>,
+    vouched: Vouched,
+}
+
+/// The names controllers are verified as, by authority (`host:port`), for
+/// those that are not verified as their own host: leaders a replica
+/// redirected to. A handful of entries, one per leader address seen.
+#[derive(Clone, Default)]
+struct Vouched(Arc<Mutex<HashMap<String, ServerName<'static>>>>);
+
+impl Vouched {
+    /// The name the controller at `uri` is verified as.
+    fn name(
+        &self,
+        uri: &Uri,
+    ) -> Result<ServerName<'static>, Box<dyn std::error::Error + Send + Sync>> {
+        let vouched = uri.authority().and_then(|a| {
+            self.0
+                .lock()
+                .expect("vouched lock")
+                .get(a.as_str())
+                .cloned()
+        });
+        match vouched {
+            Some(name) => Ok(name),
+            None => DefaultServerNameResolver::default().resolve(uri),
+        }
+    }
 }
 
 /// ring, named rather than the process default: a workspace build enables
@@ -80,11 +114,14 @@ impl Controller {
         http.set_nodelay(true);
         http.enforce_http(false);
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let vouched = Vouched::default();
         let connector = if https {
             let tls = client_config(credentials)?;
+            let names = vouched.clone();
             builder
                 .with_tls_config(tls)
                 .https_only()
+                .with_server_name_resolver(move |uri: &Uri| names.name(uri))
                 .enable_http1()
                 .wrap_connector(http)
         } else {
@@ -112,7 +149,26 @@ impl Controller {
         Ok(Controller {
             http: Client::builder(TokioExecutor::new()).build(connector),
             token_file: credentials.token_file.clone(),
+            vouched,
         })
+    }
+
+    /// The controller at base URL `from` redirected to base URL `to`: `to`
+    /// is verified as whatever `from` was. It is the redirecting replica,
+    /// itself verified, that names the leader (from the lease), and the
+    /// leader must still prove that name with the CA's certificate and key.
+    pub fn vouch(&self, from: &str, to: &str) {
+        let (Ok(from), Ok(to)) = (from.parse::<Uri>(), to.parse::<Uri>()) else {
+            return;
+        };
+        let (Ok(name), Some(authority)) = (self.vouched.name(&from), to.authority()) else {
+            return;
+        };
+        self.vouched
+            .0
+            .lock()
+            .expect("vouched lock")
+            .insert(authority.as_str().to_owned(), name);
     }
 
     /// Sends `request` with the router's token, read from its file now.
