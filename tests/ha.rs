@@ -565,6 +565,18 @@ const AWS_RETRYING: &str = "max_attempts = 3\nattempt_timeout = \"2s\"\noperatio
 const LEASE_FAULTS_LIFECYCLE: &str =
     "[lifecycle]\nrouter_grace = \"2s\"\nlaunch_timeout = \"60s\"\ndrain_timeout = \"20s\"\n";
 
+/// The kind `/readyz` gives a lease call failing with `fault` when the
+/// failure, not the lease's deadline, ends the call.
+fn lease_fault_kind(fault: Fault) -> &'static str {
+    match fault {
+        Fault::Error { .. } | Fault::Throttle { .. } => "throttled",
+        Fault::Status(_) => "unavailable",
+        Fault::Reset => "connection",
+        Fault::Stall(_) => "timeout",
+        _ => "malformed",
+    }
+}
+
 /// Each fault held on the lease's calls until the test clears it.
 fn lease_faults() -> Vec<Fault> {
     vec![
@@ -980,6 +992,16 @@ async fn dynamodb_faults_make_the_leader_step_down_in_time_and_leadership_return
             },
         )
         .await;
+        // `/readyz` names the failing lease call and its kind: the fault's
+        // own, or `timeout` when the SDK's retries outlast the lease's
+        // deadline and the call is cut.
+        let failing = leadership(&rig.replicas[leader]).await["lease_failing"].clone();
+        let kind = failing["kind"].as_str().unwrap_or_default();
+        assert!(
+            [lease_fault_kind(fault), "timeout"].contains(&kind),
+            "{name}: /readyz names the failing lease call: {failing}"
+        );
+        eprintln!("{name}: /readyz lease_failing {}", failing["kind"]);
 
         // A launch becomes ready while nobody leads.
         desired += 1;

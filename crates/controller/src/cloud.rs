@@ -125,7 +125,10 @@ impl ErrorKind {
             "AWS.SimpleQueueService.NonExistentQueue",
             "QueueDoesNotExist",
         ];
-        if code.contains("Throttl") || code == "RequestLimitExceeded" {
+        if code.contains("Throttl")
+            || code == "RequestLimitExceeded"
+            || code == "ProvisionedThroughputExceededException"
+        {
             ErrorKind::Throttled
         } else if DENIED.contains(&code) {
             ErrorKind::Denied

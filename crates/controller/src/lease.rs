@@ -39,7 +39,8 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::AttributeValue;
 use thiserror::Error;
@@ -47,6 +48,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::cloud::{CloudError, ErrorKind};
 
 /// The lease as stored: who holds it, where routers reach them, until when.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +81,8 @@ pub struct Candidate {
 #[error("lease table {table}: {message}")]
 pub struct LeaseError {
     pub table: String,
+    /// The failure's kind, as the other AWS calls' (`/readyz`).
+    pub kind: ErrorKind,
     pub message: String,
 }
 
@@ -235,6 +240,7 @@ impl Leaders {
                 "replica": self.replica,
                 "token": t.token,
                 "since": humantime::format_rfc3339_millis(t.since_wall).to_string(),
+                "lease_failing": self.calls.failing_json(),
             }),
             Leadership::Follower { leader } => json!({
                 "role": "follower",
@@ -244,6 +250,7 @@ impl Leaders {
                     "address": l.address,
                     "token": l.token,
                 })),
+                "lease_failing": self.calls.failing_json(),
             }),
         }
     }
@@ -254,9 +261,47 @@ impl Leaders {
 #[derive(Debug, Default)]
 pub struct LeaseCalls {
     counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Since when lease calls fail, and the newest failure: for `/readyz`.
+    failing: Mutex<Option<Failing>>,
+}
+
+#[derive(Debug)]
+struct Failing {
+    since: SystemTime,
+    call: &'static str,
+    kind: ErrorKind,
+    error: String,
 }
 
 impl LeaseCalls {
+    fn failed(&self, call: &'static str, kind: ErrorKind, error: String) {
+        let mut failing = self.failing.lock().expect("lease calls lock");
+        let since = failing.as_ref().map_or_else(SystemTime::now, |f| f.since);
+        *failing = Some(Failing {
+            since,
+            call,
+            kind,
+            error,
+        });
+    }
+
+    fn answered(&self) {
+        *self.failing.lock().expect("lease calls lock") = None;
+    }
+
+    /// The failing lease call as `/readyz` names it, or null.
+    fn failing_json(&self) -> serde_json::Value {
+        match &*self.failing.lock().expect("lease calls lock") {
+            None => serde_json::Value::Null,
+            Some(f) => serde_json::json!({
+                "api": f.call,
+                "kind": f.kind,
+                "error": f.error,
+                "since": humantime::format_rfc3339_millis(f.since).to_string(),
+            }),
+        }
+    }
+
     /// `call`: `GetItem` or `UpdateItem`; `outcome`: `ok`,
     /// `condition_failed` (someone else holds the lease) or `error`.
     fn count(&self, call: &'static str, outcome: &'static str) {
@@ -417,12 +462,13 @@ pub async fn run<S: LeaseStore>(
         };
         let answer = tokio::select! {
             a = tokio::time::timeout_at(limit, ask(&store, &me, call, sent_wall, timing, &calls)) => match a {
-                Ok(Ok(answer)) => { last_failure = None; answer }
+                Ok(Ok(answer)) => { last_failure = None; calls.answered(); answer }
                 Ok(Err(e)) => {
                     let message = e.to_string();
                     if last_failure.as_ref() != Some(&message) {
                         warn!(error = %message, "lease call failed");
                     }
+                    calls.failed(call.api(), e.kind, message.clone());
                     last_failure = Some(message);
                     Answer::Failed
                 }
@@ -430,6 +476,8 @@ pub async fn run<S: LeaseStore>(
                     // `ask` was dropped before it could count its call: a
                     // stalled, retrying or throttled store mostly ends so.
                     calls.count(call.api(), "error");
+                    let message = "no answer within the lease's own deadline (the SDK's attempts included)";
+                    calls.failed(call.api(), ErrorKind::Timeout, message.into());
                     warn!(?call, "lease call cut at the lease's own deadline: the store did not answer in time");
                     Answer::Failed
                 }
@@ -550,19 +598,25 @@ pub struct DynamoLease {
 }
 
 impl DynamoLease {
+    /// An item that is not what signpost writes.
     fn error(&self, e: impl std::fmt::Display) -> LeaseError {
         LeaseError {
             table: self.table.clone(),
+            kind: ErrorKind::Malformed,
             message: e.to_string(),
         }
     }
 
-    fn sdk_error<E, R>(&self, e: SdkError<E, R>) -> LeaseError
+    fn sdk_error<E>(&self, e: SdkError<E, HttpResponse>) -> LeaseError
     where
-        E: std::error::Error + 'static,
-        R: std::fmt::Debug,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        self.error(aws_sdk_dynamodb::error::DisplayErrorContext(e))
+        let error = CloudError::from_sdk("DynamoDB", e);
+        LeaseError {
+            table: self.table.clone(),
+            kind: error.kind,
+            message: error.to_string(),
+        }
     }
 
     fn item(
@@ -716,6 +770,7 @@ pub mod fake {
             if self.down.load(Ordering::SeqCst) {
                 return Err(LeaseError {
                     table: "fake".into(),
+                    kind: ErrorKind::Connection,
                     message: "unavailable".into(),
                 });
             }
@@ -955,15 +1010,17 @@ mod tests {
         let timing = Timing::new(Duration::from_secs(3));
         let (tx, mut rx) = watch::channel(Leadership::Follower { leader: None });
         let stop = CancellationToken::new();
+        let calls = std::sync::Arc::new(LeaseCalls::default());
         tokio::spawn(run(
             store.clone(),
             candidate("a"),
             timing,
             tx,
-            Default::default(),
+            calls.clone(),
             stop.clone(),
         ));
         rx.wait_for(Leadership::is_leader).await.unwrap();
+        assert_eq!(calls.failing_json(), serde_json::Value::Null);
         let cut = Instant::now();
         store.down.store(true, Ordering::SeqCst);
         rx.wait_for(|l| !l.is_leader()).await.unwrap();
@@ -972,10 +1029,15 @@ mod tests {
             "stepped down after {:?}",
             cut.elapsed()
         );
+        // `/readyz` names the failing call and its kind meanwhile.
+        let failing = calls.failing_json();
+        assert_eq!(failing["api"], "UpdateItem", "{failing}");
+        assert_eq!(failing["kind"], "connection", "{failing}");
         store.down.store(false, Ordering::SeqCst);
         // Its own lease has expired by then; it takes it again, token 2.
         rx.wait_for(Leadership::is_leader).await.unwrap();
         assert_eq!(rx.borrow().acting(Instant::now()), Some(2));
+        assert_eq!(calls.failing_json(), serde_json::Value::Null);
         stop.cancel();
     }
 }
