@@ -913,13 +913,7 @@ impl LeaseRig {
 /// (not through a proxy): owner, token, and `expires` in Unix seconds.
 async fn lease_item(emulator: &Emulator) -> (String, u64, f64) {
     use aws_sdk_dynamodb::types::AttributeValue;
-    let creds = aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test");
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(emulator.endpoint())
-        .credentials_provider(creds)
-        .load()
-        .await;
+    let shared = common::sdk_config(&emulator.endpoint()).await;
     let item = aws_sdk_dynamodb::Client::new(&shared)
         .get_item()
         .table_name(TABLE)

@@ -177,13 +177,7 @@ impl Emulator {
 
     /// Creates the DynamoDB table of the HA lease (partition key `name`).
     pub async fn create_lease_table(&self, table: &str) {
-        let creds = aws_sdk_ec2::config::Credentials::new("test", "test", None, None, "test");
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(self.endpoint())
-            .credentials_provider(creds)
-            .load()
-            .await;
+        let shared = sdk_config(&self.endpoint()).await;
         use aws_sdk_dynamodb::types::{
             AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
         };
@@ -352,13 +346,7 @@ pub struct EventBus {
 
 impl EventBus {
     pub async fn new(endpoint: &str) -> EventBus {
-        let creds = aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "test");
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(endpoint)
-            .credentials_provider(creds)
-            .load()
-            .await;
+        let shared = sdk_config(endpoint).await;
         EventBus {
             sqs: aws_sdk_sqs::Client::new(&shared),
             events: aws_sdk_eventbridge::Client::new(&shared),
@@ -549,13 +537,7 @@ impl Cloud {
     }
 
     async fn with_subnet(emulator: &Emulator, cidr: &str, addresses: Arc<Subnet>) -> Cloud {
-        let creds = aws_sdk_ec2::config::Credentials::new("test", "test", None, None, "test");
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(emulator.endpoint())
-            .credentials_provider(creds)
-            .load()
-            .await;
+        let shared = sdk_config(&emulator.endpoint()).await;
         let ec2 = aws_sdk_ec2::Client::new(&shared);
         let autoscaling = aws_sdk_autoscaling::Client::new(&shared);
         let sqs = aws_sdk_sqs::Client::new(&shared);
@@ -1752,6 +1734,18 @@ pub async fn check_request(
     })
     .await;
     answer.unwrap_or_else(|_| Err("no answer within 5s".into()))
+}
+
+/// The AWS SDK's configuration for the emulator at `endpoint`: its region
+/// and its test credentials.
+pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    let creds = aws_sdk_ec2::config::Credentials::new("test", "test", None, None, "test");
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(creds)
+        .load()
+        .await
 }
 
 /// Messages visible or in flight in an SQS queue.
