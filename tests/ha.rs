@@ -835,6 +835,18 @@ struct LeaseRig {
 
 const KEYS: [&str; 2] = ["key-a", "key-b"];
 
+/// A leader's term ended by a fault, as `LeaseRig::stepped_down_in_time`
+/// saw it.
+struct SteppedDown {
+    old: SeenTerm,
+    /// The lease's expiry (Unix seconds) as DynamoDB holds it.
+    expires: f64,
+    /// From its last renewal to the end of its term.
+    after_renewal: Duration,
+    /// Seconds from the end of its term to the lease's expiry.
+    margin: f64,
+}
+
 impl LeaseRig {
     async fn start(group: &'static str) -> LeaseRig {
         let emulator = Emulator::start().await;
@@ -886,6 +898,41 @@ impl LeaseRig {
 
     async fn one_leader(&self, limit: Duration) -> (usize, u64) {
         one_leader(&[&*self.replicas[0], &*self.replicas[1]], limit).await
+    }
+
+    /// Waits for the term `token` of `leader` to end after a fault injected
+    /// at `injected`, and checks that it ended in time: with the lease
+    /// still its own, within the renew deadline of its last renewal, and
+    /// so well before that renewal's expiry.
+    async fn stepped_down_in_time(
+        &self,
+        leader: usize,
+        token: u64,
+        injected: Instant,
+        name: &str,
+    ) -> SteppedDown {
+        let old = self.watched.ended(leader, token).await;
+        let (owner, _, expires) = lease_item(&self.emulator).await;
+        assert_eq!(
+            owner, IDS[leader],
+            "{name}: the lease was still the old leader's when it stepped down"
+        );
+        let margin = expires - old.end_wall();
+        let after_renewal = old.ended.unwrap().0 - last_renewal(&self.proxies[leader], injected);
+        assert!(
+            after_renewal <= RENEW_DEADLINE + SEEN_LATE,
+            "{name}: the leader stepped down {after_renewal:?} after its last renewal"
+        );
+        assert!(
+            margin >= (LEASE - RENEW_DEADLINE - SEEN_LATE).as_secs_f64(),
+            "{name}: the leader stepped down only {margin:.3} s before its lease expired"
+        );
+        SteppedDown {
+            old,
+            expires,
+            after_renewal,
+            margin,
+        }
     }
 
     /// The checks that hold over the whole test: one leader at a time, no
@@ -959,21 +1006,11 @@ async fn dynamodb_faults_make_the_leader_step_down_in_time_and_leadership_return
             inject_lease_fault(proxy, fault);
         }
         let name = fault.name();
-        let old = rig.watched.ended(leader, token).await;
-        // Nobody can take the lease meanwhile: this is the expiry of the
-        // old term's last renewal.
-        let (owner, _, expires) = lease_item(&rig.emulator).await;
-        assert_eq!(owner, IDS[leader], "{name}: nobody else took the lease");
-        let margin = expires - old.end_wall();
-        let stepped_down = old.ended.unwrap().0 - last_renewal(&rig.proxies[leader], injected);
-        assert!(
-            stepped_down <= RENEW_DEADLINE + SEEN_LATE,
-            "{name}: the leader stepped down {stepped_down:?} after its last renewal"
-        );
-        assert!(
-            margin >= (LEASE - RENEW_DEADLINE - SEEN_LATE).as_secs_f64(),
-            "{name}: the leader stepped down only {margin:.3} s before its lease expired"
-        );
+        // Nobody can take the lease meanwhile.
+        let down = rig
+            .stepped_down_in_time(leader, token, injected, &name)
+            .await;
+        let (stepped_down, margin) = (down.after_renewal, down.margin);
         wait_for(
             &format!("no replica to lead ({name})"),
             Duration::from_secs(10),
@@ -1107,22 +1144,14 @@ async fn a_leader_cut_off_from_dynamodb_steps_down_before_the_follower_takes_ove
         inject_lease_fault(&rig.proxies[leader], fault);
         desired += 1;
         rig.cloud.set_desired(rig.group, desired).await;
-        let old = rig.watched.ended(leader, token).await;
-        let (owner, _, expires) = lease_item(&rig.emulator).await;
-        assert_eq!(
-            owner, IDS[leader],
-            "{name}: the lease was still the old leader's when it stepped down"
-        );
-        let margin = expires - old.end_wall();
-        let stepped_down = old.ended.unwrap().0 - last_renewal(&rig.proxies[leader], injected);
-        assert!(
-            stepped_down <= RENEW_DEADLINE + SEEN_LATE,
-            "{name}: the leader stepped down {stepped_down:?} after its last renewal"
-        );
-        assert!(
-            margin >= (LEASE - RENEW_DEADLINE - SEEN_LATE).as_secs_f64(),
-            "{name}: the leader stepped down only {margin:.3} s before its lease expired"
-        );
+        let SteppedDown {
+            old,
+            expires,
+            after_renewal: stepped_down,
+            margin,
+        } = rig
+            .stepped_down_in_time(leader, token, injected, &name)
+            .await;
         let new = rig.watched.began(follower, token).await;
         let took_over = injected.elapsed();
         // `since` is when the follower sent its winning UpdateItem, whose
