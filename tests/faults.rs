@@ -220,32 +220,67 @@ async fn describe_instances_faults_remove_nothing_and_converge() {
     faults_on("DescribeInstances").await;
 }
 
+/// A group of 2 with backends, and a controller behind the fault proxy
+/// that learns of changes from the event queue: its resync is far longer
+/// than a test, so only events explain a scale-out being listed; its
+/// attempts outlast the 1 s long poll.
+struct EventScene {
+    _emulator: Emulator,
+    cloud: Cloud,
+    queue: String,
+    backends: Backends,
+    instances: Vec<(String, std::net::IpAddr)>,
+    proxy: FaultProxy,
+    controller: Controller,
+}
+
+impl EventScene {
+    async fn start() -> EventScene {
+        let emulator = Emulator::start().await;
+        let cloud = Cloud::new(&emulator).await;
+        let queue = cloud.event_queue().await;
+        let mut backends = Backends::new(common::BACKEND_PORT);
+        cloud.create_group(GROUP, &tags(), 2).await;
+        let instances = cloud.instances(GROUP).await;
+        backends.follow(&instances).await;
+        let proxy = FaultProxy::start(&emulator.endpoint()).await;
+        let controller = Controller::start_with_aws(
+            &emulator,
+            &format!("resync_interval = \"600s\"\n[events]\nqueue_url = \"{queue}\"\nwait_time = \"1s\""),
+            "max_attempts = 3\nattempt_timeout = \"3s\"\noperation_timeout = \"8s\"\ncalls_per_second = 4",
+            &[("AWS_ENDPOINT_URL", &proxy.url())],
+        )
+        .await;
+        controller
+            .wait_endpoints("users", "healthy", &ids(&instances))
+            .await;
+        EventScene {
+            _emulator: emulator,
+            cloud,
+            queue,
+            backends,
+            instances,
+            proxy,
+            controller,
+        }
+    }
+}
+
 /// The event queue failing: each fault on ReceiveMessage is named in
 /// `/readyz` and the metrics, receives back off instead of looping, the
 /// listing is untouched, and once the fault clears an event makes the
 /// controller list a scale-out long before its resync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receive_message_faults_are_named_backed_off_and_events_resume() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let queue = cloud.event_queue().await;
-    let mut backends = Backends::new(common::BACKEND_PORT);
-    cloud.create_group(GROUP, &tags(), 2).await;
-    let mut instances = cloud.instances(GROUP).await;
-    backends.follow(&instances).await;
-    let proxy = FaultProxy::start(&emulator.endpoint()).await;
-    // A resync far longer than the test: only events explain a scale-out
-    // being listed. Attempts outlast the 1 s long poll.
-    let controller = Controller::start_with_aws(
-        &emulator,
-        &format!("resync_interval = \"600s\"\n[events]\nqueue_url = \"{queue}\"\nwait_time = \"1s\""),
-        "max_attempts = 3\nattempt_timeout = \"3s\"\noperation_timeout = \"8s\"\ncalls_per_second = 4",
-        &[("AWS_ENDPOINT_URL", &proxy.url())],
-    )
-    .await;
-    controller
-        .wait_endpoints("users", "healthy", &ids(&instances))
-        .await;
+    let EventScene {
+        _emulator,
+        cloud,
+        queue,
+        mut backends,
+        mut instances,
+        proxy,
+        controller,
+    } = EventScene::start().await;
 
     for (fault, kind) in [
         (Fault::Throttle { retry_after: None }, "throttled"),
@@ -460,24 +495,15 @@ async fn lifecycle_call_faults_hold_the_hooks_and_lose_no_action() {
 /// without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_queue_is_named_backed_off_and_events_resume_when_it_returns() {
-    let emulator = Emulator::start().await;
-    let cloud = Cloud::new(&emulator).await;
-    let queue = cloud.event_queue().await;
-    let mut backends = Backends::new(common::BACKEND_PORT);
-    cloud.create_group(GROUP, &tags(), 2).await;
-    let mut instances = cloud.instances(GROUP).await;
-    backends.follow(&instances).await;
-    let proxy = FaultProxy::start(&emulator.endpoint()).await;
-    let controller = Controller::start_with_aws(
-        &emulator,
-        &format!("resync_interval = \"600s\"\n[events]\nqueue_url = \"{queue}\"\nwait_time = \"1s\""),
-        "max_attempts = 3\nattempt_timeout = \"3s\"\noperation_timeout = \"8s\"\ncalls_per_second = 4",
-        &[("AWS_ENDPOINT_URL", &proxy.url())],
-    )
-    .await;
-    controller
-        .wait_endpoints("users", "healthy", &ids(&instances))
-        .await;
+    let EventScene {
+        _emulator,
+        cloud,
+        queue,
+        mut backends,
+        instances: _,
+        proxy,
+        controller,
+    } = EventScene::start().await;
     let before = listed(&controller).await;
 
     cloud
@@ -523,7 +549,7 @@ async fn a_deleted_queue_is_named_backed_off_and_events_resume_when_it_returns()
     );
     let returned = Instant::now();
     cloud.set_desired(GROUP, 3).await;
-    instances = cloud.instances(GROUP).await;
+    let instances = cloud.instances(GROUP).await;
     backends.follow(&instances).await;
     let launched = common::launch_event(GROUP, &instances.last().unwrap().0);
     cloud.send_event(&queue, &launched).await;
