@@ -89,11 +89,7 @@ async fn start_controller(emulator: &Emulator, lifecycle: &str, xds_port: u16) -
         "{lifecycle}[xds]\nlisten = \"127.0.0.1:{xds_port}\"\nenvoy_listener = \"127.0.0.1:{}\"\n",
         free_port()
     );
-    if Pki::plaintext() {
-        Controller::start_with_health(emulator, &toml, "500ms", "400ms").await
-    } else {
-        Controller::start_mtls_with_health(emulator, &toml, "500ms", "400ms").await
-    }
+    Controller::start_xds_with_health(emulator, &toml, "500ms", "400ms").await
 }
 
 fn fleet_script() -> std::path::PathBuf {
